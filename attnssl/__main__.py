@@ -1,0 +1,5 @@
+import sys
+
+from attnssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""``attnssl pretrain | eval | presets``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from attnssl.config import ConfigError, load_config, preset_names
+from attnssl.data.datasets import DatasetNotFoundError
+
+DEFAULT_PRESET = "simclr_fashion_mnist"
+USER_ERRORS = (ConfigError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def _with_data_root(overrides: list[str], data_root: str | None) -> list[str]:
+    return overrides + ([f"data.root={data_root}"] if data_root else [])
+
+
+def _print_eval(result: dict) -> None:
+    ev = result
+    line = f"k-NN top-1 ({ev['features']}, k={ev['knn_k']}): {ev['knn_top1']:.2f} %"
+    if "knn_top1_random_init" in ev:
+        line += f"   random-init backbone: {ev['knn_top1_random_init']:.2f} %"
+    print(line)
+    if "linear_top1" in ev:
+        print(f"linear probe top-1 ({ev['features']}): {ev['linear_top1']:.2f} %")
+
+
+def cmd_pretrain(args) -> int:
+    from attnssl.train.trainer import config_from_checkpoint, pretrain
+
+    overrides = _with_data_root(args.overrides, args.data_root)
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues a run with its own config; drop --config "
+                              "(key=value overrides still apply)")
+        config = config_from_checkpoint(args.resume, overrides)
+    else:
+        config = load_config(args.config or DEFAULT_PRESET, overrides)
+    metrics = pretrain(config, resume=args.resume)
+    if "run_dir" in metrics and "images_per_second" in metrics:
+        print(f"run folder: {metrics['run_dir']}")
+        print(f"steps {metrics['step']}/{metrics['total_steps']}, "
+              f"{metrics['images_per_second']:.1f} images/s")
+        if not metrics["finished"]:
+            print(f"stopped before the end; continue with: attnssl pretrain --resume "
+                  f"{metrics['run_dir']}")
+        if "eval" in metrics:
+            _print_eval(metrics["eval"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
+    from attnssl.nn.vit import build_vit
+    from attnssl.train.checkpoint import resolve_checkpoint, safe_torch_load
+    from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
+
+    overrides = _with_data_root(args.overrides, args.data_root)
+    checkpoint_path = resolve_checkpoint(args.target)
+    config = config_from_checkpoint(checkpoint_path, overrides)
+    train, test = load_eval_splits(config)
+    torch.manual_seed(config.run.seed)
+    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
+    state = safe_torch_load(checkpoint_path)
+    backbone.load_state_dict(backbone_from_method_state(state["method"]))
+    result = evaluate_backbone(backbone, config, train, test)
+    result["checkpoint"] = str(checkpoint_path)
+    result["step"] = state["train"]["step"]
+    _print_eval(result)
+    out = checkpoint_path.parent.parent / f"eval-step-{result['step']:08d}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnssl", description="Self-supervised pretraining of vision transformers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone, then evaluate it")
+    p.add_argument("--config", "-c", help=f"preset name or YAML path (default {DEFAULT_PRESET})")
+    p.add_argument("--resume", help="run folder (its newest checkpoint) or checkpoint file")
+    p.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
+    p.set_defaults(func=cmd_pretrain)
+
+    e = sub.add_parser("eval", help="k-NN and linear probe of a run or checkpoint")
+    e.add_argument("target", help="run folder (its newest checkpoint) or checkpoint file")
+    e.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
+    e.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.knn_k=10")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("presets", help="list the config presets")
+    s.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"attnssl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

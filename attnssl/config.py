@@ -1,0 +1,293 @@
+"""Run configuration: YAML presets plus ``key=value`` overrides, validated by pydantic.
+
+Every section forbids unknown keys, so a typo stops the run before any work with a message
+that names the key and lists the accepted ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "cifar10", "cifar100", "stl10"]
+Precision = Literal["32", "bf16-mixed", "16-mixed"]
+FeatureKind = Literal["cls", "mean", "cls+mean"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be accepted; the message says what would be."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    out_dir: str = "runs"
+    name: str | None = None
+    seed: int = 0
+
+
+class DataSection(_Section):
+    dataset: DatasetName = "fashion-mnist"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    subset: int | None = Field(None, gt=0, description="use only the first N training images")
+    synthetic_size: int = Field(2000, gt=0, description="training images of the synthetic set")
+    image_size: int | None = Field(
+        None, gt=0, description="imagefolder only: side images are resized to before cropping"
+    )
+    num_workers: int = Field(0, ge=0)
+
+
+class ViewsSection(_Section):
+    """Multi-crop views; sizes default to the dataset's image size (global) and 3/7 of it (local)."""
+
+    global_crops: int = Field(2, ge=1)
+    global_size: int | None = Field(None, gt=0)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = Field(0, ge=0)
+    local_size: int | None = Field(None, gt=0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    color_jitter_prob: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_prob: float = Field(0.2, ge=0, le=1)
+    blur_prob: tuple[float, float] = Field((1.0, 0.1), description="first global, other globals")
+    local_blur_prob: float = Field(0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: tuple[float, float] = (0.0, 0.2)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ViewsSection:
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {low, high}")
+        for name in ("global_scale", "local_scale"):
+            if getattr(self, name)[1] > 1:
+                raise ValueError(f"{name} upper bound must be <= 1, got {getattr(self, name)[1]}")
+        for name in ("blur_prob", "solarize_prob"):
+            if not all(0 <= p <= 1 for p in getattr(self, name)):
+                raise ValueError(f"{name} entries must be probabilities in [0, 1]")
+        return self
+
+
+class ModelSection(_Section):
+    """ViT backbone. ``preset`` fills the size; explicit keys below override it."""
+
+    preset: str | None = "vit_tiny_p4"
+    patch_size: int | None = Field(None, gt=0)
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    mlp_ratio: float | None = Field(None, gt=0)
+    attention: str = "softmax"
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    qkv_bias: bool = True
+
+
+class SimCLRSection(_Section):
+    name: Literal["simclr"] = "simclr"
+    temperature: float = Field(0.2, gt=0)
+    projector_hidden: int = Field(512, gt=0)
+    projector_out: int = Field(128, gt=0)
+    projector_layers: int = Field(2, ge=1)
+    projector_batchnorm: bool = True
+
+
+MethodSection = Annotated[SimCLRSection, Field(discriminator="name")]
+
+
+class OptimSection(_Section):
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    batch_size: int = Field(256, gt=0, description="images per step over all processes")
+    epochs: int = Field(5, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    clip_grad: float | None = Field(None, gt=0)
+
+
+class TrainerSection(_Section):
+    accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(1, gt=0)
+    strategy: str = "auto"
+    precision: Precision = "32"
+    checkpoint_every_steps: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, gt=0)
+    max_steps: int | None = Field(
+        None, gt=0, description="stop this session after N optimiser steps (resume continues)"
+    )
+    progress_bar: bool = True
+    num_threads: int | None = Field(None, gt=0)
+
+
+class EvalSection(_Section):
+    at_end: bool = True
+    features: FeatureKind = "cls"
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0)
+    random_init_floor: bool = True
+    linear_probe: bool = True
+    linear_epochs: int = Field(30, gt=0)
+    linear_lr: float = Field(1e-3, gt=0)
+    linear_batch_size: int = Field(1024, gt=0)
+    batch_size: int = Field(512, gt=0, description="images per forward when extracting features")
+    precision: Precision = "32"
+    max_train: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    views: ViewsSection = ViewsSection()
+    model: ModelSection = ModelSection()
+    method: MethodSection = SimCLRSection()
+    optim: OptimSection = OptimSection()
+    trainer: TrainerSection = TrainerSection()
+    eval: EvalSection = EvalSection()
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "run": RunSection,
+    "data": DataSection,
+    "views": ViewsSection,
+    "model": ModelSection,
+    "optim": OptimSection,
+    "trainer": TrainerSection,
+    "eval": EvalSection,
+}
+METHODS: dict[str, type[BaseModel]] = {"simclr": SimCLRSection}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``simclr_fashion_mnist``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a YAML file nor a preset; "
+        f"presets: {', '.join(preset_names())}"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` -> (['optim', 'lr'], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=3e-4")
+    key, _, raw = text.partition("=")
+    path = [part for part in key.strip().split(".") if part]
+    if len(path) < 2:
+        raise ConfigError(
+            f"override {text!r} must name a section and a key (section.key=value); "
+            f"sections: {', '.join(list(SECTIONS) + ['method'])}"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def _section_class(raw: dict, section: str) -> type[BaseModel] | None:
+    if section == "method":
+        name = (raw.get("method") or {}).get("name", "simclr")
+        return METHODS.get(name)
+    return SECTIONS.get(section)
+
+
+def _unknown_key_message(where: str, key: str, accepted: list[str]) -> str:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {where}{key!r}{hint}; accepted: {', '.join(accepted)}"
+
+
+def _check_keys(raw: dict) -> None:
+    """Name unknown sections and keys before pydantic reports them more tersely."""
+    for section, body in raw.items():
+        accepted_sections = list(SECTIONS) + ["method"]
+        if section not in accepted_sections:
+            raise ConfigError(_unknown_key_message("", section, accepted_sections))
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys to values")
+        if section == "method" and body.get("name", "simclr") not in METHODS:
+            raise ConfigError(
+                f"unknown method.name {body.get('name')!r}; accepted: {', '.join(METHODS)}"
+            )
+        cls = _section_class(raw, section)
+        accepted = list(cls.model_fields)
+        for key in body:
+            if key not in accepted:
+                raise ConfigError(_unknown_key_message(f"{section}.", key, accepted))
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "simclr")
+        got = err.get("input")
+        lines.append(f"{loc}: {err['msg']} (got {got!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict) -> Config:
+    _check_keys(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def merge_overrides(raw: dict, overrides: list[str]) -> dict:
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged.setdefault(path[0], {})
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return merged
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a preset (name or path), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded
+    return build_config(merge_overrides(raw, overrides or []))
+
+
+def config_to_dict(config: Config) -> dict:
+    return config.model_dump(mode="json")

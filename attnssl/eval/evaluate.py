@@ -1,0 +1,84 @@
+"""Evaluation of a backbone's frozen features: weighted k-NN, linear probe, random-init floor."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from attnssl.data.datasets import DatasetSpec, ImageDataset, load_dataset
+from attnssl.eval.features import extract_features
+from attnssl.eval.knn import knn_accuracy
+from attnssl.eval.linear import linear_probe_accuracy
+from attnssl.nn.vit import build_vit
+
+
+def dataset_spec(config) -> DatasetSpec:
+    data = config.data
+    return DatasetSpec(data.dataset, data.root, data.synthetic_size, data.image_size, data.subset)
+
+
+def load_eval_splits(config) -> tuple[ImageDataset, ImageDataset]:
+    """The labelled train split (the k-NN bank, without ``data.subset``) and the test split."""
+    spec = dataset_spec(config)
+    full = DatasetSpec(spec.name, spec.root, spec.synthetic_size, spec.image_size, None)
+    train = load_dataset(full, config.data.train_split)
+    test = load_dataset(full, config.data.test_split)
+    for split, ds in (("train", train), ("test", test)):
+        if not ds.has_labels:
+            raise ValueError(f"evaluation needs labels, but the {split} split of "
+                             f"{spec.name} has none")
+    return train, test
+
+
+def backbone_image_size(config, dataset: ImageDataset) -> int:
+    """The size the backbone is built for: the global crops' (positions interpolate for others)."""
+    return config.views.global_size or dataset.image_size
+
+
+def random_init_backbone(config, image_size: int, channels: int) -> nn.Module:
+    """The backbone as the run initialised it (same seed), untrained: the floor to beat."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.run.seed)
+        return build_vit(config.model, image_size, channels)
+
+
+def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: ImageDataset,
+                      linear: bool = True) -> dict:
+    ev = config.eval
+    started = time.perf_counter()
+    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision)
+    x_train, y_train = extract_features(backbone, train, limit=ev.max_train, **common)
+    x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
+    result = {
+        "knn_top1": knn_accuracy(x_train, y_train, x_test, y_test, train.num_classes, ev.knn_k,
+                                 ev.knn_temperature),
+    }
+    if linear:
+        result["linear_top1"] = linear_probe_accuracy(
+            x_train, y_train, x_test, y_test, train.num_classes, ev.linear_epochs, ev.linear_lr,
+            ev.linear_batch_size, seed=config.run.seed,
+        )
+    result["eval_seconds"] = time.perf_counter() - started
+    return result
+
+
+def evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None = None,
+                      test: ImageDataset | None = None) -> dict:
+    """k-NN and linear accuracy of ``backbone``, and the k-NN of a random-init one beside it."""
+    if train is None or test is None:
+        train, test = load_eval_splits(config)
+    ev = config.eval
+    result = {
+        "dataset": train.name, "features": ev.features, "knn_k": ev.knn_k,
+        "knn_temperature": ev.knn_temperature, "train_images": min(len(train), ev.max_train or
+                                                                   len(train)),
+        "test_images": min(len(test), ev.max_test or len(test)),
+    }
+    result.update(evaluate_features(backbone, config, train, test, linear=ev.linear_probe))
+    if ev.random_init_floor:
+        untrained = random_init_backbone(config, backbone_image_size(config, train), train.channels)
+        floor = evaluate_features(untrained, config, train, test, linear=False)
+        result["knn_top1_random_init"] = floor["knn_top1"]
+    return result

@@ -1,0 +1,90 @@
+"""The ViT backbone: timm's ``VisionTransformer`` with our attention registry and presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from attnssl.nn.attention import get_attention
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+
+VIT_PRESETS = {
+    # small images (28-32 px): 7x7 or 8x8 patch grids
+    "vit_tiny_p4": ViTSize(4, 128, 4, 4),  # benchmark protocol B1
+    "vit_small_p4": ViTSize(4, 192, 6, 3),
+    "vit_base_p4": ViTSize(4, 384, 8, 6),
+    # ImageNet-style sizes (224 px, 14x14 grid)
+    "vit_tiny_p16": ViTSize(16, 192, 12, 3),
+    "vit_small_p16": ViTSize(16, 384, 12, 6),
+    "vit_base_p16": ViTSize(16, 768, 12, 12),
+}
+
+
+def resolve_size(model_cfg) -> ViTSize:
+    """The preset's size with any explicitly set field of the config overriding it."""
+    if model_cfg.preset is not None and model_cfg.preset not in VIT_PRESETS:
+        raise ValueError(
+            f"unknown model.preset {model_cfg.preset!r}; accepted: {', '.join(VIT_PRESETS)}"
+        )
+    base = VIT_PRESETS.get(model_cfg.preset)
+    fields = {}
+    for name in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+        value = getattr(model_cfg, name)
+        if value is None and base is None and name == "mlp_ratio":
+            value = 4.0
+        if value is None and base is None:
+            raise ValueError(f"model.{name} must be set when model.preset is null")
+        fields[name] = value if value is not None else getattr(base, name)
+    if fields["embed_dim"] % fields["num_heads"]:
+        raise ValueError(
+            f"model.embed_dim={fields['embed_dim']} must be divisible by "
+            f"model.num_heads={fields['num_heads']}"
+        )
+    return ViTSize(**fields)
+
+
+def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
+    """A timm ViT without classifier (``num_classes=0``); positions interpolate to any crop size."""
+    size = resolve_size(model_cfg)
+    if img_size % size.patch_size:
+        raise ValueError(
+            f"image size {img_size} is not a multiple of model.patch_size={size.patch_size}"
+        )
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=size.patch_size,
+        in_chans=in_chans,
+        num_classes=0,
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        mlp_ratio=size.mlp_ratio,
+        qkv_bias=model_cfg.qkv_bias,
+        drop_path_rate=model_cfg.drop_path,
+        dynamic_img_size=True,
+        attn_layer=get_attention(model_cfg.attention),
+    )
+
+
+def pool_features(tokens: torch.Tensor, kind: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Image features from normalised tokens ``(B, N, D)``: class token, patch mean, or both."""
+    cls = tokens[:, 0]
+    mean = tokens[:, num_prefix_tokens:].mean(dim=1)
+    if kind == "cls":
+        return cls
+    if kind == "mean":
+        return mean
+    if kind == "cls+mean":
+        return torch.cat([cls, mean], dim=-1)
+    raise ValueError(f"unknown feature kind {kind!r}; accepted: cls, mean, cls+mean")

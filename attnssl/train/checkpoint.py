@@ -1,0 +1,95 @@
+"""Checkpoints written atomically and loaded safely.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk (``fsync``) and
+renamed over the final name, and the folder entry is synced too, so a crash at any moment leaves
+either the previous file or the new one, never a torn file. Loading always uses
+``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\.ckpt$")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Fabric checkpoint plugin: atomic writes, ``weights_only`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return safe_torch_load(path)
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_PATTERN.search(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's step checkpoints, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("step-*.ckpt")), key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+    """A checkpoint file, or a run folder's newest checkpoint."""
+    path = Path(run_or_checkpoint)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"run folder {path} has no checkpoints (expected {path}/checkpoints/step-N.ckpt)"
+            )
+        return found
+    raise FileNotFoundError(f"{path} is neither a checkpoint file nor a run folder")

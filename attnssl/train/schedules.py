@@ -1,0 +1,24 @@
+"""Per-step schedules."""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine from ``peak`` to ``final``.
+
+    ``v(t) = peak * t / T_w`` for ``t < T_w``;
+    ``v(t) = final + (peak - final) * (1 + cos(pi * (t - T_w) / (T - T_w))) / 2`` after.
+    """
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cosine(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine from ``start`` at step 0 to ``end`` at ``total_steps`` (weight decay, EMA momentum)."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))

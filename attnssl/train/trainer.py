@@ -1,0 +1,387 @@
+"""Pretraining on Lightning Fabric: one loop for every method, device and precision.
+
+The loop owns what every method shares: data order, views, optimiser, schedules, clipping,
+checkpoints, resume, logging and the final evaluation. A method (``attnssl.methods``) owns
+only its forward pass and loss, and optionally ``after_step`` (an EMA teacher update).
+
+Resume is exact: a checkpoint holds the model (teacher and loss state included), optimiser,
+grad scaler, step, epoch and position in the epoch, and every process's RNG and view-generator
+state; batches of an epoch follow a seeded permutation, so the resumed run sees the same
+batches and the same views as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import CSVLogger
+
+from attnssl.config import Config, build_config, config_to_dict
+from attnssl.data.datasets import load_dataset
+from attnssl.data.loader import epoch_batches, iterate_batches
+from attnssl.data.views import MultiCropViews
+from attnssl.eval.evaluate import backbone_image_size, dataset_spec, evaluate_backbone
+from attnssl.methods import build_method
+from attnssl.nn.vit import build_vit
+from attnssl.train.checkpoint import (
+    AtomicCheckpointIO,
+    latest_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    safe_torch_load,
+)
+from attnssl.train.schedules import cosine, warmup_cosine
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimiser steps done, epoch, batches done in it, and throughput so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    rng: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only; none on biases, norms, class token and positions."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas,
+                                 weight_decay=optim.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; accepted: adamw, sgd")
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rank_states(fabric: Fabric, state: dict) -> list[dict]:
+    """Every process's RNG/view state, so each can restore its own on resume."""
+    if fabric.world_size == 1:
+        return [state]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def make_run_dir(config: Config) -> Path:
+    name = config.run.name or f"{config.method.name}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.run.out_dir) / name
+
+
+class Pretrainer:
+    """Builds everything from a :class:`Config` and runs (or resumes) pretraining."""
+
+    def __init__(self, config: Config, run_dir: Path, resume_from: Path | None = None):
+        self.config = config
+        self.run_dir = run_dir
+        self.resume_from = resume_from
+        trainer = config.trainer
+        if trainer.num_threads:
+            torch.set_num_threads(trainer.num_threads)
+        self.fabric = Fabric(
+            accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
+            strategy=trainer.strategy, precision=trainer.precision,
+            plugins=[AtomicCheckpointIO()],
+            loggers=self._loggers(),
+        )
+
+    def _loggers(self) -> list:
+        loggers = [CSVLogger(root_dir=str(self.run_dir), name="logs", version=0)]
+        try:
+            import tensorboard  # noqa: F401
+            from lightning_fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(root_dir=str(self.run_dir), name="tensorboard",
+                                             version=0))
+        except ImportError:
+            pass
+        return loggers
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        fabric, config = self.fabric, self.config
+        fabric.launch()
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        if config.optim.batch_size % self.world:
+            raise ValueError(
+                f"optim.batch_size={config.optim.batch_size} must be divisible by the number of "
+                f"processes ({self.world})"
+            )
+        self.batch_per_process = config.optim.batch_size // self.world
+        self.train_set = load_dataset(dataset_spec(config), config.data.train_split)
+        mean, std = self.train_set.mean_std
+        self.views = MultiCropViews(
+            config.views, self.train_set.image_size, self.train_set.channels, mean, std,
+            seed=config.run.seed * 1000 + self.rank,
+        )
+        self.steps_per_epoch = len(
+            epoch_batches(len(self.train_set), self.batch_per_process, 0, config.run.seed,
+                          self.rank, self.world)
+        )
+        self.total_steps = self.steps_per_epoch * config.optim.epochs
+        self.warmup_steps = round(config.optim.warmup_epochs * self.steps_per_epoch)
+
+        torch.manual_seed(config.run.seed)  # same initial weights as the random-init floor
+        backbone = build_vit(config.model, backbone_image_size(config, self.train_set),
+                             self.train_set.channels)
+        method = build_method(config, backbone)
+        optimizer = build_optimizer(method, config.optim)
+        self.method, self.optimizer = fabric.setup(method, optimizer)
+        self.state = TrainState()
+        torch.manual_seed(config.run.seed + 1 + self.rank)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif fabric.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(config), sort_keys=False)
+            )
+        fabric.barrier()
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "method": self.method, "optimizer": self.optimizer,
+            "precision": self.fabric.strategy.precision, "train": self.state,
+        }
+
+    def _restore(self, path: Path) -> None:
+        remainder = self.fabric.load(path, self._checkpoint_state())
+        rank_state = remainder["ranks"][self.rank]
+        _set_rng_state(rank_state["rng"])
+        self.views.load_state_dict(rank_state["views"])
+        self.fabric.print(f"resumed from {path} at step {self.state.step} "
+                          f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
+
+    def save_checkpoint(self) -> Path:
+        ranks = _gather_rank_states(
+            self.fabric, {"rng": _rng_state(), "views": self.views.state_dict()}
+        )
+        path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.ckpt"
+        state = self._checkpoint_state()
+        state.update(ranks=ranks, config=config_to_dict(self.config))
+        self.fabric.save(path, state)
+        if self.fabric.is_global_zero:
+            prune_checkpoints(self.run_dir, self.config.trainer.keep_checkpoints)
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def _set_schedules(self) -> tuple[float, float]:
+        optim, step = self.config.optim, self.state.step
+        lr = warmup_cosine(step, self.total_steps, self.warmup_steps, optim.lr, optim.min_lr)
+        wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+        wd = cosine(step, self.total_steps, optim.weight_decay, wd_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["apply_wd"] else 0.0
+        return lr, wd
+
+    def training_step(self, images: torch.Tensor) -> dict:
+        lr, wd = self._set_schedules()
+        views = [v.to(self.fabric.device, non_blocking=True) for v in self.views(images)]
+        out = self.method(views)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.state.step}; last checkpoint: "
+                f"{latest_checkpoint(self.run_dir)}"
+            )
+        self.fabric.backward(loss)
+        if self.config.optim.clip_grad:
+            self.fabric.clip_gradients(self.method, self.optimizer,
+                                       max_norm=self.config.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(self.method.module, "after_step", None)
+        if after_step is not None:
+            after_step(self.state.step, self.total_steps)
+        logs = {k: float(v.detach()) for k, v in out.items()}
+        logs.update(lr=lr, weight_decay=wd)
+        return logs
+
+    def fit(self) -> dict:
+        """Train to the end (or to ``trainer.max_steps``); returns the run summary."""
+        config, fabric, state = self.config, self.fabric, self.state
+        trainer = config.trainer
+        stop_at = min(trainer.max_steps or self.total_steps, self.total_steps)
+        progress = None
+        if fabric.is_global_zero and trainer.progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=state.step, desc="pretrain",
+                            dynamic_ncols=True)
+        last_saved = state.step if self.resume_from is not None else -1
+        window_images, window_start = 0, time.perf_counter()
+        while state.epoch < config.optim.epochs and state.step < stop_at:
+            batches = epoch_batches(len(self.train_set), self.batch_per_process, state.epoch,
+                                    config.run.seed, self.rank, self.world)
+            remaining = batches[state.batch_in_epoch :]
+            for images, _ in iterate_batches(self.train_set, remaining, config.data.num_workers):
+                started = time.perf_counter()
+                logs = self.training_step(images)
+                state.train_seconds += time.perf_counter() - started
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.images_seen += config.optim.batch_size
+                window_images += config.optim.batch_size
+                if state.step % trainer.log_every_steps == 0 or state.step == stop_at:
+                    now = time.perf_counter()
+                    logs["images_per_second"] = window_images / max(now - window_start, 1e-9)
+                    logs["epoch"] = state.epoch
+                    fabric.log_dict(logs, step=state.step)
+                    window_images, window_start = 0, now
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
+                                             img_s=f"{logs['images_per_second']:.0f}")
+                if progress is not None:
+                    progress.update(1)
+                if state.batch_in_epoch == len(batches):
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    self.save_checkpoint()
+                    last_saved = state.step
+                elif state.step % trainer.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                    last_saved = state.step
+                if state.step >= stop_at:
+                    break
+        if last_saved != state.step:
+            self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        for logger in fabric.loggers:
+            logger.finalize("success")
+        return {
+            "step": state.step, "total_steps": self.total_steps,
+            "finished": state.step >= self.total_steps,
+            "images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
+            "train_seconds": state.train_seconds,
+        }
+
+
+def backbone_from_method_state(method_state: dict) -> dict:
+    """The backbone's weights out of a method's state dict (keys ``backbone.*``)."""
+    prefix = "backbone."
+    found = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
+    if not found:
+        raise ValueError("checkpoint holds no backbone weights (no 'backbone.*' keys)")
+    return found
+
+
+def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: float,
+                      backbone: nn.Module) -> dict:
+    from safetensors.torch import save_file
+
+    from attnssl.report import plot_loss_curve
+
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
+              str(run_dir / "backbone.safetensors"))
+    metrics = {
+        "method": config.method.name, "dataset": config.data.dataset,
+        "precision": config.trainer.precision, "steps": summary["step"],
+        "images_per_second": summary["images_per_second"],
+        "train_seconds": summary["train_seconds"],
+        "wall_seconds": time.perf_counter() - started, "machine": machine_description(),
+    }
+    if "eval" in summary:
+        metrics["eval"] = summary["eval"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_loss_curve(run_dir)
+    return metrics
+
+
+def pretrain(config: Config, resume: str | None = None) -> dict:
+    """Run pretraining (new or resumed) and, at the end, evaluation; returns ``metrics.json``."""
+    started = time.perf_counter()
+    resume_from = None
+    if resume is not None:
+        resume_from = resolve_checkpoint(resume)
+        run_dir = resume_from.parent.parent
+    else:
+        run_dir = make_run_dir(config)
+        if latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(
+                f"run folder {run_dir} already has checkpoints; resume it with --resume {run_dir} "
+                f"or choose another run.name"
+            )
+    trainer = Pretrainer(config, run_dir, resume_from)
+    trainer.setup()
+    summary = trainer.fit()
+    fabric = trainer.fabric
+    metrics: dict = {"run_dir": str(run_dir), **summary}
+    if fabric.is_global_zero:
+        backbone = trainer.method.module.backbone
+        if summary["finished"] and config.eval.at_end:
+            fabric.print("evaluating frozen features ...")
+            summary["eval"] = evaluate_backbone(backbone, config)
+        metrics.update(write_run_outputs(run_dir, config, summary, started, backbone))
+    fabric.barrier()
+    return metrics
+
+
+def config_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a checkpoint was trained with, with ``key=value`` overrides applied."""
+    from attnssl.config import merge_overrides
+
+    raw = safe_torch_load(resolve_checkpoint(path))["config"]
+    return build_config(merge_overrides(raw, overrides or []))
