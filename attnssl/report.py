@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-
-def read_metrics_csv(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "logs" / "version_0" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+from attnssl.train.metrics_log import MetricsLog
 
 
 def plot_loss_curve(run_dir: str | Path) -> Path | None:
     """``loss_curve.png``: training loss (and learning rate) against the optimiser step."""
-    rows = [r for r in read_metrics_csv(run_dir) if r.get("loss")]
+    rows = [r for r in MetricsLog(Path(run_dir) / "metrics.csv").read() if r.get("loss")]
     if not rows:
         return None
     import matplotlib

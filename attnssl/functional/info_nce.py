@@ -24,8 +24,9 @@ def nt_xent(
     if local.shape[0] % n_views:
         raise ValueError(f"{local.shape[0]} rows are not a multiple of n_views={n_views}")
     batch = local.shape[0] // n_views
-    anchors = F.normalize(local.float(), dim=-1)
-    keys = F.normalize(columns.float(), dim=-1)
+    dtype = torch.promote_types(local.dtype, torch.float32)  # low-precision inputs in fp32
+    anchors = F.normalize(local.to(dtype), dim=-1)
+    keys = F.normalize(columns.to(dtype), dim=-1)
     logits = anchors @ keys.T / temperature  # (V*B, W*V*B)
     rows = torch.arange(anchors.shape[0], device=local.device)
     self_cols = rows + column_offset

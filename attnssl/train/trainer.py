@@ -16,14 +16,13 @@ import json
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import yaml
 from lightning_fabric import Fabric
-from lightning_fabric.loggers import CSVLogger
 
 from attnssl.config import Config, build_config, config_to_dict
 from attnssl.data.datasets import load_dataset
@@ -39,6 +38,7 @@ from attnssl.train.checkpoint import (
     resolve_checkpoint,
     safe_torch_load,
 )
+from attnssl.train.metrics_log import MetricsLog
 from attnssl.train.schedules import cosine, warmup_cosine
 
 
@@ -51,7 +51,6 @@ class TrainState:
     batch_in_epoch: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
-    rng: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -145,7 +144,8 @@ class Pretrainer:
         )
 
     def _loggers(self) -> list:
-        loggers = [CSVLogger(root_dir=str(self.run_dir), name="logs", version=0)]
+        """TensorBoard where installed; the CSV log is :class:`MetricsLog`."""
+        loggers = []
         try:
             import tensorboard  # noqa: F401
             from lightning_fabric.loggers import TensorBoardLogger
@@ -196,6 +196,9 @@ class Pretrainer:
             (self.run_dir / "config.yaml").write_text(
                 yaml.safe_dump(config_to_dict(config), sort_keys=False)
             )
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.csv") if fabric.is_global_zero else None
+        if self.metrics_log is not None:
+            self.metrics_log.truncate_after(self.state.step)
         fabric.barrier()
 
     def _checkpoint_state(self) -> dict:
@@ -205,7 +208,10 @@ class Pretrainer:
         }
 
     def _restore(self, path: Path) -> None:
-        remainder = self.fabric.load(path, self._checkpoint_state())
+        state = self._checkpoint_state()
+        remainder = self.fabric.load(path, state)
+        # Fabric restores a dataclass into a copy of it: take the restored copy
+        self.state = state["train"]
         rank_state = remainder["ranks"][self.rank]
         _set_rng_state(rank_state["rng"])
         self.views.load_state_dict(rank_state["views"])
@@ -289,6 +295,8 @@ class Pretrainer:
                     logs["images_per_second"] = window_images / max(now - window_start, 1e-9)
                     logs["epoch"] = state.epoch
                     fabric.log_dict(logs, step=state.step)
+                    if self.metrics_log is not None:
+                        self.metrics_log.append(state.step, logs)
                     window_images, window_start = 0, now
                     if progress is not None:
                         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",

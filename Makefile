@@ -1,0 +1,27 @@
+# make demo: set up, then pretrain on Fashion-MNIST and report k-NN / linear accuracy.
+# make test: set up, lint, run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_ROOT ?=
+DEMO_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo:
+	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data
+	$(PY) -m attnssl pretrain --config demo_fashion_mnist $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(DEMO_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check attnssl tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/b1_pretrain.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""Protocol B1 of BENCHMARKS.md: Fashion-MNIST, small ViT, CPU.
+
+Pretrains each method in each precision on the same protocol (timm ViT img 28 / patch 4 /
+width 128 / depth 4 / 4 heads, 2 global crops of 28 px at scale (0.4, 1), flips, batch 256,
+AdamW lr 1e-3, wd 0.05, 1 warm-up epoch then cosine, 5 epochs), then scores the backbone's CLS
+token with weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a table beside the
+two floors (raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and,
+with ``--readme``, replaces the B1 table in README.md.
+
+    python benchmarks/b1_pretrain.py                       # the published protocol
+    python benchmarks/b1_pretrain.py --epochs 1 --subset 15360   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from attnssl.config import load_config
+from attnssl.data.datasets import DatasetSpec, load_dataset
+from attnssl.eval.knn import knn_accuracy
+from attnssl.train.trainer import machine_description, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"simclr": "simclr_fashion_mnist"}
+
+
+def raw_pixel_knn(k: int = 20, temperature: float = 0.07, data_root: str | None = None) -> float:
+    train = load_dataset(DatasetSpec("fashion-mnist", root=data_root), "train")
+    test = load_dataset(DatasetSpec("fashion-mnist", root=data_root), "test")
+    flat = lambda ds: ds.images.flatten(1).float() / 255  # noqa: E731
+    return knn_accuracy(flat(train), train.labels, flat(test), test.labels, 10, k, temperature)
+
+
+def run_row(method: str, precision: str, args, out_dir: Path) -> dict:
+    overrides = [
+        f"trainer.precision={precision}", f"optim.epochs={args.epochs}",
+        f"run.out_dir={out_dir}", f"run.name=b1-{method}-{precision}-{int(time.time())}",
+        "trainer.progress_bar=false", "trainer.checkpoint_every_steps=100000",
+    ]
+    if args.subset:
+        overrides.append(f"data.subset={args.subset}")
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    metrics = pretrain(load_config(PRESETS[method], overrides))
+    ev = metrics["eval"]
+    return {
+        "method": method, "precision": precision, "epochs": args.epochs,
+        "train_images": args.subset or 60000, "knn_top1": ev["knn_top1"],
+        "linear_top1": ev["linear_top1"], "knn_top1_random_init": ev["knn_top1_random_init"],
+        "images_per_second": metrics["images_per_second"],
+        "train_minutes": metrics["train_seconds"] / 60, "run_dir": metrics["run_dir"],
+    }
+
+
+def table(rows: list[dict], raw_pixels: float) -> str:
+    lines = [
+        "| method | precision | epochs | k-NN top-1 | linear top-1 | random-init k-NN | "
+        "images/s | train min | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        verdict = "above raw pixels" if r["knn_top1"] > raw_pixels else "below raw pixels"
+        lines.append(
+            f"| {r['method']} | {r['precision']} | {r['epochs']} | {r['knn_top1']:.2f} | "
+            f"{r['linear_top1']:.2f} | {r['knn_top1_random_init']:.2f} | "
+            f"{r['images_per_second']:.0f} | {r['train_minutes']:.1f} | {verdict} |"
+        )
+    lines.append(f"| raw pixels (floor) | - | - | {raw_pixels:.2f} | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def update_readme(markdown: str, command: str, machine: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = (
+        f"<!-- B1:START -->\nMachine: {machine['cpu']}, {machine['threads']} threads, torch "
+        f"{machine['torch']}. Command: `{command}`\n\n{markdown}\n<!-- B1:END -->"
+    )
+    new, count = re.subn(r"<!-- B1:START -->.*?<!-- B1:END -->", block, text, flags=re.S)
+    if count != 1:
+        raise SystemExit("README.md has no <!-- B1:START --> ... <!-- B1:END --> block")
+    readme.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--subset", type=int, default=None, help="pretrain on the first N images")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
+    parser.add_argument("--readme", action="store_true", help="replace the B1 table in README.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(torch.get_num_threads())
+    machine = machine_description()
+    raw = raw_pixel_knn(data_root=args.data_root)
+    rows = []
+    for method in args.methods:
+        for precision in args.precisions:
+            rows.append(run_row(method, precision, args, Path(args.runs_dir)))
+            print(table(rows, raw), flush=True)
+    markdown = table(rows, raw)
+    print(f"\nB1 on {machine['cpu']} ({machine['threads']} threads, torch {machine['torch']})")
+    print(markdown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "raw_pixel_knn_top1": raw, "rows": rows},
+                              indent=2))
+    if args.readme:
+        command = "python benchmarks/b1_pretrain.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k in ("methods", "precisions", "epochs", "subset") and v is not None
+        )
+        update_readme(markdown, command, machine)
+
+
+if __name__ == "__main__":
+    main()

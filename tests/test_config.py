@@ -1,0 +1,46 @@
+import pytest
+
+from attnssl.config import ConfigError, load_config, preset_names
+
+
+def test_presets_load_and_overrides_apply():
+    assert {"simclr_fashion_mnist", "simclr_synthetic", "demo_fashion_mnist"} <= set(preset_names())
+    cfg = load_config("simclr_fashion_mnist", ["optim.lr=3e-4", "views.global_scale=[0.2, 1.0]",
+                                               "trainer.precision=bf16-mixed"])
+    assert cfg.optim.lr == 3e-4 and cfg.views.global_scale == (0.2, 1.0)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.method.name == "simclr"
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key optim\.'lrr' \(did you mean 'lr'\?\); "
+                                          r"accepted: optimizer, batch_size"):
+        load_config("simclr_fashion_mnist", ["optim.lrr=1"])
+
+
+def test_unknown_section_and_method():
+    with pytest.raises(ConfigError, match="unknown key 'optimiser'"):
+        load_config(None, ["optimiser.lr=1"])
+    with pytest.raises(ConfigError, match="unknown method.name 'byol'; accepted: simclr"):
+        load_config(None, ["method.name=byol"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=-1", r"optim\.lr: Input should be greater than 0 \(got -1\)"),
+    ("trainer.precision=fp8", r"trainer\.precision: Input should be '32', 'bf16-mixed' or "
+                              r"'16-mixed' \(got 'fp8'\)"),
+    ("data.dataset=mnist", r"data\.dataset: Input should be 'fashion-mnist'"),
+    ("views.global_scale=[0.9, 0.1]", r"global_scale must be \(low, high\) with 0 < low <= high"),
+    ("method.temperature=abc", r"method\.temperature: Input should be a valid number"),
+])
+def test_bad_values_are_named_with_what_is_accepted(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("simclr_fashion_mnist", [override])
+
+
+def test_malformed_override_and_unknown_preset():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="must name a section and a key"):
+        load_config(None, ["lr=1"])
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset; presets: "):
+        load_config("no_such_preset")

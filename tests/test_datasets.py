@@ -1,0 +1,182 @@
+"""Each dataset read from files written here in the dataset's own format."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnssl.data.datasets import (
+    DatasetNotFoundError,
+    DatasetSpec,
+    load_dataset,
+    make_synthetic,
+)
+
+
+def write_idx(path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reads_idx_files(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, (7,), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images, compress)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, compress)
+    ds = load_dataset(DatasetSpec("fashion-mnist", root=str(tmp_path)), "test")
+    assert len(ds) == 7 and ds.channels == 1 and ds.image_size == 28 and ds.num_classes == 10
+    x, y = ds.get_batch(torch.tensor([3, 5]))
+    assert torch.equal(x[:, 0], torch.from_numpy(images[[3, 5]]))
+    assert y.tolist() == labels[[3, 5]].tolist()
+
+
+def test_fashion_mnist_truncated_file_is_named(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28)), False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((4,)), False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*promises"):
+        load_dataset(DatasetSpec("fashion-mnist", root=str(tmp_path)), "train")
+
+
+def test_missing_fashion_mnist_says_where_and_how(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset(DatasetSpec("fashion-mnist", root=str(tmp_path)), "train")
+    message = str(err.value)
+    assert str(tmp_path) in message and "apt-get install dataset-fashion-mnist" in message
+
+
+def write_cifar(root, name: str, per_file: int = 4):
+    rng = np.random.default_rng(1)
+    if name == "cifar10":
+        base = root / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        label_key, meta, names_key, classes = b"labels", "batches.meta", b"label_names", 10
+    else:
+        base = root / "cifar-100-python"
+        files = ["train", "test"]
+        label_key, meta, names_key, classes = b"fine_labels", "meta", b"fine_label_names", 100
+    base.mkdir(parents=True)
+    written = {}
+    for f in files:
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, per_file).tolist()
+        with open(base / f, "wb") as handle:
+            pickle.dump({b"data": data, label_key: labels}, handle, protocol=2)
+        written[f] = (data, labels)
+    with open(base / meta, "wb") as handle:
+        pickle.dump({names_key: [f"class{i}".encode() for i in range(classes)]}, handle)
+    return written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_python_pickles(tmp_path, name):
+    written = write_cifar(tmp_path, name)
+    train = load_dataset(DatasetSpec(name, root=str(tmp_path)), "train")
+    test = load_dataset(DatasetSpec(name, root=str(tmp_path)), "test")
+    first_train = "data_batch_1" if name == "cifar10" else "train"
+    assert len(train) == (20 if name == "cifar10" else 4) and len(test) == 4
+    data, labels = written[first_train]
+    x, y = train.get_batch(torch.tensor([2]))
+    assert torch.equal(x[0], torch.from_numpy(data[2].reshape(3, 32, 32)))
+    assert y.item() == labels[2]
+    assert train.num_classes == (10 if name == "cifar10" else 100)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('payload ran')",))
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        pickle.dump({b"data": _Exploit(), b"labels": [0]}, handle)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.exec"):
+        load_dataset(DatasetSpec("cifar10", root=str(tmp_path)), "test")
+
+
+def test_stl10_reads_column_major_binaries(tmp_path):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (3, 3, 96, 96), dtype=np.uint8)  # (N, C, H, W)
+    # the files store each channel column-major: (N, C, W, H) in memory
+    images.transpose(0, 1, 3, 2).tofile(base / "test_X.bin")
+    np.array([1, 10, 4], dtype=np.uint8).tofile(base / "test_y.bin")
+    ds = load_dataset(DatasetSpec("stl10", root=str(tmp_path)), "test")
+    x, y = ds.get_batch(torch.arange(3))
+    assert torch.equal(x, torch.from_numpy(images))
+    assert y.tolist() == [0, 9, 3]
+
+
+def test_imagefolder_labelled_with_splits_and_unlabelled(tmp_path):
+    for split, count in (("train", 3), ("val", 2)):
+        for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            folder = tmp_path / "labelled" / split / cls
+            folder.mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (40 + k, 30), colour).save(folder / f"{k}.png")
+    train = load_dataset(DatasetSpec("imagefolder", root=str(tmp_path / "labelled"),
+                                     image_size=16), "train")
+    test = load_dataset(DatasetSpec("imagefolder", root=str(tmp_path / "labelled"),
+                                    image_size=16), "test")
+    assert len(train) == 6 and len(test) == 4 and train.classes == ("cat", "dog")
+    x, y = train.get_batch(torch.tensor([0, 5]))
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]
+    assert x[0, 0].float().mean() > 250 and x[1, 2].float().mean() > 250  # red cat, blue dog
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (20, 20), 128).save(flat / "a.png")
+    (flat / "notes.txt").write_text("not an image")
+    unlabelled = load_dataset(DatasetSpec("imagefolder", root=str(flat), image_size=8), "train")
+    assert len(unlabelled) == 1 and not unlabelled.has_labels
+    assert unlabelled[0][0].shape == (3, 8, 8) and unlabelled[0][1] == -1
+    with pytest.raises(DatasetNotFoundError, match="no 'test' split"):
+        load_dataset(DatasetSpec("imagefolder", root=str(flat), image_size=8), "test")
+
+
+def test_empty_imagefolder_is_named(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=f"no images .* in {tmp_path}"):
+        load_dataset(DatasetSpec("imagefolder", root=str(tmp_path), image_size=8), "train")
+
+
+def test_synthetic_masks_mark_the_shape_with_its_class():
+    images, labels, masks = make_synthetic(64, 32, seed=0)
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
+    assert len(labels.unique()) == 8
+    for n in range(64):
+        values = masks[n].unique().tolist()
+        assert values == [0, labels[n].item() + 1]  # background and this image's class
+        area = (masks[n] > 0).float().mean().item()
+        assert 0.02 < area < 0.6
+        # the shape has its own colour: inside and outside differ on average
+        inside = images[n][:, masks[n] > 0].float().mean(1)
+        outside = images[n][:, masks[n] == 0].float().mean(1)
+        assert (inside - outside).abs().max() > 20
+    again = make_synthetic(64, 32, seed=0)
+    assert torch.equal(again[0], images)
+
+
+def test_synthetic_splits_differ_and_subset_applies():
+    train = load_dataset(DatasetSpec("synthetic", synthetic_size=40, subset=10), "train")
+    test = load_dataset(DatasetSpec("synthetic", synthetic_size=40), "test")
+    assert len(train) == 10 and len(test) == 10
+    assert not torch.equal(train.images, test.images)
+
+
+def test_unknown_split_is_named():
+    with pytest.raises(ValueError, match="splits 'train' and 'test', not 'val'"):
+        load_dataset(DatasetSpec("synthetic"), "val")

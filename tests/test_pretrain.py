@@ -1,0 +1,98 @@
+"""End-to-end runs of the CLI on the synthetic dataset (seconds each)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnssl.cli import main
+from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+
+TINY = [
+    "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",
+    "trainer.checkpoint_every_steps=3", "trainer.progress_bar=false", "trainer.num_threads=1",
+]
+
+
+def run_cli(tmp_path: Path, name: str, *extra: str) -> int:
+    return main(["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path}",
+                 f"run.name={name}", *TINY, *extra])
+
+
+def final_weights(run_dir: Path) -> dict:
+    return safe_torch_load(list_checkpoints(run_dir)[-1])["method"]
+
+
+def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
+    assert run_cli(tmp_path, "smoke", "eval.linear_epochs=3") == 0
+    out = capsys.readouterr().out
+    assert "k-NN top-1 (cls, k=10)" in out and "random-init backbone" in out
+    run = tmp_path / "smoke"
+    for name in ("config.yaml", "metrics.json", "loss_curve.png", "backbone.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 16 and metrics["images_per_second"] > 0
+    assert metrics["precision"] == "32" and "cpu" in metrics["machine"]
+    ev = metrics["eval"]
+    for key in ("knn_top1", "linear_top1", "knn_top1_random_init"):
+        assert 0 <= ev[key] <= 100
+    # the eval command reads the run back and agrees with the end-of-run k-NN
+    assert main(["eval", str(run), "eval.linear_probe=false"]) == 0
+    written = json.loads((run / "eval-step-00000016.json").read_text())
+    assert written["knn_top1"] == pytest.approx(ev["knn_top1"])
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    assert run_cli(tmp_path, "straight", "eval.at_end=false") == 0
+    # stop mid-epoch 0 after 5 steps (last checkpoint at step 3 + a final one at 5), then resume
+    assert run_cli(tmp_path, "interrupted", "eval.at_end=false", "trainer.max_steps=5") == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "interrupted")][-1] == "step-00000005.ckpt"
+    assert main(["pretrain", "--resume", str(tmp_path / "interrupted"), "trainer.max_steps=null"]) == 0
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL the process as soon as its first checkpoint exists; resume; compare."""
+    assert run_cli(tmp_path, "straight", "eval.at_end=false") == 0
+    args = [sys.executable, "-m", "attnssl", "pretrain", "-c", "simclr_synthetic",
+            f"run.out_dir={tmp_path}", "run.name=killed", "eval.at_end=false", *TINY]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path / "killed") and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = list_checkpoints(tmp_path / "killed")
+    assert killed_at and killed_at[-1].name != "step-00000016.ckpt", "run ended before the kill"
+    assert main(["pretrain", "--resume", str(tmp_path / "killed")]) == 0
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    assert run_cli(tmp_path, "once", "eval.at_end=false", "trainer.max_steps=3") == 0
+    assert run_cli(tmp_path, "once", "eval.at_end=false") == 2
+    assert "already has checkpoints; resume it with --resume" in capsys.readouterr().err
+
+
+def test_config_errors_stop_before_any_work(tmp_path, capsys):
+    assert run_cli(tmp_path, "bad", "optim.batchsize=8") == 2
+    err = capsys.readouterr().err
+    assert "unknown key optim.'batchsize' (did you mean 'batch_size'?)" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_batch_larger_than_dataset_is_named(tmp_path, capsys):
+    assert run_cli(tmp_path, "big", "optim.batch_size=1024") == 2
+    assert "optim.batch_size=1024 is larger than the dataset (256 images)" in capsys.readouterr().err

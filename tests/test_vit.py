@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from attnssl.config import ModelSection
+from attnssl.nn.attention import attention_maps, get_attention
+from attnssl.nn.vit import VIT_PRESETS, build_vit, pool_features
+
+
+@pytest.mark.parametrize("preset", ["vit_tiny_p4", "vit_small_p4"])
+def test_presets_build_and_embed(preset):
+    model = build_vit(ModelSection(preset=preset), 28, 1)
+    size = VIT_PRESETS[preset]
+    tokens = model.forward_features(torch.randn(2, 1, 28, 28))
+    assert tokens.shape == (2, 1 + (28 // size.patch_size) ** 2, size.embed_dim)
+    assert len(model.blocks) == size.depth
+
+
+def test_explicit_keys_override_preset_and_other_sizes_interpolate():
+    model = build_vit(ModelSection(preset="vit_tiny_p4", depth=2, embed_dim=64, num_heads=2), 32, 3)
+    assert len(model.blocks) == 2 and model.embed_dim == 64
+    assert model.forward_features(torch.randn(1, 3, 16, 16)).shape == (1, 1 + 16, 64)
+
+
+def test_attention_maps_are_row_stochastic_per_layer_and_head(generator):
+    model = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1).eval()
+    x = torch.randn(3, 1, 28, 28, generator=generator)
+    maps = attention_maps(model, x)
+    assert len(maps) == 4
+    for m in maps:
+        assert m.shape == (3, 4, 50, 50)
+        assert torch.allclose(m.sum(-1), torch.ones(3, 4, 50), atol=1e-5)
+        assert (m >= 0).all()
+
+
+def test_explicit_path_equals_fused_path(generator):
+    fused = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1).eval()
+    explicit = build_vit(ModelSection(preset="vit_tiny_p4", attention="softmax_explicit"), 28, 1)
+    explicit.load_state_dict(fused.state_dict())
+    explicit.eval()
+    x = torch.randn(2, 1, 28, 28, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(fused.forward_features(x), explicit.forward_features(x), atol=1e-5)
+    # recording maps does not change the output
+    maps = attention_maps(fused, x)
+    with torch.no_grad():
+        assert torch.allclose(fused.forward_features(x), explicit.forward_features(x), atol=1e-5)
+    assert len(maps) == 4
+
+
+def test_pool_features_kinds():
+    tokens = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    assert torch.equal(pool_features(tokens, "cls"), tokens[:, 0])
+    assert torch.equal(pool_features(tokens, "mean"), tokens[:, 1:].mean(1))
+    assert pool_features(tokens, "cls+mean").shape == (2, 4)
+
+
+def test_bad_model_settings_are_named():
+    with pytest.raises(ValueError, match="unknown model.attention 'cbsa2'; accepted:"):
+        get_attention("cbsa2")
+    with pytest.raises(ValueError, match="unknown model.preset"):
+        build_vit(ModelSection(preset="vit_huge"), 28, 1)
+    with pytest.raises(ValueError, match="not a multiple of model.patch_size=8"):
+        build_vit(ModelSection(preset="vit_tiny_p4", patch_size=8), 28, 1)
+    with pytest.raises(ValueError, match="divisible by model.num_heads=3"):
+        build_vit(ModelSection(preset="vit_tiny_p4", num_heads=3), 28, 1)
