@@ -39,7 +39,7 @@ def cmd_pretrain(args) -> int:
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
     metrics = pretrain(config, resume=args.resume)
-    if "run_dir" in metrics and "images_per_second" in metrics:
+    if metrics["rank"] == 0:
         print(f"run folder: {metrics['run_dir']}")
         print(f"steps {metrics['step']}/{metrics['total_steps']}, "
               f"{metrics['images_per_second']:.1f} images/s")

@@ -96,3 +96,20 @@ def test_config_errors_stop_before_any_work(tmp_path, capsys):
 def test_batch_larger_than_dataset_is_named(tmp_path, capsys):
     assert run_cli(tmp_path, "big", "optim.batch_size=1024") == 2
     assert "optim.batch_size=1024 is larger than the dataset (256 images)" in capsys.readouterr().err
+
+
+def test_two_process_run_resumes_to_the_same_weights(tmp_path):
+    """Real gloo processes launched by Fabric; each restores its own RNG and view state."""
+    two = ["trainer.accelerator=cpu", "trainer.devices=2", "eval.at_end=false"]
+
+    def cli(*extra):
+        args = [sys.executable, "-m", "attnssl", "pretrain", *extra]
+        subprocess.run(args, check=True, timeout=300, capture_output=True)
+
+    common = ["-c", "simclr_synthetic", f"run.out_dir={tmp_path}", *TINY, *two]
+    cli(*common, "run.name=straight")
+    cli(*common, "run.name=interrupted", "trainer.max_steps=5")
+    cli("--resume", str(tmp_path / "interrupted"), "trainer.max_steps=null")
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

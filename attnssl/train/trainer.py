@@ -13,6 +13,7 @@ batches and the same views as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
@@ -119,6 +120,9 @@ def _gather_rank_states(fabric: Fabric, state: dict) -> list[dict]:
     gathered = [None] * fabric.world_size
     torch.distributed.all_gather_object(gathered, state)
     return gathered
+
+
+RUN_DIR_ENV = "ATTNSSL_RUN_DIR"
 
 
 def make_run_dir(config: Config) -> Path:
@@ -365,6 +369,8 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
     if resume is not None:
         resume_from = resolve_checkpoint(resume)
         run_dir = resume_from.parent.parent
+    elif RUN_DIR_ENV in os.environ:  # a process Fabric launched: use rank 0's folder
+        run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
         run_dir = make_run_dir(config)
         if latest_checkpoint(run_dir) is not None:
@@ -373,10 +379,16 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
                 f"or choose another run.name"
             )
     trainer = Pretrainer(config, run_dir, resume_from)
-    trainer.setup()
+    launched_here = RUN_DIR_ENV not in os.environ
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes Fabric starts
+    try:
+        trainer.setup()
+    finally:
+        if launched_here:
+            os.environ.pop(RUN_DIR_ENV, None)
     summary = trainer.fit()
     fabric = trainer.fabric
-    metrics: dict = {"run_dir": str(run_dir), **summary}
+    metrics: dict = {"run_dir": str(run_dir), "rank": fabric.global_rank, **summary}
     if fabric.is_global_zero:
         backbone = trainer.method.module.backbone
         if summary["finished"] and config.eval.at_end:
