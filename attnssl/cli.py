@@ -28,6 +28,7 @@ def _print_eval(result: dict) -> None:
 
 
 def cmd_pretrain(args) -> int:
+    from attnssl.train.checkpoint import resolve_checkpoint, safe_torch_load
     from attnssl.train.trainer import config_from_checkpoint, pretrain
 
     overrides = _with_data_root(args.overrides, args.data_root)
@@ -35,7 +36,8 @@ def cmd_pretrain(args) -> int:
         if args.config:
             raise ConfigError("--resume continues a run with its own config; drop --config "
                               "(key=value overrides still apply)")
-        config = config_from_checkpoint(args.resume, overrides)
+        config = config_from_checkpoint(safe_torch_load(resolve_checkpoint(args.resume)),
+                                        overrides)
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
     metrics = pretrain(config, resume=args.resume)
@@ -52,7 +54,6 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
 
     from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
     from attnssl.nn.vit import build_vit
@@ -61,11 +62,10 @@ def cmd_eval(args) -> int:
 
     overrides = _with_data_root(args.overrides, args.data_root)
     checkpoint_path = resolve_checkpoint(args.target)
-    config = config_from_checkpoint(checkpoint_path, overrides)
-    train, test = load_eval_splits(config)
-    torch.manual_seed(config.run.seed)
-    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
     state = safe_torch_load(checkpoint_path)
+    config = config_from_checkpoint(state, overrides)
+    train, test = load_eval_splits(config)
+    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
     backbone.load_state_dict(backbone_from_method_state(state["method"]))
     result = evaluate_backbone(backbone, config, train, test)
     result["checkpoint"] = str(checkpoint_path)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import yaml
 from lightning_fabric import Fabric
 
-from attnssl.config import Config, build_config, config_to_dict
+from attnssl.config import Config, build_config, config_to_dict, merge_overrides
 from attnssl.data.datasets import load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
@@ -37,7 +37,6 @@ from attnssl.train.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
-    safe_torch_load,
 )
 from attnssl.train.metrics_log import MetricsLog
 from attnssl.train.schedules import cosine, warmup_cosine
@@ -399,9 +398,6 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
     return metrics
 
 
-def config_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """The config a checkpoint was trained with, with ``key=value`` overrides applied."""
-    from attnssl.config import merge_overrides
-
-    raw = safe_torch_load(resolve_checkpoint(path))["config"]
-    return build_config(merge_overrides(raw, overrides or []))
+def config_from_checkpoint(checkpoint: dict, overrides: list[str] | None = None) -> Config:
+    """The config a loaded checkpoint was trained with, with ``key=value`` overrides applied."""
+    return build_config(merge_overrides(checkpoint["config"], overrides or []))
