@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "cifar10", "cifar100", "stl10"]
-Precision = Literal["32", "bf16-mixed", "16-mixed"]
+# ``trainer.precision=32`` on the command line reads as the integer 32: accept it as "32"
+Precision = Annotated[
+    Literal["32", "bf16-mixed", "16-mixed"],
+    BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v),
+]
 FeatureKind = Literal["cls", "mean", "cls+mean"]
 
 

@@ -9,6 +9,7 @@ def test_presets_load_and_overrides_apply():
                                                "trainer.precision=bf16-mixed"])
     assert cfg.optim.lr == 3e-4 and cfg.views.global_scale == (0.2, 1.0)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.method.name == "simclr"
+    assert load_config(None, ["trainer.precision=32"]).trainer.precision == "32"
 
 
 def test_unknown_key_names_it_and_suggests():

@@ -113,3 +113,10 @@ def test_two_process_run_resumes_to_the_same_weights(tmp_path):
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_bf16_mixed_run_trains(tmp_path):
+    assert run_cli(tmp_path, "bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
+                   "eval.at_end=false") == 0
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == 3

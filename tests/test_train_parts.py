@@ -1,0 +1,44 @@
+import torch
+import torch.nn as nn
+
+from attnssl.config import ModelSection
+from attnssl.data.loader import epoch_batches
+from attnssl.nn.ema import ema_update, make_teacher
+from attnssl.nn.vit import build_vit
+from attnssl.train.trainer import param_groups
+
+
+def test_ema_update_follows_its_formula():
+    student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.fill_(0.5)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, momentum=0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters(), strict=True):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+
+
+def test_epoch_batches_shard_the_epoch_without_overlap():
+    per_rank = [epoch_batches(103, 10, epoch=2, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert [len(b) for b in per_rank] == [5, 5]  # 100 of 103 used: drop-last
+    seen = torch.cat([torch.cat(b) for b in per_rank])
+    assert seen.unique().numel() == 100
+    again = epoch_batches(103, 10, epoch=2, seed=5, rank=0, world_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(again, per_rank[0], strict=True))
+    other_epoch = epoch_batches(103, 10, epoch=3, seed=5, rank=0, world_size=2)
+    assert not torch.equal(other_epoch[0], per_rank[0][0])
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = build_vit(ModelSection(preset="vit_tiny_p4", depth=1), 28, 1)
+    decay, no_decay = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
