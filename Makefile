@@ -20,8 +20,10 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) benchmarks/b1_pretrain.py
+bench:
+	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data
+	$(PY) benchmarks/views_throughput.py
+	$(PY) benchmarks/b1_pretrain.py --readme $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 
-from attnssl.config import ConfigError, load_config, preset_names
+from attnssl.config import ConfigError, check_resume_overrides, load_config, preset_names
 from attnssl.data.datasets import DatasetNotFoundError
 
 DEFAULT_PRESET = "simclr_fashion_mnist"
-USER_ERRORS = (ConfigError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (
+    ConfigError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError,
+    pickle.UnpicklingError,
+)
 
 
 def _with_data_root(overrides: list[str], data_root: str | None) -> list[str]:
@@ -28,7 +32,7 @@ def _print_eval(result: dict) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from attnssl.train.checkpoint import resolve_checkpoint, safe_torch_load
+    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
     from attnssl.train.trainer import config_from_checkpoint, pretrain
 
     overrides = _with_data_root(args.overrides, args.data_root)
@@ -36,7 +40,8 @@ def cmd_pretrain(args) -> int:
         if args.config:
             raise ConfigError("--resume continues a run with its own config; drop --config "
                               "(key=value overrides still apply)")
-        config = config_from_checkpoint(safe_torch_load(resolve_checkpoint(args.resume)),
+        check_resume_overrides(overrides)
+        config = config_from_checkpoint(load_training_checkpoint(resolve_checkpoint(args.resume)),
                                         overrides)
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
@@ -57,12 +62,12 @@ def cmd_eval(args) -> int:
 
     from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
     from attnssl.nn.vit import build_vit
-    from attnssl.train.checkpoint import resolve_checkpoint, safe_torch_load
+    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
     from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
 
     overrides = _with_data_root(args.overrides, args.data_root)
     checkpoint_path = resolve_checkpoint(args.target)
-    state = safe_torch_load(checkpoint_path)
+    state = load_training_checkpoint(checkpoint_path)
     config = config_from_checkpoint(state, overrides)
     train, test = load_eval_splits(config)
     backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)

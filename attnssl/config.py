@@ -121,7 +121,7 @@ MethodSection = Annotated[SimCLRSection, Field(discriminator="name")]
 
 
 class OptimSection(_Section):
-    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     batch_size: int = Field(256, gt=0, description="images per step over all processes")
     epochs: int = Field(5, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -144,7 +144,8 @@ class TrainerSection(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every_steps: int = Field(10, gt=0)
     max_steps: int | None = Field(
-        None, gt=0, description="stop this session after N optimiser steps (resume continues)"
+        None, gt=0, description="train at most N more optimiser steps this session, then stop "
+        "with a checkpoint (each --resume runs N more; null: to the end)"
     )
     progress_bar: bool = True
     num_threads: int | None = Field(None, gt=0)
@@ -285,6 +286,26 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return merged
+
+
+# What may change when a run is resumed: anything else would change the batch order, the
+# schedules, the random state or the model, and the run would no longer continue exactly.
+RESUME_OVERRIDABLE = (
+    "trainer.max_steps", "trainer.progress_bar", "trainer.checkpoint_every_steps",
+    "trainer.keep_checkpoints", "trainer.log_every_steps", "trainer.num_threads",
+    "data.root", "data.num_workers", "eval.",
+)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE):
+            accepted = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_OVERRIDABLE)
+            raise ConfigError(
+                f"{key} cannot change when resuming: the run would not continue exactly. "
+                f"Accepted on resume: {accepted}"
+            )
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -43,18 +43,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 if [ "$want_data" = 1 ]; then
-  have() { ls "$FASHION_MNIST_DIR"/train-images-idx3-ubyte* >/dev/null 2>&1; }
-  if ! have; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if [ -n "${DATA_ROOT:-}" ]; then
+    ls "$DATA_ROOT"/train-images-idx3-ubyte* >/dev/null 2>&1 || {
+      say "DATA_ROOT=$DATA_ROOT holds no train-images-idx3-ubyte[.gz]; put the four Fashion-MNIST IDX files there"
+      exit 1
+    }
+  else
+    have() { ls "$FASHION_MNIST_DIR"/train-images-idx3-ubyte* >/dev/null 2>&1; }
+    if ! have && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       say "installing the Debian package dataset-fashion-mnist"
-      apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+      { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||
+        say "apt-get could not install dataset-fashion-mnist (see its messages above)"
     fi
-  fi
-  if ! have; then
-    say "Fashion-MNIST is not in $FASHION_MNIST_DIR. Either run 'sudo apt-get install dataset-fashion-mnist'"
-    say "(Debian/Ubuntu), or download the four IDX files (train/t10k images and labels) from"
-    say "github.com/zalandoresearch/fashion-mnist into a folder and run: make demo DATA_ROOT=that/folder"
-    [ -n "${DATA_ROOT:-}" ] || exit 1
+    if ! have; then
+      say "Fashion-MNIST is not in $FASHION_MNIST_DIR. Either run 'sudo apt-get install dataset-fashion-mnist'"
+      say "(Debian/Ubuntu), or download the four IDX files (train/t10k images and labels) from"
+      say "github.com/zalandoresearch/fashion-mnist into a folder and run: make demo DATA_ROOT=that/folder"
+      exit 1
+    fi
   fi
 fi
 say "ready"

@@ -1,6 +1,7 @@
 """End-to-end runs of the CLI on the synthetic dataset (seconds each)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from attnssl.cli import main
 from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+from attnssl.train.metrics_log import MetricsLog
 
 TINY = [
     "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",
@@ -38,7 +40,7 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 16 and metrics["images_per_second"] > 0
-    assert metrics["precision"] == "32" and "cpu" in metrics["machine"]
+    assert metrics["precision"] == "32-true" and metrics["machine"]["cpu"]
     ev = metrics["eval"]
     for key in ("knn_top1", "linear_top1", "knn_top1_random_init"):
         assert 0 <= ev[key] <= 100
@@ -50,10 +52,15 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert run_cli(tmp_path, "straight", "eval.at_end=false") == 0
-    # stop mid-epoch 0 after 5 steps (last checkpoint at step 3 + a final one at 5), then resume
+    # sessions of at most 5 steps: stop mid-epoch 0 (checkpoints at 3 and 5), go on to 10 (past
+    # the epoch end at 8), then lift the limit and finish
+    run = tmp_path / "interrupted"
     assert run_cli(tmp_path, "interrupted", "eval.at_end=false", "trainer.max_steps=5") == 0
-    assert [p.name for p in list_checkpoints(tmp_path / "interrupted")][-1] == "step-00000005.ckpt"
-    assert main(["pretrain", "--resume", str(tmp_path / "interrupted"), "trainer.max_steps=null"]) == 0
+    assert list_checkpoints(run)[-1].name == "step-00000005.ckpt"
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert list_checkpoints(run)[-1].name == "step-00000010.ckpt"
+    assert main(["pretrain", "--resume", str(run), "trainer.max_steps=null"]) == 0
+    assert list_checkpoints(run)[-1].name == "step-00000016.ckpt"
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
     assert straight.keys() == resumed.keys()
     for key in straight:
@@ -104,7 +111,8 @@ def test_two_process_run_resumes_to_the_same_weights(tmp_path):
 
     def cli(*extra):
         args = [sys.executable, "-m", "attnssl", "pretrain", *extra]
-        subprocess.run(args, check=True, timeout=300, capture_output=True)
+        done = subprocess.run(args, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     common = ["-c", "simclr_synthetic", f"run.out_dir={tmp_path}", *TINY, *two]
     cli(*common, "run.name=straight")
@@ -120,3 +128,19 @@ def test_bf16_mixed_run_trains(tmp_path):
                    "eval.at_end=false") == 0
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == 3
+    losses = [float(r["loss"]) for r in MetricsLog(tmp_path / "bf16" / "metrics.csv").read()]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_resume_refuses_changes_that_break_exactness(tmp_path, capsys):
+    assert run_cli(tmp_path, "r", "eval.at_end=false", "trainer.max_steps=2") == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "r"), "optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr cannot change when resuming" in err and "trainer.max_steps" in err
+
+
+def test_eval_of_a_file_that_is_no_checkpoint_is_named(tmp_path, capsys):
+    other = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(1)}, other)
+    assert main(["eval", str(other)]) == 2
+    assert "is not an attnssl training checkpoint (missing method" in capsys.readouterr().err

@@ -12,11 +12,11 @@ from attnssl.data.views import normalise
 from attnssl.nn.vit import pool_features
 
 
-def autocast_context(precision: str):
+def autocast_context(precision: str, device_type: str = "cpu"):
     if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision == "16-mixed":
-        return torch.autocast("cpu", dtype=torch.float16)
+        return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -29,15 +29,16 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     mean, std = dataset.mean_std
+    device = next(backbone.parameters()).device
     count = len(dataset) if limit is None else min(limit, len(dataset))
     features, labels = [], []
     try:
         for start in range(0, count, batch_size):
             indices = torch.arange(start, min(start + batch_size, count))
             images, y = dataset.get_batch(indices)
-            with autocast_context(precision):
-                tokens = backbone.forward_features(normalise(images, mean, std))
-            features.append(pool_features(tokens, kind, backbone.num_prefix_tokens).float())
+            with autocast_context(precision, device.type):
+                tokens = backbone.forward_features(normalise(images, mean, std).to(device))
+            features.append(pool_features(tokens, kind, backbone.num_prefix_tokens).float().cpu())
             labels.append(y)
     finally:
         backbone.train(was_training)

@@ -31,7 +31,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # autograd may hand us a buffer it still uses
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.batch
         return grad[start : start + ctx.batch]

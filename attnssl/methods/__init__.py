@@ -20,6 +20,8 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
                 f"simclr uses global views only; set views.local_crops=0 "
                 f"(got {views.local_crops})"
             )
+        if views.global_crops < 2:
+            raise ValueError(f"simclr needs views.global_crops >= 2, got {views.global_crops}")
         return SimCLR(backbone, method_cfg, n_views=views.global_crops)
     raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr")
 

@@ -47,6 +47,21 @@ def safe_torch_load(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+TRAINING_KEYS = ("method", "optimizer", "train", "ranks", "config")
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by the trainer; anything else is named and refused."""
+    state = safe_torch_load(path)
+    missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is not an attnssl training checkpoint (missing {', '.join(missing)}); "
+            f"give a run folder or one of its checkpoints/step-N.ckpt files"
+        )
+    return state
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Fabric checkpoint plugin: atomic writes, ``weights_only`` reads."""
 

@@ -29,7 +29,12 @@ from attnssl.config import Config, build_config, config_to_dict, merge_overrides
 from attnssl.data.datasets import load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
-from attnssl.eval.evaluate import backbone_image_size, dataset_spec, evaluate_backbone
+from attnssl.eval.evaluate import (
+    backbone_image_size,
+    dataset_spec,
+    evaluate_backbone,
+    load_eval_splits,
+)
 from attnssl.methods import build_method
 from attnssl.nn.vit import build_vit
 from attnssl.train.checkpoint import (
@@ -171,6 +176,8 @@ class Pretrainer:
                 f"processes ({self.world})"
             )
         self.batch_per_process = config.optim.batch_size // self.world
+        if config.eval.at_end:
+            load_eval_splits(config)  # stop now, not after training, if they are missing
         self.train_set = load_dataset(dataset_spec(config), config.data.train_split)
         mean, std = self.train_set.mean_std
         self.views = MultiCropViews(
@@ -188,6 +195,9 @@ class Pretrainer:
         backbone = build_vit(config.model, backbone_image_size(config, self.train_set),
                              self.train_set.channels)
         method = build_method(config, backbone)
+        if self.world > 1 and fabric.device.type == "cuda":
+            # one batch norm over the global batch, as SimCLR's; torch has no CPU version
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         optimizer = build_optimizer(method, config.optim)
         self.method, self.optimizer = fabric.setup(method, optimizer)
         self.state = TrainState()
@@ -215,6 +225,11 @@ class Pretrainer:
         remainder = self.fabric.load(path, state)
         # Fabric restores a dataclass into a copy of it: take the restored copy
         self.state = state["train"]
+        if len(remainder["ranks"]) != self.world:
+            raise ValueError(
+                f"{path} was written by {len(remainder['ranks'])} processes; resume it with the "
+                f"same number (now {self.world}: trainer.devices x trainer.num_nodes)"
+            )
         rank_state = remainder["ranks"][self.rank]
         _set_rng_state(rank_state["rng"])
         self.views.load_state_dict(rank_state["views"])
@@ -269,10 +284,10 @@ class Pretrainer:
         return logs
 
     def fit(self) -> dict:
-        """Train to the end (or to ``trainer.max_steps``); returns the run summary."""
+        """Train to the end, or for ``trainer.max_steps`` more steps; returns the run summary."""
         config, fabric, state = self.config, self.fabric, self.state
         trainer = config.trainer
-        stop_at = min(trainer.max_steps or self.total_steps, self.total_steps)
+        stop_at = min(state.step + (trainer.max_steps or self.total_steps), self.total_steps)
         progress = None
         if fabric.is_global_zero and trainer.progress_bar:
             from tqdm.auto import tqdm
@@ -324,6 +339,9 @@ class Pretrainer:
             logger.finalize("success")
         return {
             "step": state.step, "total_steps": self.total_steps,
+            # what Fabric runs, which may differ from the request (16-mixed on CPU runs bf16)
+            "precision": str(getattr(fabric.strategy.precision, "precision",
+                                     config.trainer.precision)),
             "finished": state.step >= self.total_steps,
             "images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
             "train_seconds": state.train_seconds,
@@ -349,7 +367,7 @@ def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: flo
               str(run_dir / "backbone.safetensors"))
     metrics = {
         "method": config.method.name, "dataset": config.data.dataset,
-        "precision": config.trainer.precision, "steps": summary["step"],
+        "precision": summary["precision"], "steps": summary["step"],
         "images_per_second": summary["images_per_second"],
         "train_seconds": summary["train_seconds"],
         "wall_seconds": time.perf_counter() - started, "machine": machine_description(),
@@ -388,13 +406,13 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
     summary = trainer.fit()
     fabric = trainer.fabric
     metrics: dict = {"run_dir": str(run_dir), "rank": fabric.global_rank, **summary}
+    fabric.barrier()  # training is over everywhere; only process 0 evaluates and writes
     if fabric.is_global_zero:
         backbone = trainer.method.module.backbone
         if summary["finished"] and config.eval.at_end:
             fabric.print("evaluating frozen features ...")
             summary["eval"] = evaluate_backbone(backbone, config)
         metrics.update(write_run_outputs(run_dir, config, summary, started, backbone))
-    fabric.barrier()
     return metrics
 
 
