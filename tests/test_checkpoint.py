@@ -49,6 +49,7 @@ def test_newest_checkpoint_pruning_and_resolution(tmp_path):
     for step in (3, 12, 7):
         atomic_torch_save({"step": step}, run / "checkpoints" / f"step-{step:08d}.ckpt")
     assert latest_checkpoint(run).name == "step-00000012.ckpt"
+    (run / "checkpoints" / ".step-00000013.ckpt.abc.tmp").write_bytes(b"torn")  # a killed save
     prune_checkpoints(run, keep=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-00000007.ckpt", "step-00000012.ckpt"]

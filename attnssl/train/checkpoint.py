@@ -91,8 +91,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; drop temporaries a killed save left behind."""
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    for stale in (Path(run_dir) / "checkpoints").glob(".step-*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
