@@ -59,7 +59,6 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-
     from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
     from attnssl.nn.vit import build_vit
     from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint

@@ -11,6 +11,7 @@ class MetricsLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._fields: list[str] | None = None  # the header, read once
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -36,12 +37,12 @@ class MetricsLog:
         row = {"step": step, **values}
         new = not self.path.is_file()
         if new:
-            fields = list(row)
-        else:
+            self._fields = list(row)
+        elif self._fields is None:
             with open(self.path, newline="") as handle:
-                fields = next(csv.reader(handle))
+                self._fields = next(csv.reader(handle))
         with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self._fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)

@@ -176,8 +176,8 @@ class Pretrainer:
                 f"processes ({self.world})"
             )
         self.batch_per_process = config.optim.batch_size // self.world
-        if config.eval.at_end:
-            load_eval_splits(config)  # stop now, not after training, if they are missing
+        # opened now so that missing or unlabelled splits stop the run before training
+        self.eval_splits = load_eval_splits(config) if config.eval.at_end else None
         self.train_set = load_dataset(dataset_spec(config), config.data.train_split)
         mean, std = self.train_set.mean_std
         self.views = MultiCropViews(
@@ -411,7 +411,7 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
         backbone = trainer.method.module.backbone
         if summary["finished"] and config.eval.at_end:
             fabric.print("evaluating frozen features ...")
-            summary["eval"] = evaluate_backbone(backbone, config)
+            summary["eval"] = evaluate_backbone(backbone, config, *trainer.eval_splits)
         metrics.update(write_run_outputs(run_dir, config, summary, started, backbone))
     return metrics
 
