@@ -3,11 +3,12 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from attnssl.losses import NTXentLoss
+from attnssl.losses import BAMLoss, NTXentLoss
 
 
 def _free_port() -> int:
@@ -60,3 +61,99 @@ def test_two_process_ntxent_equals_one_process(tmp_path):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.allclose(out["loss"].double(), loss_ref, atol=1e-5)
         assert torch.allclose(out["grad"].double(), grads_ref[rank], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- BAM
+
+BAM_VIEWS, BAM_TARGETS = 3, 2
+BAM_CASES = [  # (teacher, blockwise)
+    (False, False), (True, False), (False, True), (True, True),
+]
+
+
+def _bam_inputs(world: int, batch: int, dim: int):
+    g = torch.Generator().manual_seed(5)
+    shape = (world, BAM_VIEWS * batch, dim)
+    return (torch.randn(shape, generator=g, dtype=torch.float64),
+            torch.randn(shape, generator=g, dtype=torch.float64))
+
+
+def _bam(teacher_on: bool, blockwise: bool, normalization: str = "global") -> BAMLoss:
+    return BAMLoss(BAM_VIEWS, BAM_TARGETS, top_k=5, blockwise=blockwise, block_images=2,
+                   normalization=normalization)
+
+
+def _bam_worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        students, teachers = _bam_inputs(world, batch, dim)
+        results = {}
+        for case in BAM_CASES + [(True, False, "local")]:
+            teacher_on, blockwise, *normalization = case
+            local = students[rank].clone().requires_grad_(True)
+            loss = _bam(teacher_on, blockwise, *normalization)(
+                local, teachers[rank] if teacher_on else None)
+            loss.backward()
+            losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(losses, loss.detach())
+            # DDP averages gradients over processes; do the same here
+            results[str(case)] = {"loss": torch.stack(losses), "grad": local.grad / world}
+        torch.save(results, os.path.join(out_dir, f"bam{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _to_global(blocks: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-process view-major blocks -> one view-major global batch."""
+    world, _, dim = blocks.shape
+    return blocks.view(world, BAM_VIEWS, batch, dim).transpose(0, 1).reshape(-1, dim)
+
+
+def _to_blocks(rows: torch.Tensor, world: int, batch: int) -> torch.Tensor:
+    dim = rows.shape[-1]
+    return rows.view(BAM_VIEWS, world, batch, dim).transpose(0, 1).reshape(world, -1, dim)
+
+
+BAM_WORLD, BAM_BATCH, BAM_DIM = 2, 3, 5
+
+
+@pytest.fixture(scope="module")
+def bam_runs(tmp_path_factory):
+    """Each process's losses and gradients, one real 2-process gloo run for all cases."""
+    out_dir = tmp_path_factory.mktemp("bam")
+    mp.spawn(_bam_worker, args=(BAM_WORLD, _free_port(), BAM_BATCH, BAM_DIM, str(out_dir)),
+             nprocs=BAM_WORLD)
+    return [torch.load(out_dir / f"bam{r}.pt", weights_only=True) for r in range(BAM_WORLD)]
+
+
+def test_two_process_bam_equals_one_process(bam_runs):
+    """Global normalisation: 2 processes = 1 process on the global batch (loss and gradients)."""
+    world, batch, dim = BAM_WORLD, BAM_BATCH, BAM_DIM
+    students, teachers = _bam_inputs(world, batch, dim)
+    outs = bam_runs
+    for teacher_on, blockwise in BAM_CASES:
+        z = _to_global(students, batch).requires_grad_(True)
+        loss = _bam(teacher_on, blockwise)(z, _to_global(teachers, batch) if teacher_on else None)
+        loss.backward()
+        grads = _to_blocks(z.grad, world, batch)
+        for rank, out in enumerate(outs):
+            got = out[str((teacher_on, blockwise))]
+            assert torch.allclose(got["loss"].mean(), loss.detach(), rtol=1e-10)
+            assert torch.allclose(got["grad"], grads[rank], rtol=1e-8, atol=1e-12)
+
+
+def test_two_process_bam_local_normalisation_is_per_process(bam_runs):
+    world, batch, dim = BAM_WORLD, BAM_BATCH, BAM_DIM
+    students, teachers = _bam_inputs(world, batch, dim)
+    for rank in range(world):
+        got = bam_runs[rank][str((True, False, "local"))]
+        z = students[rank].clone().requires_grad_(True)
+        loss = _bam(True, False)(z, teachers[rank])
+        loss.backward()
+        assert torch.allclose(got["loss"][rank], loss.detach(), rtol=1e-10)
+        assert torch.allclose(got["grad"] * world, z.grad, rtol=1e-8, atol=1e-12)
+        # and it differs from the global computation
+        z_global = _to_global(students, batch)
+        global_loss = _bam(True, False)(z_global, _to_global(teachers, batch))
+        assert not torch.allclose(got["loss"].mean(), global_loss)
