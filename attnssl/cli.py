@@ -60,6 +60,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_eval(args) -> int:
     from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
+    from attnssl.methods import evaluation_backbone_prefix
     from attnssl.nn.vit import build_vit
     from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
     from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
@@ -70,7 +71,8 @@ def cmd_eval(args) -> int:
     config = config_from_checkpoint(state, overrides)
     train, test = load_eval_splits(config)
     backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
-    backbone.load_state_dict(backbone_from_method_state(state["method"]))
+    backbone.load_state_dict(
+        backbone_from_method_state(state["method"], evaluation_backbone_prefix(config.method)))
     result = evaluate_backbone(backbone, config, train, test)
     result["checkpoint"] = str(checkpoint_path)
     result["step"] = state["train"]["step"]

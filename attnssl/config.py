@@ -104,6 +104,9 @@ class ModelSection(_Section):
     num_heads: int | None = Field(None, gt=0)
     mlp_ratio: float | None = Field(None, gt=0)
     attention: str = "softmax"
+    weight_init: Literal["timm", "moco", "jax"] = Field(
+        "timm", description="timm's ViT initialisation: timm (trunc-normal 0.02), moco (MoCo v3 "
+        "xavier, as BAM's official code), jax")
     drop_path: float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
 
@@ -117,7 +120,37 @@ class SimCLRSection(_Section):
     projector_batchnorm: bool = True
 
 
-MethodSection = Annotated[SimCLRSection, Field(discriminator="name")]
+class BAMSection(_Section):
+    """BAM (Shalam & Korman 2024). Defaults are the official ViT scripts' (DanielShalam/BAM)."""
+
+    name: Literal["bam"] = "bam"
+    temperature: float = Field(0.1, gt=0, description="source attention softmax temperature")
+    sinkhorn_eps: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation")
+    sinkhorn_eps_end: float | None = Field(
+        None, gt=0, description="eps reached linearly after sinkhorn_eps_warmup_epochs (null: constant)")
+    sinkhorn_eps_warmup_epochs: float = Field(30.0, gt=0)
+    sinkhorn_iters: int = Field(3, ge=1)
+    positive_masking: bool = True
+    top_k: int = Field(0, ge=0, description="keep the top-k target columns per image (0: off)")
+    teacher: bool = Field(True, description="EMA teacher gives the targets (false: self-targets)")
+    teacher_momentum: float = Field(0.995, ge=0, le=1, description="EMA momentum, cosine to 1")
+    normalization: Literal["global", "local"] = "global"
+    blockwise: bool | Literal["auto"] = "auto"
+    block_images: int | None = Field(None, gt=0)
+    projector_hidden: int = Field(4096, gt=0)
+    projector_out: int = Field(4096, gt=0)
+    projector_layers: int = Field(3, ge=1)
+    eval_backbone: Literal["teacher", "student"] | None = Field(
+        None, description="backbone evaluated and exported (null: the teacher when there is one)")
+
+    @model_validator(mode="after")
+    def _check_teacher(self) -> BAMSection:
+        if self.eval_backbone == "teacher" and not self.teacher:
+            raise ValueError("eval_backbone=teacher needs teacher=true")
+        return self
+
+
+MethodSection = Annotated[SimCLRSection | BAMSection, Field(discriminator="name")]
 
 
 class OptimSection(_Section):
@@ -187,7 +220,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "trainer": TrainerSection,
     "eval": EvalSection,
 }
-METHODS: dict[str, type[BaseModel]] = {"simclr": SimCLRSection}
+METHODS: dict[str, type[BaseModel]] = {"simclr": SimCLRSection, "bam": BAMSection}
 
 
 def preset_names() -> list[str]:
@@ -263,7 +296,7 @@ def _check_keys(raw: dict) -> None:
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "simclr")
+        loc = ".".join(str(p) for p in err["loc"] if p not in METHODS)
         got = err.get("input")
         lines.append(f"{loc}: {err['msg']} (got {got!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

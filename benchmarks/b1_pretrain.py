@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
+from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
 from attnssl.eval.knn import knn_accuracy
 from attnssl.train.trainer import machine_description, pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"simclr": "simclr_fashion_mnist"}
+PRESETS = {"bam": "bam_fashion_mnist", "simclr": "simclr_fashion_mnist"}
 
 
 def raw_pixel_knn(k: int = 20, temperature: float = 0.07, data_root: str | None = None) -> float:
@@ -75,17 +74,13 @@ def table(rows: list[dict], raw_pixels: float) -> str:
     return "\n".join(lines)
 
 
-def update_readme(markdown: str, command: str, machine: dict) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = (
-        f"<!-- B1:START -->\nMachine: {machine['cpu']}, {machine['threads']} threads, torch "
-        f"{machine['torch']}. Command: `{command}`\n\n{markdown}\n<!-- B1:END -->"
-    )
-    new, count = re.subn(r"<!-- B1:START -->.*?<!-- B1:END -->", block, text, flags=re.S)
-    if count != 1:
-        raise SystemExit("README.md has no <!-- B1:START --> ... <!-- B1:END --> block")
-    readme.write_text(new)
+def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of earlier runs stay unless this run measured the same method and precision."""
+    measured = {(r["method"], r["precision"]) for r in new}
+    kept = [r for r in previous if (r["method"], r["precision"]) not in measured]
+    order = list(PRESETS)
+    return sorted(kept + new, key=lambda r: (order.index(r["method"]) if r["method"] in order
+                                            else len(order), r["precision"] != "32"))
 
 
 def main() -> None:
@@ -98,6 +93,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
     parser.add_argument("--readme", action="store_true", help="replace the B1 table in README.md")
+    parser.add_argument("--fresh", action="store_true",
+                        help="drop the rows of earlier runs instead of keeping the unmeasured ones")
     args = parser.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
@@ -108,20 +105,25 @@ def main() -> None:
         for precision in args.precisions:
             rows.append(run_row(method, precision, args, Path(args.runs_dir)))
             print(table(rows, raw), flush=True)
+    out = Path(args.out)
+    command = "python benchmarks/b1_pretrain.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k in ("methods", "precisions", "epochs", "subset") and v is not None
+    )
+    for row in rows:
+        row["command"] = command
+    if out.is_file() and not args.fresh:
+        rows = merge_rows(json.loads(out.read_text())["rows"], rows)
     markdown = table(rows, raw)
     print(f"\nB1 on {machine['cpu']} ({machine['threads']} threads, torch {machine['torch']})")
     print(markdown)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "raw_pixel_knn_top1": raw, "rows": rows},
                               indent=2))
     if args.readme:
-        command = "python benchmarks/b1_pretrain.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-            if k in ("methods", "precisions", "epochs", "subset") and v is not None
-        )
-        update_readme(markdown, command, machine)
+        commands = sorted({r.get("command", command) for r in rows})
+        replace_readme_block("B1", machine_line(machine, "`; `".join(commands)) + "\n\n" + markdown)
 
 
 if __name__ == "__main__":

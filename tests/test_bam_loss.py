@@ -8,7 +8,6 @@ import torch
 from attnssl.functional.bam import (
     BAMSpec,
     bam_loss,
-    bam_loss_blockwise,
     keep_top_k,
     positive_mask,
     sinkhorn,
@@ -32,7 +31,7 @@ def reference_bam(student, teacher, n_views, n_targets, tau, eps, iters, masking
         return masking and (c % batch) == (r % batch)
 
     def dot(a, b):
-        return sum(x * y for x, y in zip(a, b))
+        return sum(x * y for x, y in zip(a, b, strict=True))
 
     # source attention: log-softmax over the unmasked columns
     log_a = []
@@ -194,7 +193,7 @@ def test_blockwise_equals_full(use_teacher, masking, top_k):
         out = crit.last_output
         results.append((loss.detach(), z.grad, out.source_entropy, out.target_entropy))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 

@@ -22,8 +22,8 @@ TINY = [
 ]
 
 
-def run_cli(tmp_path: Path, name: str, *extra: str) -> int:
-    return main(["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path}",
+def run_cli(tmp_path: Path, name: str, *extra: str, preset: str = "simclr_synthetic") -> int:
+    return main(["pretrain", "-c", preset, f"run.out_dir={tmp_path}",
                  f"run.name={name}", *TINY, *extra])
 
 
@@ -50,12 +50,15 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert written["knn_top1"] == pytest.approx(ev["knn_top1"])
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
-    assert run_cli(tmp_path, "straight", "eval.at_end=false") == 0
+@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic"])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, preset):
+    """BAM's run also carries the EMA teacher, local crops and the Sinkhorn eps schedule."""
+    assert run_cli(tmp_path, "straight", "eval.at_end=false", preset=preset) == 0
     # sessions of at most 5 steps: stop mid-epoch 0 (checkpoints at 3 and 5), go on to 10 (past
     # the epoch end at 8), then lift the limit and finish
     run = tmp_path / "interrupted"
-    assert run_cli(tmp_path, "interrupted", "eval.at_end=false", "trainer.max_steps=5") == 0
+    assert run_cli(tmp_path, "interrupted", "eval.at_end=false", "trainer.max_steps=5",
+                   preset=preset) == 0
     assert list_checkpoints(run)[-1].name == "step-00000005.ckpt"
     assert main(["pretrain", "--resume", str(run)]) == 0
     assert list_checkpoints(run)[-1].name == "step-00000010.ckpt"

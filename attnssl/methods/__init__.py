@@ -1,14 +1,16 @@
 """Methods by name: each fits backbone, heads and loss together for one training step.
 
 A method is an ``nn.Module`` whose ``forward(views)`` returns a dict with ``loss`` and any
-scalars worth logging, and which may define ``after_step(step, total_steps)`` for work after the
-optimiser step (an EMA teacher update, say).
+scalars worth logging. It may define ``before_step(step, steps_per_epoch, total_steps)`` (a
+schedule of its own), ``after_step(step, total_steps)`` (an EMA teacher update, say) and
+``evaluation_backbone`` (the backbone to evaluate and export; ``backbone`` otherwise).
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from attnssl.methods.bam import BAM
 from attnssl.methods.simclr import SimCLR
 
 
@@ -23,7 +25,23 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
         if views.global_crops < 2:
             raise ValueError(f"simclr needs views.global_crops >= 2, got {views.global_crops}")
         return SimCLR(backbone, method_cfg, n_views=views.global_crops)
-    raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr")
+    if method_cfg.name == "bam":
+        if views.global_crops + views.local_crops < 2:
+            raise ValueError("bam needs at least 2 views: raise views.global_crops or "
+                             "views.local_crops")
+        return BAM(backbone, method_cfg, views.global_crops, views.local_crops)
+    raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr, bam")
 
 
-__all__ = ["SimCLR", "build_method"]
+def evaluation_backbone_prefix(method_cfg) -> str:
+    """Where the evaluated backbone's weights sit in a method's state dict."""
+    if method_cfg.name == "bam" and method_cfg.teacher and method_cfg.eval_backbone != "student":
+        return "teacher.backbone."
+    return "backbone."
+
+
+def evaluation_backbone(method: nn.Module) -> nn.Module:
+    return getattr(method, "evaluation_backbone", method.backbone)
+
+
+__all__ = ["BAM", "SimCLR", "build_method", "evaluation_backbone", "evaluation_backbone_prefix"]

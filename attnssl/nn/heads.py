@@ -23,3 +23,24 @@ class ProjectionHead(nn.Sequential):
                     modules.append(nn.BatchNorm1d(dims[k + 1]))
                 modules.append(nn.ReLU(inplace=True))
         super().__init__(*modules)
+
+
+class MLPProjector(nn.Sequential):
+    """BAM's projector (the official ``MlpProjHead`` as its ViT scripts set it): no batch norm.
+
+    ``g(h) = W_L GELU(... GELU(W_1 h + b_1) ...) + b_L``; weights truncated-normal (std 0.02),
+    biases zero.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3):
+        modules: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        for k in range(layers):
+            modules.append(nn.Linear(dims[k], dims[k + 1]))
+            if k < layers - 1:
+                modules.append(nn.GELU())
+        super().__init__(*modules)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)

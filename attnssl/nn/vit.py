@@ -74,6 +74,7 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         drop_path_rate=model_cfg.drop_path,
         dynamic_img_size=True,
         attn_layer=get_attention(model_cfg.attention),
+        weight_init="" if model_cfg.weight_init == "timm" else model_cfg.weight_init,
     )
 
 

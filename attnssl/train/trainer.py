@@ -25,7 +25,7 @@ import torch.nn as nn
 import yaml
 from lightning_fabric import Fabric
 
-from attnssl.config import Config, build_config, config_to_dict, merge_overrides
+from attnssl.config import Config, ConfigError, build_config, config_to_dict, merge_overrides
 from attnssl.data.datasets import load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
@@ -35,7 +35,7 @@ from attnssl.eval.evaluate import (
     evaluate_backbone,
     load_eval_splits,
 )
-from attnssl.methods import build_method
+from attnssl.methods import build_method, evaluation_backbone
 from attnssl.nn.vit import build_vit
 from attnssl.train.checkpoint import (
     AtomicCheckpointIO,
@@ -84,6 +84,15 @@ def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                weight_decay=optim.weight_decay)
     raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; accepted: adamw, sgd")
+
+
+def _check_view_sizes(views: MultiCropViews, patch: int) -> None:
+    for kind, size in (("global", views.specs[0].size), ("local", views.specs[-1].size)):
+        if size % patch:
+            raise ConfigError(
+                f"views.{kind}_size is {size}, not a multiple of the patch size {patch}; "
+                f"set views.{kind}_size to one (e.g. {max(patch, round(size / patch) * patch)})"
+            )
 
 
 def machine_description() -> dict:
@@ -194,6 +203,7 @@ class Pretrainer:
         torch.manual_seed(config.run.seed)  # same initial weights as the random-init floor
         backbone = build_vit(config.model, backbone_image_size(config, self.train_set),
                              self.train_set.channels)
+        _check_view_sizes(self.views, backbone.patch_embed.patch_size[0])
         method = build_method(config, backbone)
         if self.world > 1 and fabric.device.type == "cuda":
             # one batch norm over the global batch, as SimCLR's; torch has no CPU version
@@ -262,6 +272,9 @@ class Pretrainer:
 
     def training_step(self, images: torch.Tensor) -> dict:
         lr, wd = self._set_schedules()
+        before_step = getattr(self.method.module, "before_step", None)
+        if before_step is not None:
+            before_step(self.state.step, self.steps_per_epoch, self.total_steps)
         views = [v.to(self.fabric.device, non_blocking=True) for v in self.views(images)]
         out = self.method(views)
         loss = out["loss"]
@@ -348,12 +361,11 @@ class Pretrainer:
         }
 
 
-def backbone_from_method_state(method_state: dict) -> dict:
-    """The backbone's weights out of a method's state dict (keys ``backbone.*``)."""
-    prefix = "backbone."
+def backbone_from_method_state(method_state: dict, prefix: str = "backbone.") -> dict:
+    """The backbone's weights out of a method's state dict (keys ``prefix*``)."""
     found = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
     if not found:
-        raise ValueError("checkpoint holds no backbone weights (no 'backbone.*' keys)")
+        raise ValueError(f"checkpoint holds no backbone weights (no '{prefix}*' keys)")
     return found
 
 
@@ -408,7 +420,7 @@ def pretrain(config: Config, resume: str | None = None) -> dict:
     metrics: dict = {"run_dir": str(run_dir), "rank": fabric.global_rank, **summary}
     fabric.barrier()  # training is over everywhere; only process 0 evaluates and writes
     if fabric.is_global_zero:
-        backbone = trainer.method.module.backbone
+        backbone = evaluation_backbone(trainer.method.module)
         if summary["finished"] and config.eval.at_end:
             fabric.print("evaluating frozen features ...")
             summary["eval"] = evaluate_backbone(backbone, config, *trainer.eval_splits)

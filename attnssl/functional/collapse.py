@@ -1,0 +1,24 @@
+"""Collapse diagnostics of a batch of embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the batch std of L2-normalised ``z`` (0 when all rows agree).
+
+    For embeddings spread uniformly on the sphere in D dimensions this is about ``1/sqrt(D)``.
+    """
+    return F.normalize(z.float(), dim=-1).std(dim=0).mean()
+
+
+def effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """``exp(H(p))`` with ``p = sigma / sum(sigma)`` over the singular values of ``z``.
+
+    Roy & Vetterli (2007): 1 for a rank-one batch, ``min(n, D)`` for equal singular values.
+    """
+    sigma = torch.linalg.svdvals(z.float())
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny)
+    return torch.exp(-(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum())

@@ -1,0 +1,110 @@
+"""BAM (Shalam & Korman, ECCV 2024): balanced self-attention matching, multi-crop, EMA teacher.
+
+Follows the official code, github.com/DanielShalam/BAM (``main_pretrain.py``,
+``models/wrappers.py``, ``bam/bam_loss.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from attnssl.functional.collapse import effective_rank, embedding_std
+from attnssl.losses import BAMLoss
+from attnssl.nn.ema import ema_update, make_teacher
+from attnssl.nn.heads import MLPProjector
+from attnssl.train.schedules import cosine
+
+
+def multicrop_forward(backbone: nn.Module, head: nn.Module,
+                      views: list[torch.Tensor]) -> torch.Tensor:
+    """``head(backbone(x))`` for every view, one backbone pass per run of equal-sized views.
+
+    Returns ``(V*B, D)`` stacked view-major (the official ``MultiCropWrapper``).
+    """
+    features, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        features.append(backbone(torch.cat(views[start:end])))
+        start = end
+    return head(torch.cat(features))
+
+
+def linear_ramp(step: int, ramp_steps: int, start: float, end: float) -> float:
+    """``start`` at step 0 moving linearly to ``end`` at ``ramp_steps``, then constant."""
+    return end if step >= ramp_steps else start + (end - start) * step / ramp_steps
+
+
+class BAM(nn.Module):
+    """``z = g(f(x))`` for all V views; ``loss = BAMLoss(z, z_teacher)``; EMA teacher update.
+
+    * The teacher (official ``StudentTeacherWrapper``) is a copy of backbone and projector,
+      ``theta_t <- m theta_t + (1 - m) theta_s`` with ``m`` from ``teacher_momentum`` to 1 on
+      a cosine over the run. It processes all V views, so that Sinkhorn balances over every
+      view's row. The official code updates the teacher before each forward with ``m[t]``; we
+      update it after each optimiser step with ``m[t]``, the same sequence shifted by one step.
+    * Without a teacher (``teacher=false``) the targets are the student's own similarities.
+    * ``sinkhorn_eps`` ramps linearly to ``sinkhorn_eps_end`` over
+      ``sinkhorn_eps_warmup_epochs`` (the official schedule steps once per epoch; ours per step).
+    * The evaluated and exported backbone is the teacher's when there is one, as the official
+      k-NN evaluation does.
+    """
+
+    def __init__(self, backbone: nn.Module, cfg, n_global: int, n_local: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.projector = MLPProjector(backbone.embed_dim, cfg.projector_hidden,
+                                      cfg.projector_out, cfg.projector_layers)
+        self.criterion = BAMLoss(
+            n_views=n_global + n_local, n_global_views=n_global, temperature=cfg.temperature,
+            sinkhorn_eps=cfg.sinkhorn_eps, sinkhorn_iters=cfg.sinkhorn_iters,
+            positive_masking=cfg.positive_masking, top_k=cfg.top_k,
+            normalization=cfg.normalization, blockwise=cfg.blockwise,
+            block_images=cfg.block_images,
+        )
+        self.teacher = (make_teacher(nn.ModuleDict({"backbone": backbone, "projector": self.projector}))
+                        if cfg.teacher else None)
+        self.momentum = cfg.teacher_momentum
+
+    @property
+    def evaluation_backbone(self) -> nn.Module:
+        use_teacher = self.teacher is not None and self.cfg.eval_backbone != "student"
+        return self.teacher["backbone"] if use_teacher else self.backbone
+
+    def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        cfg = self.cfg
+        end = cfg.sinkhorn_eps if cfg.sinkhorn_eps_end is None else cfg.sinkhorn_eps_end
+        ramp = round(cfg.sinkhorn_eps_warmup_epochs * steps_per_epoch)
+        self.criterion.sinkhorn_eps = linear_ramp(step, ramp, cfg.sinkhorn_eps, end)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self.teacher is None:
+            return
+        self.momentum = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
+        online = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
+        ema_update(self.teacher, online, self.momentum)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        z = multicrop_forward(self.backbone, self.projector, views)
+        z_teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                z_teacher = multicrop_forward(self.teacher["backbone"],
+                                              self.teacher["projector"], views)
+        loss = self.criterion(z, z_teacher)
+        out = self.criterion.last_output
+        batch = views[0].shape[0]
+        with torch.no_grad():
+            first_view = z[:batch]
+            stats = {
+                "source_entropy": out.source_entropy,
+                "target_entropy": out.target_entropy,
+                "embedding_std": embedding_std(first_view),
+                "effective_rank": effective_rank(first_view),
+                "sinkhorn_eps": torch.tensor(self.criterion.sinkhorn_eps),
+                "teacher_momentum": torch.tensor(self.momentum),
+            }
+        return {"loss": loss, **stats}

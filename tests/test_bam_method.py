@@ -1,0 +1,100 @@
+"""The BAM method: multi-crop forward, EMA teacher, schedules, and one real step."""
+
+import pytest
+import torch
+
+from attnssl.config import ConfigError, load_config
+from attnssl.data.datasets import make_synthetic
+from attnssl.data.views import MultiCropViews
+from attnssl.methods import build_method, evaluation_backbone, evaluation_backbone_prefix
+from attnssl.methods.bam import linear_ramp, multicrop_forward
+from attnssl.nn.vit import build_vit
+from attnssl.train.schedules import cosine
+from attnssl.train.trainer import backbone_from_method_state
+
+
+def _bam(*overrides):
+    config = load_config("bam_synthetic", list(overrides))
+    torch.manual_seed(0)
+    backbone = build_vit(config.model, 32, 3)
+    return config, build_method(config, backbone)
+
+
+def _views(config, batch=8):
+    images, _, _ = make_synthetic(batch, 32, seed=1)
+    views = MultiCropViews(config.views, 32, 3, [0.5] * 3, [0.25] * 3, seed=0)
+    return views(images)
+
+
+def test_multicrop_forward_equals_one_view_at_a_time():
+    config, method = _bam()
+    views = _views(config)
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
+    with torch.no_grad():
+        joint = multicrop_forward(method.backbone, method.projector, views)
+        single = torch.cat([method.projector(method.backbone(v)) for v in views])
+    assert torch.allclose(joint, single, atol=1e-5)
+
+
+def test_step_trains_the_student_and_not_the_teacher():
+    config, method = _bam()
+    out = method(_views(config))
+    assert torch.isfinite(out["loss"])
+    for key in ("source_entropy", "target_entropy", "embedding_std", "effective_rank"):
+        assert torch.isfinite(out[key]), key
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in method.named_parameters() if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+
+
+def test_teacher_follows_the_ema_formula():
+    config, method = _bam("method.teacher_momentum=0.9")
+    student = dict(method.backbone.named_parameters())
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    before = {n: p.clone() for n, p in method.teacher["backbone"].named_parameters()}
+    method.after_step(step=5, total_steps=20)
+    m = cosine(5, 20, 0.9, 1.0)
+    assert method.momentum == pytest.approx(m)
+    for name, p in method.teacher["backbone"].named_parameters():
+        assert torch.allclose(p, m * before[name] + (1 - m) * student[name], atol=1e-6)
+
+
+def test_sinkhorn_eps_follows_its_schedule():
+    _, method = _bam("method.sinkhorn_eps=0.1", "method.sinkhorn_eps_end=0.05",
+                     "method.sinkhorn_eps_warmup_epochs=2")
+    method.before_step(step=5, steps_per_epoch=10, total_steps=100)
+    assert method.criterion.sinkhorn_eps == pytest.approx(0.1 - 0.05 * 5 / 20)
+    method.before_step(step=50, steps_per_epoch=10, total_steps=100)
+    assert method.criterion.sinkhorn_eps == pytest.approx(0.05)
+    assert linear_ramp(0, 0, 1.0, 2.0) == 2.0
+
+
+def test_without_teacher_the_student_is_evaluated():
+    config, method = _bam("method.teacher=false")
+    assert method.teacher is None
+    out = method(_views(config))
+    assert torch.isfinite(out["loss"])
+    assert evaluation_backbone(method) is method.backbone
+    assert evaluation_backbone_prefix(config.method) == "backbone."
+
+
+def test_evaluated_backbone_is_the_teachers_and_loads_from_the_state_dict():
+    config, method = _bam()
+    assert evaluation_backbone(method) is method.teacher["backbone"]
+    weights = backbone_from_method_state(method.state_dict(), evaluation_backbone_prefix(config.method))
+    fresh = build_vit(config.model, 32, 3)
+    fresh.load_state_dict(weights)
+    student_cfg = load_config("bam_synthetic", ["method.eval_backbone=student"])
+    assert evaluation_backbone_prefix(student_cfg.method) == "backbone."
+
+
+def test_bad_bam_settings_are_named():
+    with pytest.raises(ConfigError, match="eval_backbone=teacher needs teacher=true"):
+        load_config("bam_synthetic", ["method.teacher=false", "method.eval_backbone=teacher"])
+    with pytest.raises(ConfigError, match="sinkhorn_iter"):
+        load_config("bam_synthetic", ["method.sinkhorn_iter=3"])
+    with pytest.raises(ConfigError, match="normalization"):
+        load_config("bam_synthetic", ["method.normalization=batch"])
