@@ -23,6 +23,7 @@ test: setup lint
 bench:
 	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data
 	$(PY) benchmarks/views_throughput.py
+	$(PY) benchmarks/b3_bam_memory.py --readme
 	$(PY) benchmarks/b1_pretrain.py --readme $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 clean:

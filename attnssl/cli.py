@@ -10,7 +10,7 @@ import sys
 from attnssl.config import ConfigError, check_resume_overrides, load_config, preset_names
 from attnssl.data.datasets import DatasetNotFoundError
 
-DEFAULT_PRESET = "simclr_fashion_mnist"
+DEFAULT_PRESET = "bam_fashion_mnist"
 USER_ERRORS = (
     ConfigError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError,
     pickle.UnpicklingError,

@@ -205,7 +205,7 @@ class Config(_Section):
     data: DataSection = DataSection()
     views: ViewsSection = ViewsSection()
     model: ModelSection = ModelSection()
-    method: MethodSection = SimCLRSection()
+    method: MethodSection = BAMSection()
     optim: OptimSection = OptimSection()
     trainer: TrainerSection = TrainerSection()
     eval: EvalSection = EvalSection()
@@ -261,7 +261,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _section_class(raw: dict, section: str) -> type[BaseModel] | None:
     if section == "method":
-        name = (raw.get("method") or {}).get("name", "simclr")
+        name = (raw.get("method") or {}).get("name", "bam")
         return METHODS.get(name)
     return SECTIONS.get(section)
 
@@ -282,7 +282,7 @@ def _check_keys(raw: dict) -> None:
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys to values")
-        if section == "method" and body.get("name", "simclr") not in METHODS:
+        if section == "method" and body.get("name", "bam") not in METHODS:
             raise ConfigError(
                 f"unknown method.name {body.get('name')!r}; accepted: {', '.join(METHODS)}"
             )

@@ -4,12 +4,15 @@ from attnssl.config import ConfigError, load_config, preset_names
 
 
 def test_presets_load_and_overrides_apply():
-    assert {"simclr_fashion_mnist", "simclr_synthetic", "demo_fashion_mnist"} <= set(preset_names())
+    assert {"bam_fashion_mnist", "bam_synthetic", "simclr_fashion_mnist", "simclr_synthetic",
+            "demo_fashion_mnist"} <= set(preset_names())
     cfg = load_config("simclr_fashion_mnist", ["optim.lr=3e-4", "views.global_scale=[0.2, 1.0]",
                                                "trainer.precision=bf16-mixed"])
     assert cfg.optim.lr == 3e-4 and cfg.views.global_scale == (0.2, 1.0)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.method.name == "simclr"
-    assert load_config(None, ["trainer.precision=32"]).trainer.precision == "32"
+    default = load_config(None, ["trainer.precision=32"])
+    assert default.trainer.precision == "32" and default.method.name == "bam"
+    assert load_config("demo_fashion_mnist").method.name == "bam"
 
 
 def test_unknown_key_names_it_and_suggests():

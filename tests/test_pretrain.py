@@ -108,7 +108,8 @@ def test_batch_larger_than_dataset_is_named(tmp_path, capsys):
     assert "optim.batch_size=1024 is larger than the dataset (256 images)" in capsys.readouterr().err
 
 
-def test_two_process_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic"])
+def test_two_process_run_resumes_to_the_same_weights(tmp_path, preset):
     """Real gloo processes launched by Fabric; each restores its own RNG and view state."""
     two = ["trainer.accelerator=cpu", "trainer.devices=2", "eval.at_end=false"]
 
@@ -117,7 +118,7 @@ def test_two_process_run_resumes_to_the_same_weights(tmp_path):
         done = subprocess.run(args, timeout=300, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    common = ["-c", "simclr_synthetic", f"run.out_dir={tmp_path}", *TINY, *two]
+    common = ["-c", preset, f"run.out_dir={tmp_path}", *TINY, *two]
     cli(*common, "run.name=straight")
     cli(*common, "run.name=interrupted", "trainer.max_steps=5")
     cli("--resume", str(tmp_path / "interrupted"), "trainer.max_steps=null")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,15 @@ def test_bad_model_settings_are_named():
         build_vit(ModelSection(preset="vit_tiny_p4", patch_size=8), 28, 1)
     with pytest.raises(ValueError, match="divisible by model.num_heads=3"):
         build_vit(ModelSection(preset="vit_tiny_p4", num_heads=3), 28, 1)
+
+
+def test_moco_weight_init_is_selectable():
+    """BAM's official ViT uses timm's MoCo v3 initialisation: qkv uniform per Q, K and V."""
+    torch.manual_seed(0)
+    default = build_vit(ModelSection(), 28, 1)
+    torch.manual_seed(0)
+    moco = build_vit(ModelSection(weight_init="moco"), 28, 1)
+    qkv = moco.blocks[0].attn.qkv.weight
+    bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    assert default.blocks[0].attn.qkv.weight.std() < 0.03 < qkv.std()
