@@ -121,7 +121,9 @@ class SimCLRSection(_Section):
 
 
 class BAMSection(_Section):
-    """BAM (Shalam & Korman 2024). Defaults are the official ViT scripts' (DanielShalam/BAM)."""
+    """BAM (Shalam & Korman 2024). Defaults are the official code's (DanielShalam/BAM): its
+    ViT scripts' settings, except ``top_k`` (off here and in its code's defaults; 128 in its
+    scripts)."""
 
     name: Literal["bam"] = "bam"
     temperature: float = Field(0.1, gt=0, description="source attention softmax temperature")

@@ -81,6 +81,10 @@ def sinkhorn(scores: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | 
 
     ``distributed`` all-reduces the maximum and the sums (global normalisation, the paper's);
     without it each process balances its own rows alone.
+
+    The two marginals are not consistent (each column has V masked entries, not G); as in the
+    official code this is harmless: a constant factor on either marginal scales the column
+    vector ``b`` of ``Q = diag(a) K diag(b)`` and cancels in the final row normalisation.
     """
     world = world_size() if distributed else 1
     logits = _masked_logits(scores, eps, mask)
@@ -98,7 +102,9 @@ def sinkhorn(scores: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | 
 def keep_top_k(targets: torch.Tensor, n_targets: int, k: int) -> torch.Tensor:
     """Keep, for each image, the k columns largest in the mean of its G target rows; rows sum 1.
 
-    The official ``keep_top_values`` (enabled there by ``--top_k_sink``, 128 in the ViT scripts).
+    The official ``keep_top_values`` (``--top_k_sink``, 128 in the ViT scripts). At the
+    official HEAD the loss tests an attribute ``masking_fn`` that its constructor no longer sets
+    (so every call fails); we follow the earlier code's evident intent: top-k when ``k > 0``.
     ``targets`` is ``(G*B, N)`` view-major.
     """
     batch = targets.shape[0] // n_targets
@@ -143,7 +149,11 @@ def entropy(prob: torch.Tensor, log_prob: torch.Tensor | None = None) -> torch.T
 
 @dataclass(frozen=True)
 class BAMSpec:
-    """Everything that defines the loss besides the embeddings."""
+    """Everything that defines the loss besides the embeddings.
+
+    The official code's ``n_tgt_crops`` (views whose rows are targets) is tied to the number of
+    global views here: its scripts set both to 2.
+    """
 
     n_views: int
     n_targets: int

@@ -15,10 +15,10 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(z: torch.Tensor) -> torch.Tensor:
-    """``exp(H(p))`` with ``p = sigma / sum(sigma)`` over the singular values of ``z``.
+    """``exp(H(p))`` with ``p = sigma / sum(sigma)`` over the singular values of L2-normalised ``z``.
 
     Roy & Vetterli (2007): 1 for a rank-one batch, ``min(n, D)`` for equal singular values.
     """
-    sigma = torch.linalg.svdvals(z.float())
+    sigma = torch.linalg.svdvals(F.normalize(z.float(), dim=-1))
     p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny)
     return torch.exp(-(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum())

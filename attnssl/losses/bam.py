@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -40,13 +41,17 @@ class BAMLoss(nn.Module):
       views, the source is ``z C_t^T`` and the target is Sinkhorn over ``z_t C_t^T``.
     * Without (the official ``BAMLoss``): the columns are the student's own global views and
       carry gradient; the target is Sinkhorn over the same similarities, without gradient.
+      (At the official HEAD this path cannot be built: ``build_from_args`` passes an unknown
+      ``ot_reg`` argument; ours follows its ``compute_loss``.)
 
     ``normalization="global"`` (the paper's) gathers the columns from every process and
     all-reduces Sinkhorn's maximum and sums, so W processes compute exactly one process's loss
     on the global batch; ``"local"`` balances each process's batch alone (the ablation).
     ``blockwise`` ("auto", True, False) picks :func:`bam_loss_blockwise`, automatically once a
     ``(V*B) x N`` matrix exceeds ``BLOCKWISE_AUTO_ENTRIES`` entries. The loss is computed in
-    float32 (autocast off) whatever the precision of the embeddings.
+    float32 (autocast off) whatever the precision of the embeddings; the official code runs it
+    under fp16 autocast, which rounds the similarities before they are divided by eps.
+    ``"local"`` on a single process is the same as ``"global"`` (a warning says so).
 
     ``sinkhorn_eps`` may be changed between steps (the method's schedule sets it);
     ``last_output`` holds the loss and the source and target entropies of the last call.
@@ -74,6 +79,7 @@ class BAMLoss(nn.Module):
         self.normalization, self.blockwise, self.block_images = (
             normalization, blockwise, block_images)
         self.last_output: BAMOutput | None = None
+        self._warned_local = False
 
     def spec(self) -> BAMSpec:
         distributed = self.normalization == "global" and world_size() > 1
@@ -87,6 +93,10 @@ class BAMLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec()
+        if self.normalization == "local" and world_size() == 1 and not self._warned_local:
+            warnings.warn("BAM normalization='local' with one process is the same as 'global'",
+                          stacklevel=2)
+            self._warned_local = True
         if student.shape[0] % self.n_views:
             raise ValueError(f"student has {student.shape[0]} rows, not a multiple of "
                              f"n_views={self.n_views}")

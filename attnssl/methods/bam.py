@@ -76,6 +76,7 @@ class BAM(nn.Module):
 
     def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         cfg = self.cfg
+        self.momentum = cosine(step, total_steps, cfg.teacher_momentum, 1.0)
         end = cfg.sinkhorn_eps if cfg.sinkhorn_eps_end is None else cfg.sinkhorn_eps_end
         ramp = round(cfg.sinkhorn_eps_warmup_epochs * steps_per_epoch)
         self.criterion.sinkhorn_eps = linear_ramp(step, ramp, cfg.sinkhorn_eps, end)
@@ -98,7 +99,7 @@ class BAM(nn.Module):
         out = self.criterion.last_output
         batch = views[0].shape[0]
         with torch.no_grad():
-            first_view = z[:batch]
+            first_view = z[:batch]  # this process's images only
             stats = {
                 "source_entropy": out.source_entropy,
                 "target_entropy": out.target_entropy,
