@@ -77,6 +77,14 @@ def reference_bam(student, teacher, n_views, n_targets, tau, eps, iters, masking
     return loss
 
 
+def _embeddings(seed, n_views, batch, dim, use_teacher):
+    """Random float64 student (and teacher) embeddings, ``(n_views * batch, dim)``."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64)
+    teacher = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64) if use_teacher else None
+    return student, teacher
+
+
 CASES = [
     # teacher, masking, top_k
     (False, True, 0),
@@ -90,10 +98,8 @@ CASES = [
 
 @pytest.mark.parametrize("use_teacher,masking,top_k", CASES)
 def test_loss_and_gradients_match_the_loop_reference(use_teacher, masking, top_k):
-    g = torch.Generator().manual_seed(1)
     n_views, n_targets, batch, dim = 3, 2, 4, 5
-    student = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64)
-    teacher = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64) if use_teacher else None
+    student, teacher = _embeddings(1, n_views, batch, dim, use_teacher)
     kwargs = dict(temperature=0.1, sinkhorn_eps=0.05, sinkhorn_iters=3, positive_masking=masking,
                   top_k=top_k)
 
@@ -179,10 +185,8 @@ def test_top_k_keeps_k_shared_columns_per_image():
 
 @pytest.mark.parametrize("use_teacher,masking,top_k", CASES)
 def test_blockwise_equals_full(use_teacher, masking, top_k):
-    g = torch.Generator().manual_seed(6)
     n_views, n_targets, batch, dim = 4, 2, 10, 6
-    student = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64)
-    teacher = torch.randn(n_views * batch, dim, generator=g, dtype=torch.float64) if use_teacher else None
+    student, teacher = _embeddings(6, n_views, batch, dim, use_teacher)
     results = []
     for blockwise, block in ((False, None), (True, 3), (True, 1)):
         z = student.clone().requires_grad_(True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from attnssl.methods.bam import BAM
+from attnssl.methods.bam import BAM, evaluates_teacher
 from attnssl.methods.simclr import SimCLR
 
 
@@ -35,7 +35,7 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
 
 def evaluation_backbone_prefix(method_cfg) -> str:
     """Where the evaluated backbone's weights sit in a method's state dict."""
-    if method_cfg.name == "bam" and method_cfg.teacher and method_cfg.eval_backbone != "student":
+    if method_cfg.name == "bam" and evaluates_teacher(method_cfg):
         return "teacher.backbone."
     return "backbone."
 

@@ -32,6 +32,11 @@ def multicrop_forward(backbone: nn.Module, head: nn.Module,
     return head(torch.cat(features))
 
 
+def evaluates_teacher(cfg) -> bool:
+    """Whether the teacher's backbone is the one evaluated and exported."""
+    return cfg.teacher and cfg.eval_backbone != "student"
+
+
 def linear_ramp(step: int, ramp_steps: int, start: float, end: float) -> float:
     """``start`` at step 0 moving linearly to ``end`` at ``ramp_steps``, then constant."""
     return end if step >= ramp_steps else start + (end - start) * step / ramp_steps
@@ -71,8 +76,7 @@ class BAM(nn.Module):
 
     @property
     def evaluation_backbone(self) -> nn.Module:
-        use_teacher = self.teacher is not None and self.cfg.eval_backbone != "student"
-        return self.teacher["backbone"] if use_teacher else self.backbone
+        return self.teacher["backbone"] if evaluates_teacher(self.cfg) else self.backbone
 
     def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         cfg = self.cfg

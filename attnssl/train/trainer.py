@@ -86,13 +86,16 @@ def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; accepted: adamw, sgd")
 
 
-def _check_view_sizes(views: MultiCropViews, patch: int) -> None:
-    for kind, size in (("global", views.specs[0].size), ("local", views.specs[-1].size)):
-        if size % patch:
-            raise ConfigError(
-                f"views.{kind}_size is {size}, not a multiple of the patch size {patch}; "
-                f"set views.{kind}_size to one (e.g. {max(patch, round(size / patch) * patch)})"
-            )
+def _check_local_view_size(views: MultiCropViews, patch: int) -> None:
+    """Local crops must tile into patches (``build_vit`` checks the global size)."""
+    if views.cfg.local_crops == 0:
+        return
+    size = views.specs[-1].size
+    if size % patch:
+        raise ConfigError(
+            f"views.local_size is {size}, not a multiple of the patch size {patch}; "
+            f"set views.local_size to one (e.g. {max(patch, round(size / patch) * patch)})"
+        )
 
 
 def machine_description() -> dict:
@@ -203,7 +206,7 @@ class Pretrainer:
         torch.manual_seed(config.run.seed)  # same initial weights as the random-init floor
         backbone = build_vit(config.model, backbone_image_size(config, self.train_set),
                              self.train_set.channels)
-        _check_view_sizes(self.views, backbone.patch_embed.patch_size[0])
+        _check_local_view_size(self.views, backbone.patch_embed.patch_size[0])
         method = build_method(config, backbone)
         if self.world > 1 and fabric.device.type == "cuda":
             # one batch norm over the global batch, as SimCLR's; torch has no CPU version
