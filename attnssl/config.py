@@ -28,7 +28,7 @@ Precision = Annotated[
     Literal["32", "bf16-mixed", "16-mixed"],
     BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v),
 ]
-FeatureKind = Literal["cls", "mean", "cls+mean"]
+FeatureKind = Literal["cls", "mean", "cls+mean", "cls_plus", "cls+cls_plus"]
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,8 @@ class ModelSection(_Section):
         "xavier, as BAM's official code), jax")
     drop_path: float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
+    class_tokens: int | None = Field(
+        None, ge=1, le=2, description="class tokens (null: what the method needs, 2 for udi)")
 
 
 class SimCLRSection(_Section):
@@ -152,7 +154,48 @@ class BAMSection(_Section):
         return self
 
 
-MethodSection = Annotated[SimCLRSection | BAMSection, Field(discriminator="name")]
+class _DistillationSection(_Section):
+    """What DINO and UDI share. Defaults are the official UDI code's (QingSuML/udi), which
+    are DINO's ViT-S/16 recipe; DINO's own code defaults to a constant teacher temperature of
+    0.04 (``warmup_teacher_temp_epochs=0``)."""
+
+    out_dim: int = Field(65536, gt=0, description="head outputs K (prototypes)")
+    head_hidden: int = Field(2048, gt=0)
+    head_bottleneck: int = Field(256, gt=0)
+    head_layers: int = Field(3, ge=1)
+    head_batchnorm: bool = False
+    norm_last_layer: bool = Field(True, description="fix the last layer's weight-norm scales at 1")
+    freeze_last_layer_epochs: float = Field(1.0, ge=0, description="drop its gradients meanwhile")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.07, gt=0, description="teacher temperature after the warm-up")
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    teacher_momentum: float = Field(0.996, ge=0, le=1, description="EMA momentum, cosine to 1")
+
+
+class DINOSection(_DistillationSection):
+    """DINO (Caron et al. 2021, facebookresearch/dino)."""
+
+    name: Literal["dino"] = "dino"
+
+
+class UDISection(_DistillationSection):
+    """UDI (Su & Ji 2024, QingSuML/udi): two class tokens, stratified patch sampling,
+    multimodal targets. Windows of stratified sampling: ``sampling_window_global`` on the
+    global views' patch grid (3 on 14x14), ``sampling_window_local`` on the local views' (2 on
+    6x6)."""
+
+    name: Literal["udi"] = "udi"
+    alpha: float = Field(0.5, ge=0, le=1, description="patch share of the multimodal target")
+    sampling_window_global: int = Field(3, gt=0)
+    sampling_window_local: int = Field(2, gt=0)
+    patch_attention_heads: int | None = Field(
+        None, gt=0, description="heads of the patch-representation layer (null: the backbone's)")
+
+
+MethodSection = Annotated[SimCLRSection | BAMSection | DINOSection | UDISection,
+                          Field(discriminator="name")]
 
 
 class OptimSection(_Section):
@@ -212,6 +255,18 @@ class Config(_Section):
     trainer: TrainerSection = TrainerSection()
     eval: EvalSection = EvalSection()
 
+    @model_validator(mode="after")
+    def _check_class_tokens(self) -> Config:
+        needed = 2 if self.method.name == "udi" else 1
+        if self.model.class_tokens is None:
+            self.model.class_tokens = needed
+        elif self.method.name == "udi" and self.model.class_tokens != 2:
+            raise ValueError("method udi needs model.class_tokens=2 (cls and cls+)")
+        if self.eval.features in ("cls_plus", "cls+cls_plus") and self.model.class_tokens < 2:
+            raise ValueError(f"eval.features={self.eval.features} needs a second class token "
+                             f"(model.class_tokens=2, as method udi has)")
+        return self
+
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "run": RunSection,
@@ -222,7 +277,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "trainer": TrainerSection,
     "eval": EvalSection,
 }
-METHODS: dict[str, type[BaseModel]] = {"simclr": SimCLRSection, "bam": BAMSection}
+METHODS: dict[str, type[BaseModel]] = {
+    "simclr": SimCLRSection, "bam": BAMSection, "dino": DINOSection, "udi": UDISection,
+}
 
 
 def preset_names() -> list[str]:

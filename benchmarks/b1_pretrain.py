@@ -23,10 +23,15 @@ from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
+from attnssl.eval.evaluate import backbone_image_size, evaluate_features, load_eval_splits
 from attnssl.eval.knn import knn_accuracy
+from attnssl.nn.vit import build_vit
 from attnssl.train.trainer import machine_description, pretrain
 
-PRESETS = {"bam": "bam_fashion_mnist", "simclr": "simclr_fashion_mnist"}
+PRESETS = {"bam": "bam_fashion_mnist", "dino": "dino_fashion_mnist", "udi": "udi_fashion_mnist",
+           "simclr": "simclr_fashion_mnist"}
+# UDI has two class tokens: which one to evaluate is a choice (its official k-NN takes cls)
+EXTRA_FEATURES = {"udi": ("cls_plus", "cls+cls_plus")}
 
 
 def raw_pixel_knn(k: int = 20, temperature: float = 0.07, data_root: str | None = None) -> float:
@@ -46,15 +51,37 @@ def run_row(method: str, precision: str, args, out_dir: Path) -> dict:
         overrides.append(f"data.subset={args.subset}")
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    metrics = pretrain(load_config(PRESETS[method], overrides))
+    config = load_config(PRESETS[method], overrides)
+    metrics = pretrain(config)
     ev = metrics["eval"]
-    return {
+    row = {
         "method": method, "precision": precision, "epochs": args.epochs,
         "train_images": args.subset or 60000, "knn_top1": ev["knn_top1"],
         "linear_top1": ev["linear_top1"], "knn_top1_random_init": ev["knn_top1_random_init"],
         "images_per_second": metrics["images_per_second"],
         "train_minutes": metrics["train_seconds"] / 60, "run_dir": metrics["run_dir"],
     }
+    if method in EXTRA_FEATURES:
+        row["knn_top1_by_features"] = {
+            config.eval.features: ev["knn_top1"],
+            **knn_by_features(Path(metrics["run_dir"]), config, EXTRA_FEATURES[method]),
+        }
+    return row
+
+
+def knn_by_features(run_dir: Path, config, kinds) -> dict[str, float]:
+    """k-NN of the run's exported backbone with other feature kinds."""
+    from safetensors.torch import load_file
+
+    train, test = load_eval_splits(config)
+    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
+    backbone.load_state_dict(load_file(str(run_dir / "backbone.safetensors")))
+    scores = {}
+    for kind in kinds:
+        kind_config = config.model_copy(
+            update={"eval": config.eval.model_copy(update={"features": kind})})
+        scores[kind] = evaluate_features(backbone, kind_config, train, test, linear=False)["knn_top1"]
+    return scores
 
 
 def table(rows: list[dict], raw_pixels: float) -> str:
@@ -71,6 +98,10 @@ def table(rows: list[dict], raw_pixels: float) -> str:
             f"{r['images_per_second']:.0f} | {r['train_minutes']:.1f} | {verdict} |"
         )
     lines.append(f"| raw pixels (floor) | - | - | {raw_pixels:.2f} | - | - | - | - | - |")
+    for r in rows:
+        if "knn_top1_by_features" in r:
+            scores = ", ".join(f"`{k}` {v:.2f}" for k, v in r["knn_top1_by_features"].items())
+            lines.append(f"\n{r['method']} ({r['precision']}) k-NN by evaluated token: {scores}.")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from attnssl.config import ConfigError, load_config, preset_names
 
 def test_presets_load_and_overrides_apply():
     assert {"bam_fashion_mnist", "bam_synthetic", "simclr_fashion_mnist", "simclr_synthetic",
-            "demo_fashion_mnist"} <= set(preset_names())
+            "demo_fashion_mnist", "dino_synthetic", "udi_synthetic"} <= set(preset_names())
     cfg = load_config("simclr_fashion_mnist", ["optim.lr=3e-4", "views.global_scale=[0.2, 1.0]",
                                                "trainer.precision=bf16-mixed"])
     assert cfg.optim.lr == 3e-4 and cfg.views.global_scale == (0.2, 1.0)

@@ -1,4 +1,5 @@
-"""Real 2-process gloo runs: NT-Xent across processes equals one process on the global batch."""
+"""Real 2-process gloo runs: NT-Xent, BAM and DINO across processes equal one process on the
+global batch."""
 
 import os
 import socket
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from attnssl.losses import BAMLoss, NTXentLoss
+from attnssl.losses import BAMLoss, DINOLoss, NTXentLoss
 
 
 def _free_port() -> int:
@@ -157,3 +158,57 @@ def test_two_process_bam_local_normalisation_is_per_process(bam_runs):
         z_global = _to_global(students, batch)
         global_loss = _bam(True, False)(z_global, _to_global(teachers, batch))
         assert not torch.allclose(got["loss"].mean(), global_loss)
+
+
+# --------------------------------------------------------------------------- DINO
+
+DINO_VIEWS, DINO_GLOBAL, DINO_DIM = 4, 2, 6
+
+
+def _dino_inputs(world: int, batch: int):
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(world, DINO_VIEWS * batch, DINO_DIM, generator=g, dtype=torch.float64),
+            torch.randn(world, DINO_GLOBAL * batch, DINO_DIM, generator=g, dtype=torch.float64))
+
+
+def _dino_loss() -> DINOLoss:
+    return DINOLoss(DINO_DIM, DINO_VIEWS, DINO_GLOBAL, teacher_temp=0.05,
+                    center_momentum=0.7).double()
+
+
+def _dino_worker(rank: int, world: int, port: int, batch: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        students, teachers = _dino_inputs(world, batch)
+        local = students[rank].clone().requires_grad_(True)
+        criterion = _dino_loss()
+        loss = criterion(local, teachers[rank])
+        loss.backward()
+        losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(losses, loss.detach())
+        torch.save({"loss": torch.stack(losses), "grad": local.grad / world,
+                    "center": criterion.center}, os.path.join(out_dir, f"dino{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_dino_equals_one_process(tmp_path):
+    """Per-image losses average over processes; the centre is all-reduced to the global mean."""
+    world, batch = 2, 3
+    mp.spawn(_dino_worker, args=(world, _free_port(), batch, str(tmp_path)), nprocs=world)
+    students, teachers = _dino_inputs(world, batch)
+
+    def to_global(blocks, views):
+        return blocks.view(world, views, batch, -1).transpose(0, 1).reshape(-1, DINO_DIM)
+
+    z = to_global(students, DINO_VIEWS).requires_grad_(True)
+    criterion = _dino_loss()
+    loss = criterion(z, to_global(teachers, DINO_GLOBAL))
+    loss.backward()
+    grads = z.grad.view(DINO_VIEWS, world, batch, -1).transpose(0, 1).reshape(world, -1, DINO_DIM)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"dino{rank}.pt", weights_only=True)
+        assert torch.allclose(out["loss"].mean(), loss.detach(), rtol=1e-10)
+        assert torch.allclose(out["grad"], grads[rank], rtol=1e-8, atol=1e-12)
+        assert torch.allclose(out["center"], criterion.center, rtol=1e-10)

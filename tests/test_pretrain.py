@@ -50,9 +50,11 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert written["knn_top1"] == pytest.approx(ev["knn_top1"])
 
 
-@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic"])
+@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic", "dino_synthetic",
+                                    "udi_synthetic"])
 def test_resumed_run_ends_with_the_same_weights(tmp_path, preset):
-    """BAM's run also carries the EMA teacher, local crops and the Sinkhorn eps schedule."""
+    """BAM, DINO and UDI runs also carry an EMA teacher, local crops and schedules; DINO's and
+    UDI's their centres and frozen last layer (epoch 0); UDI's its patch samples."""
     assert run_cli(tmp_path, "straight", "eval.at_end=false", preset=preset) == 0
     # sessions of at most 5 steps: stop mid-epoch 0 (checkpoints at 3 and 5), go on to 10 (past
     # the epoch end at 8), then lift the limit and finish
@@ -108,7 +110,7 @@ def test_batch_larger_than_dataset_is_named(tmp_path, capsys):
     assert "optim.batch_size=1024 is larger than the dataset (256 images)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic"])
+@pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic", "udi_synthetic"])
 def test_two_process_run_resumes_to_the_same_weights(tmp_path, preset):
     """Real gloo processes launched by Fabric; each restores its own RNG and view state."""
     two = ["trainer.accelerator=cpu", "trainer.devices=2", "eval.at_end=false"]

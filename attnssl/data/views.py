@@ -219,14 +219,22 @@ class MultiCropViews:
             x = _where(self._bernoulli(batch, spec.solarize_prob), solarize(x), x)
         return x
 
+    def _crop_boxes(self, index: int, batch: int, image_size: int, spec: ViewSpec) -> torch.Tensor:
+        """View ``index``'s crop boxes; earlier views' boxes are in ``self.last_boxes``."""
+        return sample_crop_boxes(batch, image_size, spec.scale, self.generator)
+
+    def extra_inputs(self) -> dict:
+        """What the method needs besides the views, for the last batch (nothing here)."""
+        return {}
+
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected images (B, {self.channels}, H, W), got {tuple(images.shape)}")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         batch, size = x.shape[0], x.shape[-1]
         views, self.last_boxes = [], []
-        for spec in self.specs:
-            boxes = sample_crop_boxes(batch, size, spec.scale, self.generator)
+        for index, spec in enumerate(self.specs):
+            boxes = self._crop_boxes(index, batch, size, spec)
             flipped = self._bernoulli(batch, self.cfg.hflip_prob)
             view = self._colour(crop_resize(x, boxes, flipped, spec.size), spec)
             views.append((view - self.mean) / self.std)

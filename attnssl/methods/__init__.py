@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from attnssl.data.udi_views import UDIViews
+from attnssl.data.views import MultiCropViews
 from attnssl.methods.bam import BAM, evaluates_teacher
+from attnssl.methods.dino import DINO
 from attnssl.methods.simclr import SimCLR
+from attnssl.methods.udi import UDI
 
 
 def build_method(config, backbone: nn.Module) -> nn.Module:
@@ -30,12 +34,29 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
             raise ValueError("bam needs at least 2 views: raise views.global_crops or "
                              "views.local_crops")
         return BAM(backbone, method_cfg, views.global_crops, views.local_crops)
-    raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr, bam")
+    if method_cfg.name in ("dino", "udi"):
+        if views.global_crops + views.local_crops < 2:
+            raise ValueError(f"{method_cfg.name} needs at least 2 views: raise "
+                             f"views.global_crops or views.local_crops")
+        cls = DINO if method_cfg.name == "dino" else UDI
+        return cls(backbone, method_cfg, views.global_crops, views.local_crops)
+    raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr, bam, dino, udi")
+
+
+def build_views(config, image_size: int, channels: int, mean, std, patch_size: int,
+                seed: int) -> MultiCropViews:
+    """The method's view maker: UDI's tracks its crops and samples patches; the rest share one."""
+    if config.method.name == "udi":
+        m = config.method
+        return UDIViews(config.views, image_size, channels, mean, std, patch_size,
+                        m.sampling_window_global, m.sampling_window_local, seed)
+    return MultiCropViews(config.views, image_size, channels, mean, std, seed)
 
 
 def evaluation_backbone_prefix(method_cfg) -> str:
     """Where the evaluated backbone's weights sit in a method's state dict."""
-    if method_cfg.name == "bam" and evaluates_teacher(method_cfg):
+    if method_cfg.name in ("dino", "udi") or (
+            method_cfg.name == "bam" and evaluates_teacher(method_cfg)):
         return "teacher.backbone."
     return "backbone."
 
@@ -44,4 +65,5 @@ def evaluation_backbone(method: nn.Module) -> nn.Module:
     return getattr(method, "evaluation_backbone", method.backbone)
 
 
-__all__ = ["BAM", "SimCLR", "build_method", "evaluation_backbone", "evaluation_backbone_prefix"]
+__all__ = ["BAM", "DINO", "UDI", "SimCLR", "build_method", "build_views", "evaluation_backbone",
+           "evaluation_backbone_prefix"]

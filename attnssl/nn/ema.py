@@ -9,10 +9,17 @@ import torch.nn as nn
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student`` (no gradients), to be updated by :func:`ema_update`."""
+    """A frozen copy of ``student`` (no gradients), to be updated by :func:`ema_update`.
+
+    Stochastic depth is switched off in the copy (timm's ``DropPath`` reads ``drop_prob``):
+    DINO and UDI build their teacher without it.
+    """
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for module in teacher.modules():
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
     return teacher
 
 

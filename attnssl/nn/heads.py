@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
 
 
 class ProjectionHead(nn.Sequential):
@@ -44,3 +47,44 @@ class MLPProjector(nn.Sequential):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+
+
+class DINOHead(nn.Module):
+    """DINO's head (github.com/facebookresearch/dino ``DINOHead``), shared by DINO and UDI.
+
+    ``g(h) = W_last normalize(MLP(h))``: an MLP ``in -> hidden -> ... -> bottleneck`` with GELU
+    (and BN if asked), the L2-normalised bottleneck, then a weight-normalised linear layer
+    without bias, ``W_last[k] = g_k v_k / ||v_k||``. With ``norm_last_layer`` the scales
+    ``g_k`` stay fixed at 1 (the rows are unit vectors); otherwise they are learned. The MLP is
+    initialised truncated-normal (std 0.02), the last layer with torch's default, as the
+    official code does.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, layers: int = 3, norm_last_layer: bool = True,
+                 batchnorm: bool = False):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        modules: list[nn.Module] = []
+        for k in range(layers):
+            modules.append(nn.Linear(dims[k], dims[k + 1]))
+            if k < layers - 1:
+                if batchnorm:
+                    modules.append(nn.BatchNorm1d(dims[k + 1]))
+                modules.append(nn.GELU())
+        self.mlp = nn.Sequential(*modules)
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        scale = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            scale.fill_(1.0)
+        scale.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = self.mlp(x.reshape(-1, shape[-1]))
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x).reshape(*shape[:-1], -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from attnssl.nn.attention import get_attention
@@ -55,13 +56,19 @@ def resolve_size(model_cfg) -> ViTSize:
 
 
 def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
-    """A timm ViT without classifier (``num_classes=0``); positions interpolate to any crop size."""
+    """A timm ViT without classifier (``num_classes=0``); positions interpolate to any crop size.
+
+    A second class token (UDI's ``cls+``, ``model.class_tokens=2``) is timm's register token:
+    a learned prefix token with its own position embedding, as the official UDI ViT has; both
+    class tokens are then initialised truncated-normal (std 0.02), as there.
+    """
     size = resolve_size(model_cfg)
     if img_size % size.patch_size:
         raise ValueError(
             f"image size {img_size} is not a multiple of model.patch_size={size.patch_size}"
         )
-    return VisionTransformer(
+    extra_tokens = (getattr(model_cfg, "class_tokens", None) or 1) - 1
+    vit = VisionTransformer(
         img_size=img_size,
         patch_size=size.patch_size,
         in_chans=in_chans,
@@ -75,17 +82,33 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         dynamic_img_size=True,
         attn_layer=get_attention(model_cfg.attention),
         weight_init="" if model_cfg.weight_init == "timm" else model_cfg.weight_init,
+        reg_tokens=extra_tokens,
     )
+    if extra_tokens:
+        nn.init.trunc_normal_(vit.cls_token, std=0.02)
+        nn.init.trunc_normal_(vit.reg_token, std=0.02)
+    return vit
+
+
+FEATURE_KINDS = ("cls", "mean", "cls+mean", "cls_plus", "cls+cls_plus")
 
 
 def pool_features(tokens: torch.Tensor, kind: str, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Image features from normalised tokens ``(B, N, D)``: class token, patch mean, or both."""
-    cls = tokens[:, 0]
-    mean = tokens[:, num_prefix_tokens:].mean(dim=1)
+    """Image features from normalised tokens ``(B, N, D)``.
+
+    ``cls`` the first class token; ``mean`` the mean patch token; ``cls_plus`` the second
+    class token (UDI's ``cls+``); ``a+b`` the two concatenated.
+    """
+    if "+" in kind:
+        first, _, second = kind.partition("+")
+        return torch.cat([pool_features(tokens, first, num_prefix_tokens),
+                          pool_features(tokens, second, num_prefix_tokens)], dim=-1)
     if kind == "cls":
-        return cls
+        return tokens[:, 0]
     if kind == "mean":
-        return mean
-    if kind == "cls+mean":
-        return torch.cat([cls, mean], dim=-1)
-    raise ValueError(f"unknown feature kind {kind!r}; accepted: cls, mean, cls+mean")
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    if kind == "cls_plus":
+        if num_prefix_tokens < 2:
+            raise ValueError("feature kind 'cls_plus' needs a backbone with two class tokens")
+        return tokens[:, 1]
+    raise ValueError(f"unknown feature kind {kind!r}; accepted: {', '.join(FEATURE_KINDS)}")

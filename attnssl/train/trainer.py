@@ -35,8 +35,8 @@ from attnssl.eval.evaluate import (
     evaluate_backbone,
     load_eval_splits,
 )
-from attnssl.methods import build_method, evaluation_backbone
-from attnssl.nn.vit import build_vit
+from attnssl.methods import build_method, build_views, evaluation_backbone
+from attnssl.nn.vit import build_vit, resolve_size
 from attnssl.train.checkpoint import (
     AtomicCheckpointIO,
     latest_checkpoint,
@@ -192,9 +192,9 @@ class Pretrainer:
         self.eval_splits = load_eval_splits(config) if config.eval.at_end else None
         self.train_set = load_dataset(dataset_spec(config), config.data.train_split)
         mean, std = self.train_set.mean_std
-        self.views = MultiCropViews(
-            config.views, self.train_set.image_size, self.train_set.channels, mean, std,
-            seed=config.run.seed * 1000 + self.rank,
+        self.views = build_views(
+            config, self.train_set.image_size, self.train_set.channels, mean, std,
+            resolve_size(config.model).patch_size, seed=config.run.seed * 1000 + self.rank,
         )
         self.steps_per_epoch = len(
             epoch_batches(len(self.train_set), self.batch_per_process, 0, config.run.seed,
@@ -278,8 +278,10 @@ class Pretrainer:
         before_step = getattr(self.method.module, "before_step", None)
         if before_step is not None:
             before_step(self.state.step, self.steps_per_epoch, self.total_steps)
-        views = [v.to(self.fabric.device, non_blocking=True) for v in self.views(images)]
-        out = self.method(views)
+        device = self.fabric.device
+        views = [v.to(device, non_blocking=True) for v in self.views(images)]
+        extra = {k: v.to(device) for k, v in self.views.extra_inputs().items()}
+        out = self.method(views, **extra)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -290,6 +292,9 @@ class Pretrainer:
         if self.config.optim.clip_grad:
             self.fabric.clip_gradients(self.method, self.optimizer,
                                        max_norm=self.config.optim.clip_grad)
+        before_optimizer_step = getattr(self.method.module, "before_optimizer_step", None)
+        if before_optimizer_step is not None:
+            before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         after_step = getattr(self.method.module, "after_step", None)

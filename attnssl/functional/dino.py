@@ -1,0 +1,98 @@
+"""Self-distillation maths shared by DINO and UDI (Caron et al. 2021; Su & Ji 2024).
+
+Notation: ``K`` head outputs, teacher temperature ``T_t``, student temperature ``T_s``,
+centre ``c``. For one teacher view ``g`` and one student view ``v``:
+
+    p_g = softmax((t_g - c) / T_t)        q_v = log_softmax(s_v / T_s)
+    CE(g, v) = mean over images of  - sum_k p_g[k] q_v[k]
+
+and the multi-crop loss is the mean of ``CE(g, v)`` over every pair with ``v != g``
+(github.com/facebookresearch/dino, ``DINOLoss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """``softmax((t - c) / T_t)`` over the last dimension: the centred, sharpened target."""
+    return F.softmax((teacher_logits - center) / temperature, dim=-1)
+
+
+def pairwise_cross_entropy(student_log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs ``(v, g)``, ``v != g``, of ``mean_i - sum_k targets[v, g, i, k] q[v, i, k]``.
+
+    ``student_log_probs`` is ``(V, B, K)``; ``targets`` is ``(V, G, B, K)`` (an expanded view is
+    fine: nothing is materialised), the target that student view ``v`` is asked to match for
+    teacher view ``g``. Views ``0..G-1`` are the global views the teacher saw, so the pair
+    ``v == g`` (a view predicting itself) is skipped.
+    """
+    n_views, n_teacher = targets.shape[:2]
+    if student_log_probs.shape[0] != n_views:
+        raise ValueError(f"student has {student_log_probs.shape[0]} views, targets {n_views}")
+    total, pairs = student_log_probs.new_zeros(()), 0
+    for g in range(n_teacher):
+        for v in range(n_views):
+            if v == g:
+                continue
+            total = total + torch.sum(-targets[v, g] * student_log_probs[v], dim=-1).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("no (student view, teacher view) pair with different views")
+    return total / pairs
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                      student_temp: float) -> torch.Tensor:
+    """DINO's multi-crop loss: ``(V, B, K)`` student logits, ``(G, B, K)`` teacher targets."""
+    log_probs = F.log_softmax(student_logits / student_temp, dim=-1)
+    n_views = student_logits.shape[0]
+    return pairwise_cross_entropy(log_probs, teacher_probs.unsqueeze(0).expand(n_views, -1, -1, -1))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy ``- sum_k p_k log p_k`` of the rows of ``probs`` (nats)."""
+    return -torch.special.xlogy(probs, probs).sum(-1).mean()
+
+
+def batch_center(values: torch.Tensor, weights: torch.Tensor | None = None,
+                 distributed: bool = False) -> torch.Tensor:
+    """Mean row of ``values (..., K)`` (weighted by ``weights (...)``), averaged over processes.
+
+    Each process takes its own (weighted) mean and the means are averaged across processes,
+    as the official UDI ``Centering.update_center`` does; with equal row counts on every
+    process (DINO) this is the mean over the global batch, as DINO's ``update_center``.
+    Returns ``(1, K)``.
+    """
+    flat = values.reshape(-1, values.shape[-1])
+    if weights is None:
+        mean = flat.mean(0, keepdim=True)
+    else:
+        w = weights.reshape(-1, 1).to(flat.dtype)
+        mean = (w * flat).sum(0, keepdim=True) / w.sum().clamp_min(1e-12)  # 0 if no weight
+    if distributed and dist.is_available() and dist.is_initialized():
+        mean = mean.clone()
+        dist.all_reduce(mean)
+        mean = mean / dist.get_world_size()
+    return mean
+
+
+def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``c <- m c + (1 - m) mean``."""
+    return center * momentum + batch_mean * (1 - momentum)
+
+
+def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float) -> float:
+    """DINO's schedule: ``linspace(start, end, warmup_epochs)[epoch]``, then ``end``.
+
+    Stepped per epoch, as the official code indexes its schedule by epoch.
+    """
+    if epoch >= warmup_epochs:
+        return end
+    if warmup_epochs == 1:
+        return start
+    return start + (end - start) * epoch / (warmup_epochs - 1)

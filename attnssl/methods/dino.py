@@ -1,0 +1,107 @@
+"""DINO (Caron et al. 2021): self-distillation with no labels, multi-crop, EMA teacher.
+
+Follows the official code, github.com/facebookresearch/dino (``main_dino.py``,
+``vision_transformer.DINOHead``, ``utils.cancel_gradients_last_layer``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from attnssl.functional.collapse import embedding_std
+from attnssl.functional.dino import teacher_temperature
+from attnssl.losses.dino import DINOLoss
+from attnssl.methods.bam import multicrop_features, multicrop_forward
+from attnssl.nn.ema import ema_update, make_teacher
+from attnssl.nn.heads import DINOHead
+from attnssl.train.schedules import cosine
+
+
+def build_head(embed_dim: int, cfg) -> DINOHead:
+    return DINOHead(embed_dim, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.head_layers,
+                    cfg.norm_last_layer, cfg.head_batchnorm)
+
+
+class SelfDistillation(nn.Module):
+    """What DINO and UDI share: an EMA teacher of the student's modules, its schedules, and
+    the last head layer held still during the first ``freeze_last_layer_epochs``.
+
+    * teacher: ``theta_t <- m theta_t + (1 - m) theta_s``, ``m`` from ``teacher_momentum`` to 1
+      on a cosine over the run (per step, as the official ``momentum_schedule``);
+    * teacher temperature: ``warmup_teacher_temp`` to ``teacher_temp`` linearly over
+      ``warmup_teacher_temp_epochs``, stepped per epoch;
+    * the gradients of ``head.last_layer`` are dropped after clipping while
+      ``epoch < freeze_last_layer_epochs`` (the official ``cancel_gradients_last_layer``).
+
+    The teacher's backbone is the one evaluated and exported, as the official evaluation
+    scripts load the ``teacher`` key.
+    """
+
+    student_keys: tuple[str, ...] = ("backbone", "head")
+
+    def _make_teacher(self) -> None:
+        self.teacher = make_teacher(self._student_modules())
+        self.momentum = self.cfg.teacher_momentum
+        self.epoch = 0
+
+    def _student_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({key: getattr(self, key) for key in self.student_keys})
+
+    @property
+    def evaluation_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        cfg = self.cfg
+        self.epoch = step // steps_per_epoch
+        self.momentum = cosine(step, total_steps, cfg.teacher_momentum, 1.0)
+        self.criterion.teacher_temp = teacher_temperature(
+            self.epoch, cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp)
+
+    def before_optimizer_step(self) -> None:
+        if self.epoch < self.cfg.freeze_last_layer_epochs:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.momentum = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
+        ema_update(self.teacher, self._student_modules(), self.momentum)
+
+    def _schedule_logs(self) -> dict[str, torch.Tensor]:
+        out = self.criterion.last_output
+        return {
+            "teacher_entropy": out.teacher_entropy, "kl_teacher_student": out.kl,
+            "teacher_temp": torch.tensor(self.criterion.teacher_temp),
+            "teacher_momentum": torch.tensor(self.momentum),
+        }
+
+
+class DINO(SelfDistillation):
+    """``s = h(f(x))`` for all V views, ``t = h_t(f_t(x))`` for the G global views;
+    ``loss = DINOLoss(s, t)``; EMA teacher update after each optimiser step.
+
+    The official code updates the teacher after the optimiser step with ``m[t]`` as we do.
+    """
+
+    def __init__(self, backbone: nn.Module, cfg, n_global: int, n_local: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_global = n_global
+        self.backbone = backbone
+        self.head = build_head(backbone.embed_dim, cfg)
+        self.criterion = DINOLoss(cfg.out_dim, n_global + n_local, n_global, cfg.student_temp,
+                                  cfg.warmup_teacher_temp, cfg.center_momentum)
+        self._make_teacher()
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = multicrop_features(self.backbone, views)
+        loss = self.criterion(self.head(features), self._teacher_outputs(views))
+        batch = views[0].shape[0]
+        return {"loss": loss, **self._schedule_logs(),
+                "embedding_std": embedding_std(features[:batch].detach())}
+
+    @torch.no_grad()
+    def _teacher_outputs(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return multicrop_forward(self.teacher["backbone"], self.teacher["head"],
+                                 views[: self.n_global])
