@@ -165,7 +165,7 @@ class _DistillationSection(_Section):
     head_layers: int = Field(3, ge=1)
     head_batchnorm: bool = False
     norm_last_layer: bool = Field(True, description="fix the last layer's weight-norm scales at 1")
-    freeze_last_layer_epochs: float = Field(1.0, ge=0, description="drop its gradients meanwhile")
+    freeze_last_layer_epochs: int = Field(1, ge=0, description="drop its gradients meanwhile")
     student_temp: float = Field(0.1, gt=0)
     teacher_temp: float = Field(0.07, gt=0, description="teacher temperature after the warm-up")
     warmup_teacher_temp: float = Field(0.04, gt=0)
@@ -210,6 +210,9 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(0.9, ge=0, lt=1)
     clip_grad: float | None = Field(None, gt=0)
+    clip_mode: Literal["global_norm", "per_parameter"] = Field(
+        "global_norm", description="global_norm: all gradients together (torch's "
+        "clip_grad_norm_, BAM's code); per_parameter: each parameter's own (DINO's and UDI's)")
 
 
 class TrainerSection(_Section):

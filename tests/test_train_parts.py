@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -5,7 +6,7 @@ from attnssl.config import ModelSection
 from attnssl.data.loader import epoch_batches
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import param_groups
+from attnssl.train.trainer import clip_each_parameter, param_groups
 
 
 def test_ema_update_follows_its_formula():
@@ -42,3 +43,12 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_per_parameter_clipping_scales_each_gradient_on_its_own():
+    big, small = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    big.grad, small.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.6, 0.8])
+    clip_each_parameter([big, small], 2.0)
+    assert big.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
+    assert torch.allclose(big.grad, torch.tensor([1.2, 1.6]), atol=1e-5)  # direction kept
+    assert torch.equal(small.grad, torch.tensor([0.0, 0.6, 0.8]))  # under the limit: untouched

@@ -45,9 +45,10 @@ class UDIViews(MultiCropViews):
     to overlap the two globals' union box (``shift_to_overlap``); after the views,
     ``extra_inputs()`` gives the batch's :class:`UDISampling` (``{"sampling": ...}``).
 
-    The official code says it samples the locals near the globals' "intersection"; the box it
-    computes is their union (min of the top-left corners, max of the bottom-right ones), which
-    we follow.
+    The official code moves the locals toward a box it calls the globals' "intersection": the
+    minimum of their first corners and maximum of their second ones, taken after a flip has
+    swapped a box's x-coordinates. Unflipped, that is the globals' union; with a flipped view
+    it is a mixed box (both flipped: their intersection along x). We always use the union.
     """
 
     def __init__(self, cfg, image_size: int, channels: int, mean, std, patch_size: int,

@@ -75,6 +75,15 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
+@torch.no_grad()
+def clip_each_parameter(parameters, max_norm: float) -> None:
+    """Scale each parameter's gradient to norm at most ``max_norm`` on its own,
+    ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` (DINO's and UDI's ``utils.clip_gradients``)."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
     groups = param_groups(model)
     if optim.optimizer == "adamw":
@@ -289,9 +298,13 @@ class Pretrainer:
                 f"{latest_checkpoint(self.run_dir)}"
             )
         self.fabric.backward(loss)
-        if self.config.optim.clip_grad:
-            self.fabric.clip_gradients(self.method, self.optimizer,
-                                       max_norm=self.config.optim.clip_grad)
+        optim = self.config.optim
+        if optim.clip_grad and optim.clip_mode == "per_parameter":
+            # the scaler must see the optimiser Fabric steps, not its wrapper
+            self.fabric.strategy.precision.unscale_gradients(self.optimizer.optimizer)
+            clip_each_parameter(self.method.parameters(), optim.clip_grad)
+        elif optim.clip_grad:
+            self.fabric.clip_gradients(self.method, self.optimizer, max_norm=optim.clip_grad)
         before_optimizer_step = getattr(self.method.module, "before_optimizer_step", None)
         if before_optimizer_step is not None:
             before_optimizer_step()
