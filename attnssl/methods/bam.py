@@ -11,33 +11,10 @@ import torch.nn as nn
 
 from attnssl.functional.collapse import effective_rank, embedding_std
 from attnssl.losses import BAMLoss
+from attnssl.methods.multicrop import multicrop_forward
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.heads import MLPProjector
 from attnssl.train.schedules import cosine
-
-
-def same_size_runs(views: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """``(start, end)`` of each run of consecutive views with equal spatial size."""
-    runs, start = [], 0
-    while start < len(views):
-        end = start
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        runs.append((start, end))
-        start = end
-    return runs
-
-
-def multicrop_features(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """``backbone(x)`` for every view, one pass per run of equal-sized views, ``(V*B, D)``
-    stacked view-major (the official ``MultiCropWrapper``)."""
-    return torch.cat([backbone(torch.cat(views[a:b])) for a, b in same_size_runs(views)])
-
-
-def multicrop_forward(backbone: nn.Module, head: nn.Module,
-                      views: list[torch.Tensor]) -> torch.Tensor:
-    """``head(backbone(x))`` for every view, ``(V*B, D_out)`` stacked view-major."""
-    return head(multicrop_features(backbone, views))
 
 
 def evaluates_teacher(cfg) -> bool:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from attnssl.functional.collapse import embedding_std
 from attnssl.functional.dino import teacher_temperature
 from attnssl.losses.dino import DINOLoss
-from attnssl.methods.bam import multicrop_features, multicrop_forward
+from attnssl.methods.multicrop import multicrop_features, multicrop_forward
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.heads import DINOHead
 from attnssl.train.schedules import cosine

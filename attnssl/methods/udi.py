@@ -13,8 +13,8 @@ import torch.nn as nn
 from attnssl.data.udi_views import UDISampling
 from attnssl.functional.collapse import embedding_std
 from attnssl.losses.udi import UDILoss
-from attnssl.methods.bam import same_size_runs
 from attnssl.methods.dino import SelfDistillation, build_head
+from attnssl.methods.multicrop import same_size_runs
 from attnssl.nn.udi import SampledPatchAttention, vit_tokens
 
 
