@@ -111,6 +111,12 @@ class ModelSection(_Section):
     qkv_bias: bool = True
     class_tokens: int | None = Field(
         None, ge=1, le=2, description="class tokens (null: what the method needs, 2 for udi)")
+    pos_embed: Literal["learned", "sincos"] = Field(
+        "learned", description="learned (timm) or the fixed 2-D sine-cosine table (MAE's)")
+    cbsa_pool: int = Field(8, gt=0, description="cbsa/agent: representatives pooled on an "
+                           "m x m grid of patches (8 officially; at most the patch grid)")
+    block: Literal["vit", "cbt"] = Field(
+        "vit", description="vit: attention + MLP; cbt: CBSA + the ISTA step (CBSA paper)")
 
 
 class SimCLRSection(_Section):
@@ -194,7 +200,26 @@ class UDISection(_DistillationSection):
         None, gt=0, description="heads of the patch-representation layer (null: the backbone's)")
 
 
-MethodSection = Annotated[SimCLRSection | BAMSection | DINOSection | UDISection,
+class MAESection(_Section):
+    """MAE (He et al. 2022). Defaults are the official code's (facebookresearch/mae) except the
+    decoder, scaled to our small backbones (official: width 512, depth 8, 16 heads for ViT-B)."""
+
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="share of patches masked per image")
+    norm_pix_loss: bool = Field(True, description="standardise each target patch's pixels")
+    decoder_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> MAESection:
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ValueError(f"decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
+                             f"{self.decoder_heads} and by 4 (sine-cosine positions)")
+        return self
+
+
+MethodSection = Annotated[SimCLRSection | BAMSection | DINOSection | UDISection | MAESection,
                           Field(discriminator="name")]
 
 
@@ -282,6 +307,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
 }
 METHODS: dict[str, type[BaseModel]] = {
     "simclr": SimCLRSection, "bam": BAMSection, "dino": DINOSection, "udi": UDISection,
+    "mae": MAESection,
 }
 
 

@@ -28,10 +28,17 @@ from attnssl.eval.knn import knn_accuracy
 from attnssl.nn.vit import build_vit
 from attnssl.train.trainer import machine_description, pretrain
 
-PRESETS = {"bam": "bam_fashion_mnist", "dino": "dino_fashion_mnist", "udi": "udi_fashion_mnist",
-           "simclr": "simclr_fashion_mnist"}
-# UDI has two class tokens: which one to evaluate is a choice (its official k-NN takes cls)
-EXTRA_FEATURES = {"udi": ("cls_plus", "cls+cls_plus")}
+# row name -> (preset, overrides); "bam-cbsa" is BAM on a backbone whose attention is CBSA
+# (representatives pooled on a 4x4 grid of the 7x7 patches: 16 for 50 tokens)
+PRESETS = {
+    "bam": ("bam_fashion_mnist", []), "dino": ("dino_fashion_mnist", []),
+    "udi": ("udi_fashion_mnist", []), "simclr": ("simclr_fashion_mnist", []),
+    "mae": ("mae_fashion_mnist", []),
+    "bam-cbsa": ("bam_fashion_mnist", ["model.attention=cbsa", "model.cbsa_pool=4"]),
+}
+# UDI has two class tokens: which one to evaluate is a choice (its official k-NN takes cls);
+# MAE's official linear probe reads the class token, its fine-tuning the mean patch token
+EXTRA_FEATURES = {"udi": ("cls_plus", "cls+cls_plus"), "mae": ("mean",)}
 
 
 def raw_pixel_knn(k: int = 20, temperature: float = 0.07, data_root: str | None = None) -> float:
@@ -51,7 +58,8 @@ def run_row(method: str, precision: str, args, out_dir: Path) -> dict:
         overrides.append(f"data.subset={args.subset}")
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    config = load_config(PRESETS[method], overrides)
+    preset, method_overrides = PRESETS[method]
+    config = load_config(preset, [*method_overrides, *overrides])
     metrics = pretrain(config)
     ev = metrics["eval"]
     row = {

@@ -51,10 +51,11 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic", "dino_synthetic",
-                                    "udi_synthetic"])
+                                    "udi_synthetic", "mae_synthetic"])
 def test_resumed_run_ends_with_the_same_weights(tmp_path, preset):
     """BAM, DINO and UDI runs also carry an EMA teacher, local crops and schedules; DINO's and
-    UDI's their centres and frozen last layer (epoch 0); UDI's its patch samples."""
+    UDI's their centres and frozen last layer (epoch 0); UDI's its patch samples; MAE's its
+    random masks."""
     assert run_cli(tmp_path, "straight", "eval.at_end=false", preset=preset) == 0
     # sessions of at most 5 steps: stop mid-epoch 0 (checkpoints at 3 and 5), go on to 10 (past
     # the epoch end at 8), then lift the limit and finish

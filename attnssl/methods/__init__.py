@@ -14,6 +14,7 @@ from attnssl.data.udi_views import UDIViews
 from attnssl.data.views import MultiCropViews
 from attnssl.methods.bam import BAM, evaluates_teacher
 from attnssl.methods.dino import DINO
+from attnssl.methods.mae import MAE
 from attnssl.methods.simclr import SimCLR
 from attnssl.methods.udi import UDI
 
@@ -40,7 +41,15 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
                              f"views.global_crops or views.local_crops")
         cls = DINO if method_cfg.name == "dino" else UDI
         return cls(backbone, method_cfg, views.global_crops, views.local_crops)
-    raise ValueError(f"unknown method.name {method_cfg.name!r}; accepted: simclr, bam, dino, udi")
+    if method_cfg.name == "mae":
+        if views.global_crops != 1 or views.local_crops:
+            raise ValueError(
+                f"mae reconstructs one view per image; set views.global_crops=1 and "
+                f"views.local_crops=0 (got {views.global_crops} and {views.local_crops})"
+            )
+        return MAE(backbone, method_cfg)
+    raise ValueError(
+        f"unknown method.name {method_cfg.name!r}; accepted: simclr, bam, dino, udi, mae")
 
 
 def build_views(config, image_size: int, channels: int, mean, std, patch_size: int,
@@ -65,5 +74,5 @@ def evaluation_backbone(method: nn.Module) -> nn.Module:
     return getattr(method, "evaluation_backbone", method.backbone)
 
 
-__all__ = ["BAM", "DINO", "UDI", "SimCLR", "build_method", "build_views", "evaluation_backbone",
+__all__ = ["BAM", "DINO", "MAE", "UDI", "SimCLR", "build_method", "build_views", "evaluation_backbone",
            "evaluation_backbone_prefix"]

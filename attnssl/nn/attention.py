@@ -4,16 +4,25 @@ Every layer here takes timm's ``Attention`` constructor arguments and can record
 maps: set ``record_attention = True`` (or use :func:`recording_attention`) and the next forward
 stores ``attention_maps`` of shape ``(B, heads, N, N)``. Recording takes the explicit path
 ``softmax(q k^T / sqrt(d)) v``; otherwise ``softmax`` uses the fused ``scaled_dot_product_attention``.
+
+``softmax`` and ``softmax_explicit`` are standard multi-head attention; ``cbsa`` is
+contract-and-broadcast self-attention, ``agent`` CBSA without its contraction and ``mssa``
+CRATE's subspace attention (maths in :mod:`attnssl.functional.cbsa`). Layers that pool the
+patch grid need to know it: by default the tokens after the class tokens form a square grid;
+:func:`token_layout` tells them otherwise (a visible subset of the grid, as in MAE).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+
+from attnssl.functional.cbsa import cbsa_heads, pooling_weights, self_attention
 
 ATTENTION_LAYERS: dict[str, type[nn.Module]] = {}
 
@@ -76,6 +85,119 @@ class ExplicitSoftmaxAttention(SoftmaxAttention):
     """The same softmax attention, always on the explicit (non-fused) path."""
 
     always_explicit = True
+
+
+class _SharedProjectionAttention(nn.Module):
+    """Base of CBSA, agent and MSSA: one bias-free projection ``W = proj(x)`` split into heads
+    (no separate queries, keys and values), scale ``p^-1/2``, output ``to_out`` (a linear)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **_timm_kwargs):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.record_attention = False
+        self.attention_maps: torch.Tensor | None = None
+        self.num_prefix_tokens = 1  # set by build_vit
+        self.layout: tuple[tuple[int, int], torch.Tensor | None] | None = None
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+
+    def grid(self, tokens: int) -> tuple[tuple[int, int], torch.Tensor | None]:
+        """The patch grid and the visible grid cells (None: all, in order)."""
+        if self.layout is not None:
+            return self.layout
+        patches = tokens - self.num_prefix_tokens
+        side = math.isqrt(max(patches, 0))
+        if patches <= 0 or side * side != patches:
+            raise ValueError(
+                f"{type(self).__name__} pools a square patch grid, but {patches} patch tokens "
+                f"(after {self.num_prefix_tokens} class tokens) are not one; pass the grid "
+                f"with attnssl.nn.attention.token_layout"
+            )
+        return (side, side), None
+
+
+@register_attention("cbsa")
+class CBSAAttention(_SharedProjectionAttention):
+    """Contract-and-broadcast self-attention, linear in the number of tokens N.
+
+    Per head: ``R0 = P W`` pools the projected patch tokens to ``m`` representatives
+    (``pool_side x pool_side``, at most the patch grid; official 8 x 8), ``A = softmax(R0 W^T
+    scale)``, ``R = R0 + s_rep A W``, ``C = softmax(R R^T scale) R``, ``out = to_out(concat_h
+    s_x A^T C)``; ``s_x`` and ``s_rep`` are learned per head, initialised N(0, 1). Class tokens
+    are keys, values and receivers of the broadcast, but never pooled (the official layer pools
+    ``w[:, :-1]``, which with the class token first pools it and drops the last patch). Maps:
+    ``A^T A`` ``(B, h, N, N)``, as the official ``return_attn``. Cost ``O(N m p)`` per head.
+    Follows QishuaiWen/CBSA ``attn_layers.CBSA``; unlike it, heads are pooled one by one, which
+    is the same since pooling acts on each channel alone.
+    """
+
+    contract = True
+
+    def __init__(self, dim: int, num_heads: int = 8, **timm_kwargs):
+        super().__init__(dim, num_heads, **timm_kwargs)
+        self.step_x = nn.Parameter(torch.randn(num_heads, 1, 1))
+        self.step_rep = nn.Parameter(torch.randn(num_heads, 1, 1))
+        self.pool_side = 8  # set by build_vit from model.cbsa_pool
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
+        if attn_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take an attention mask")
+        w = self.split_heads(self.proj(x))
+        grid, visible = self.grid(x.shape[1])
+        pool = pooling_weights(grid, self.pool_side, self.num_prefix_tokens, visible)
+        out, extraction = cbsa_heads(w, pool.to(w.device, w.dtype), self.step_rep, self.step_x,
+                                     self.scale, contract=self.contract)
+        if self.record_attention:
+            self.attention_maps = (extraction.transpose(-2, -1) @ extraction).detach()
+        return self.to_out(self.merge_heads(out))
+
+
+@register_attention("agent")
+class AgentAttention(CBSAAttention):
+    """CBSA without the contraction: ``out = to_out(concat_h s_x A^T R)`` (agent attention in
+    CBSA's form; the CBSA paper's ablation). Maps ``A^T A``."""
+
+    contract = False
+
+
+@register_attention("mssa")
+class MSSAAttention(_SharedProjectionAttention):
+    """Multi-head subspace self-attention (CRATE): ``out = to_out(concat_h softmax(W W^T scale) W)``
+    with ``W = proj(x)`` per head; quadratic in N. Maps ``softmax(W W^T scale)``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
+        if attn_mask is not None:
+            raise ValueError("MSSAAttention does not take an attention mask")
+        out, weights = self_attention(self.split_heads(self.proj(x)), self.scale)
+        if self.record_attention:
+            self.attention_maps = weights.detach()
+        return self.to_out(self.merge_heads(out))
+
+
+@contextmanager
+def token_layout(model: nn.Module, grid: tuple[int, int],
+                 visible: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, grid-pooling layers of ``model`` take the patch tokens to be the cells
+    ``visible (B, K)`` of a ``grid`` (all cells in order when ``visible`` is None)."""
+    layers = [m for m in model.modules() if isinstance(m, _SharedProjectionAttention)]
+    for layer in layers:
+        layer.layout = (tuple(grid), visible)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.layout = None
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from attnssl.nn.attention import get_attention
+from attnssl.nn.attention import attention_layers, get_attention
+from attnssl.nn.blocks import CBTBlock
+from attnssl.nn.mae import sincos_pos_embed_
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,17 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         attn_layer=get_attention(model_cfg.attention),
         weight_init="" if model_cfg.weight_init == "timm" else model_cfg.weight_init,
         reg_tokens=extra_tokens,
+        block_fn=CBTBlock if getattr(model_cfg, "block", "vit") == "cbt" else Block,
     )
     if extra_tokens:
         nn.init.trunc_normal_(vit.cls_token, std=0.02)
         nn.init.trunc_normal_(vit.reg_token, std=0.02)
+    if getattr(model_cfg, "pos_embed", "learned") == "sincos":
+        sincos_pos_embed_(vit)
+    for layer in attention_layers(vit):
+        layer.num_prefix_tokens = vit.num_prefix_tokens
+        if hasattr(layer, "pool_side"):
+            layer.pool_side = getattr(model_cfg, "cbsa_pool", 8)
     return vit
 
 

@@ -1,0 +1,214 @@
+"""CBSA, agent and MSSA attention, and the CBT block, against loop versions of their equations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnssl.config import load_config
+from attnssl.functional.cbsa import adaptive_pool_matrix, cbsa_heads, pooling_weights
+from attnssl.nn.attention import (
+    AgentAttention,
+    CBSAAttention,
+    MSSAAttention,
+    attention_maps,
+    token_layout,
+)
+from attnssl.nn.blocks import ISTA, CBTBlock
+from attnssl.nn.vit import build_vit
+
+
+def softmax_row(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def loop_cbsa(layer, x: torch.Tensor, grid: tuple[int, int], side: int, contract: bool = True):
+    """The four CBSA equations written out with scalar loops (float64), per image and head.
+
+    Representatives come from torch's own ``AdaptiveAvgPool2d`` on the patch grid: the
+    pooling is computed independently of :func:`adaptive_pool_matrix`.
+    Returns the layer's output and the extraction maps ``A`` (B, h, m, N).
+    """
+    batch, tokens, dim = x.shape
+    heads, p = layer.num_heads, layer.head_dim
+    prefix = tokens - grid[0] * grid[1]
+    scale = p**-0.5
+    w = layer.proj(x)
+    pooled = F.adaptive_avg_pool2d(
+        w[:, prefix:].transpose(1, 2).reshape(batch, dim, *grid),
+        (min(side, grid[0]), min(side, grid[1])),
+    ).flatten(2).transpose(1, 2)  # (B, m, dim)
+    m = pooled.shape[1]
+    out = torch.zeros(batch, tokens, dim, dtype=x.dtype)
+    maps = torch.zeros(batch, heads, m, tokens, dtype=x.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            cols = slice(h * p, (h + 1) * p)
+            W = w[b, :, cols].tolist()
+            R0 = pooled[b, :, cols].tolist()
+            dot = lambda u, v: sum(ui * vi for ui, vi in zip(u, v, strict=True))  # noqa: E731
+            A = [softmax_row([dot(R0[i], W[n]) * scale for n in range(tokens)]) for i in range(m)]
+            s_rep, s_x = layer.step_rep[h].item(), layer.step_x[h].item()
+            R = [[R0[i][k] + s_rep * sum(A[i][n] * W[n][k] for n in range(tokens))
+                  for k in range(p)] for i in range(m)]
+            if contract:
+                S = [softmax_row([dot(R[i], R[j]) * scale for j in range(m)]) for i in range(m)]
+                C = [[sum(S[i][j] * R[j][k] for j in range(m)) for k in range(p)]
+                     for i in range(m)]
+            else:
+                C = R
+            for n in range(tokens):
+                for k in range(p):
+                    out[b, n, h * p + k] = s_x * sum(A[i][n] * C[i][k] for i in range(m))
+            maps[b, h] = torch.tensor(A, dtype=x.dtype)
+    return layer.to_out(out), maps
+
+
+def make_layer(cls, dim=12, heads=3, prefix=1, side=2):
+    torch.manual_seed(0)
+    layer = cls(dim, num_heads=heads).double()
+    layer.num_prefix_tokens = prefix
+    if hasattr(layer, "pool_side"):
+        layer.pool_side = side
+    return layer
+
+
+@pytest.mark.parametrize("grid,side,prefix", [((3, 3), 2, 1), ((4, 4), 3, 2), ((2, 2), 8, 1)])
+@torch.no_grad()
+def test_cbsa_matches_a_loop_over_its_equations(grid, side, prefix):
+    layer = make_layer(CBSAAttention, prefix=prefix, side=side)
+    x = torch.randn(2, prefix + grid[0] * grid[1], 12, dtype=torch.float64)
+    expected, extraction = loop_cbsa(layer, x, grid, side)
+    layer.record_attention = True
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+    # the recorded maps are the official A^T A
+    torch.testing.assert_close(layer.attention_maps, extraction.transpose(-2, -1) @ extraction,
+                               rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_agent_is_cbsa_without_the_contraction():
+    layer = make_layer(AgentAttention, side=2)
+    x = torch.randn(2, 10, 12, dtype=torch.float64)
+    expected, _ = loop_cbsa(layer, x, (3, 3), 2, contract=False)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+    cbsa = make_layer(CBSAAttention, side=2)
+    cbsa.load_state_dict(layer.state_dict())
+    assert (cbsa(x) - layer(x)).abs().max() > 1e-3  # the contraction does change the output
+
+
+@torch.no_grad()
+def test_cbsa_with_a_representative_per_token_and_identity_extraction_is_mssa():
+    """m = N, P = I, A = P, R = R0 (and s_x = 1): softmax(W W^T scale) W, CRATE's MSSA."""
+    mssa = make_layer(MSSAAttention, prefix=0)
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    w = mssa.split_heads(mssa.proj(x))
+    ones = torch.ones(3, 1, 1, dtype=torch.float64)
+    out, extraction = cbsa_heads(w, torch.eye(9, dtype=torch.float64).unsqueeze(0), ones, ones,
+                                 mssa.scale, extract=False)
+    assert torch.equal(extraction[0, 0], torch.eye(9, dtype=torch.float64))
+    torch.testing.assert_close(mssa.to_out(mssa.merge_heads(out)), mssa(x), rtol=0, atol=1e-12)
+    # and MSSA itself, by a loop
+    heads, p = 3, 4
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for h in range(heads):
+            wh = mssa.proj(x)[b, :, h * p:(h + 1) * p]
+            for n in range(9):
+                weights = softmax_row([float(wh[n] @ wh[j]) * p**-0.5 for j in range(9)])
+                expected[b, n, h * p:(h + 1) * p] = sum(weights[j] * wh[j] for j in range(9))
+    torch.testing.assert_close(mssa(x), mssa.to_out(expected), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid,out", [((7, 7), (4, 4)), ((14, 14), (8, 8)), ((8, 6), (3, 5)),
+                                      ((5, 5), (5, 5))])
+def test_pool_matrix_is_torchs_adaptive_average_pool(grid, out):
+    x = torch.randn(3, 2, *grid, dtype=torch.float64)
+    expected = F.adaptive_avg_pool2d(x, out).flatten(2)
+    matrix = adaptive_pool_matrix(*grid, *out).double()
+    torch.testing.assert_close(x.flatten(2) @ matrix.T, expected, rtol=0, atol=1e-12)
+
+
+def test_pooling_skips_class_tokens_and_uses_only_visible_patches():
+    full = pooling_weights((4, 4), 2, prefix=2)
+    assert full.shape == (1, 4, 18)
+    assert torch.all(full[..., :2] == 0)
+    torch.testing.assert_close(full.sum(-1), torch.ones(1, 4, dtype=torch.float64))
+    visible = torch.tensor([[0, 1, 5, 15], [2, 3, 6, 7]])  # image 1 has no patch in cells 2, 3
+    weights = pooling_weights((4, 4), 2, prefix=1, visible=visible)
+    assert weights.shape == (2, 4, 5)
+    cell = lambda g: (g // 4 // 2) * 2 + (g % 4) // 2  # noqa: E731
+    for b in range(2):
+        for r in range(4):
+            members = [k for k, g in enumerate(visible[b].tolist()) if cell(g) == r]
+            expected = torch.zeros(5, dtype=torch.float64)
+            if members:
+                expected[[1 + k for k in members]] = 1 / len(members)
+            else:  # an empty cell takes the mean of all visible patches
+                expected[1:] = 1 / 4
+            torch.testing.assert_close(weights[b, r], expected)
+
+
+@torch.no_grad()
+def test_a_layout_of_all_cells_in_another_order_permutes_the_output():
+    layer = make_layer(CBSAAttention, side=2)
+    x = torch.randn(2, 10, 12, dtype=torch.float64)
+    order = torch.stack([torch.randperm(9), torch.randperm(9)])
+    shuffled = torch.cat([x[:, :1], x[:, 1:].gather(1, order[..., None].expand(-1, -1, 12))], 1)
+    with token_layout(layer, (3, 3), order):
+        out = layer(shuffled)
+    expected = layer(x)
+    torch.testing.assert_close(out[:, 0], expected[:, 0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        out[:, 1:], expected[:, 1:].gather(1, order[..., None].expand(-1, -1, 12)),
+        rtol=0, atol=1e-12)
+    assert layer.layout is None  # the layout holds only within the block
+
+
+def test_a_grid_that_is_not_square_is_named():
+    layer = make_layer(CBSAAttention)
+    with pytest.raises(ValueError, match="square patch grid.*token_layout"):
+        layer(torch.randn(1, 1 + 6, 12, dtype=torch.float64))
+
+
+@torch.no_grad()
+def test_ista_step_and_cbt_block_match_their_formulas():
+    torch.manual_seed(0)
+    ista = ISTA(6).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    D = ista.weight
+    expected = torch.relu(x + 0.1 * (x @ D - x @ D.T @ D) - 0.1 * 0.1)  # rows: D^T x, D^T D x
+    torch.testing.assert_close(ista(x), expected, rtol=0, atol=1e-12)
+    block = CBTBlock(12, 3, attn_layer=CBSAAttention).double()
+    block.attn.num_prefix_tokens = 1
+    tokens = torch.randn(2, 10, 12, dtype=torch.float64)
+    z = tokens + block.attn(block.norm1(tokens))
+    torch.testing.assert_close(block(tokens), block.ista(block.norm2(z)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "softmax_explicit", "cbsa", "agent", "mssa"])
+@pytest.mark.parametrize("block", ["vit", "cbt"])
+def test_every_parameter_of_each_attention_gets_a_gradient(attention, block):
+    cfg = load_config(None, [f"model.attention={attention}", f"model.block={block}",
+                             "model.cbsa_pool=4"])
+    torch.manual_seed(0)
+    vit = build_vit(cfg.model, 28, 1)
+    vit.forward_features(torch.randn(3, 1, 28, 28)).pow(2).mean().backward()
+    for name, param in vit.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    maps = attention_maps(vit, torch.randn(2, 1, 28, 28))
+    assert len(maps) == 4 and all(m.shape == (2, 4, 50, 50) for m in maps)
+
+
+def test_cbsa_pools_the_configured_grid_and_handles_two_class_tokens():
+    cfg = load_config(None, ["model.attention=cbsa", "model.cbsa_pool=3", "model.class_tokens=2"])
+    vit = build_vit(cfg.model, 28, 1)
+    layer = vit.blocks[0].attn
+    assert layer.pool_side == 3 and layer.num_prefix_tokens == 2
+    with torch.no_grad():
+        tokens = vit.forward_features(torch.randn(2, 1, 28, 28))
+    assert tokens.shape == (2, 51, 128) and torch.isfinite(tokens).all()
