@@ -29,6 +29,12 @@ def _print_eval(result: dict) -> None:
     print(line)
     if "linear_top1" in ev:
         print(f"linear probe top-1 ({ev['features']}): {ev['linear_top1']:.2f} %")
+    if "finetune_top1" in ev:
+        print(f"fine-tuned top-1: {ev['finetune_top1']:.2f} %")
+    for share, row in ev.get("low_shot", {}).items():
+        scores = ", ".join(f"{k.removesuffix('_top1')} {v:.2f} %" for k, v in row.items()
+                           if k.endswith("_top1"))
+        print(f"low-shot, {share} of the labels ({row['train_images']} images): {scores}")
 
 
 def cmd_pretrain(args) -> int:

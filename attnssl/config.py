@@ -257,6 +257,22 @@ class TrainerSection(_Section):
     num_threads: int | None = Field(None, gt=0)
 
 
+class FinetuneSection(_Section):
+    """Full fine-tuning (MAE's recipe: layer-wise lr decay, label smoothing, AdamW, warm-up then
+    cosine), at the end of pretraining and in ``attnssl eval`` when ``enabled``."""
+
+    enabled: bool = False
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, gt=0)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    features: FeatureKind | None = Field(
+        None, description="pooled features under the classifier (null: eval.features)")
+
+
 class EvalSection(_Section):
     at_end: bool = True
     features: FeatureKind = "cls"
@@ -271,6 +287,16 @@ class EvalSection(_Section):
     precision: Precision = "32"
     max_train: int | None = Field(None, gt=0)
     max_test: int | None = Field(None, gt=0)
+    finetune: FinetuneSection = FinetuneSection()
+    low_shot: tuple[float, ...] = Field(
+        (), description="label shares for low-shot linear probe (and fine-tuning when "
+        "finetune.enabled) on fixed, class-balanced, seeded subsets, e.g. [0.01, 0.1]")
+
+    @model_validator(mode="after")
+    def _check_low_shot(self) -> EvalSection:
+        if not all(0 < f <= 1 for f in self.low_shot):
+            raise ValueError(f"low_shot shares must be in (0, 1], got {list(self.low_shot)}")
+        return self
 
 
 class Config(_Section):

@@ -2,8 +2,8 @@
 
 Forward + backward of the BAM loss alone (no backbone), full matrices against the blockwise
 computation, for B images per step and V views (2 global). Each measurement runs in a fresh
-subprocess: after one warm-up call its resident high-water mark is reset, and the peak above
-the resident memory at that point (inputs and gradient buffer) is the loss's peak. A
+subprocess (``peak_memory.py``): the peak above the resident memory after a warm-up call
+(inputs and gradient buffer) is the loss's peak. A
 computation whose peak, extrapolated from the previous batch size (quadratic), would pass
 ``--memory-gb`` is not run and is reported as not fitting. Prints a table, writes
 ``benchmarks/results/b3.json`` and, with ``--readme``, replaces the B3 block of README.md.
@@ -16,23 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from peak_memory import run_child
 from readme_block import ROOT, machine_line, replace_readme_block
 
 CHILD = r"""
-import json, sys, time
-import torch
 from attnssl.losses import BAMLoss
-
-
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
 
 batch, views, dim, blockwise, repeats = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                          sys.argv[4] == "1", int(sys.argv[5]))
@@ -40,31 +30,12 @@ torch.manual_seed(0)
 student = torch.randn(views * batch, dim, requires_grad=True)
 teacher = torch.randn(views * batch, dim)
 loss_fn = BAMLoss(views, 2, blockwise=blockwise)
-loss_fn(student, teacher).backward()  # warm-up: kernels, thread pools, the gradient buffer
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the resident high-water mark
-base = status_kb("VmRSS")
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    loss_fn(student, teacher).backward()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"seconds": sorted(times)[len(times) // 2],
-                  "peak_mb": (status_kb("VmHWM") - base) / 1024}))
+print(json.dumps(timed_peak(lambda: loss_fn(student, teacher).backward(), repeats)))
 """
 
 
 def measure(batch: int, views: int, dim: int, blockwise: bool, repeats: int) -> dict:
-    # large buffers come from mmap and go back to the system when freed, so that the
-    # resident high-water mark measures this computation's peak (Linux /proc only)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(batch), str(views), str(dim), str(int(blockwise)),
-         str(repeats)], capture_output=True, text=True, timeout=3600, env=env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, batch, views, dim, int(blockwise), repeats)
 
 
 def measure_within(budget_mb: float, previous: dict | None, batch: int, **kwargs) -> dict:

@@ -48,6 +48,17 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert main(["eval", str(run), "eval.linear_probe=false"]) == 0
     written = json.loads((run / "eval-step-00000016.json").read_text())
     assert written["knn_top1"] == pytest.approx(ev["knn_top1"])
+    # fine-tuning and low-shot evaluation, on request
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.linear_probe=false", "eval.random_init_floor=false",
+                 "eval.low_shot=[0.1]", "eval.finetune.enabled=true", "eval.finetune.epochs=1",
+                 "eval.finetune.batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    written = json.loads((run / "eval-step-00000016.json").read_text())
+    assert 0 <= written["finetune_top1"] <= 100 and "fine-tuned top-1" in out
+    low = written["low_shot"]["10%"]
+    assert low["train_images"] == 26  # synthetic_size=256, about 32 per class
+    assert {"linear_top1", "finetune_top1"} <= low.keys() and "low-shot, 10% of the labels" in out
 
 
 @pytest.mark.parametrize("preset", ["simclr_synthetic", "bam_synthetic", "dino_synthetic",

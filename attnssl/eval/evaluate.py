@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from attnssl.data.datasets import DatasetSpec, ImageDataset, load_dataset
 from attnssl.eval.features import extract_features
+from attnssl.eval.finetune import balanced_subset, finetune_accuracy
 from attnssl.eval.knn import knn_accuracy
 from attnssl.eval.linear import linear_probe_accuracy
 from attnssl.nn.vit import build_vit
@@ -64,6 +65,28 @@ def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: Im
     return result
 
 
+def low_shot_scores(backbone: nn.Module, config, train: ImageDataset,
+                    test: ImageDataset) -> dict[str, dict[str, float]]:
+    """Per label share (``eval.low_shot``): linear probe, and fine-tuning when enabled, trained
+    on a fixed class-balanced subset of the train split (seed ``run.seed``)."""
+    ev = config.eval
+    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision)
+    x_train, y_train = extract_features(backbone, train, **common)
+    x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
+    scores = {}
+    for share in ev.low_shot:
+        idx = balanced_subset(y_train, share, seed=config.run.seed)
+        row = {"train_images": int(idx.numel()), "linear_top1": linear_probe_accuracy(
+            x_train[idx], y_train[idx], x_test, y_test, train.num_classes, ev.linear_epochs,
+            ev.linear_lr, ev.linear_batch_size, seed=config.run.seed)}
+        if ev.finetune.enabled:
+            row["finetune_top1"] = finetune_accuracy(
+                backbone, train, test, ev.finetune, ev.finetune.features or ev.features,
+                indices=idx, seed=config.run.seed)
+        scores[f"{100 * share:g}%"] = row
+    return scores
+
+
 def evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None = None,
                       test: ImageDataset | None = None) -> dict:
     """k-NN and linear accuracy of ``backbone``, and the k-NN of a random-init one beside it."""
@@ -77,6 +100,12 @@ def evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None = 
         "test_images": min(len(test), ev.max_test or len(test)),
     }
     result.update(evaluate_features(backbone, config, train, test, linear=ev.linear_probe))
+    if ev.low_shot:
+        result["low_shot"] = low_shot_scores(backbone, config, train, test)
+    if ev.finetune.enabled:
+        result["finetune_top1"] = finetune_accuracy(
+            backbone, train, test, ev.finetune, ev.finetune.features or ev.features,
+            seed=config.run.seed)
     if ev.random_init_floor:
         untrained = random_init_backbone(config, backbone_image_size(config, train), train.channels)
         floor = evaluate_features(untrained, config, train, test, linear=False)

@@ -19,6 +19,8 @@ and no extraction (``A = P``, ``R = R0``) it is MSSA (CRATE): ``softmax(W W^T sc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -48,11 +50,13 @@ def cbsa_heads(w: torch.Tensor, pool: torch.Tensor, step_rep: torch.Tensor,
     return step_x * (extraction.transpose(-2, -1) @ contracted), extraction
 
 
+@functools.lru_cache(maxsize=64)
 def adaptive_pool_matrix(grid_h: int, grid_w: int, out_h: int, out_w: int) -> torch.Tensor:
     """``(out_h * out_w, grid_h * grid_w)`` float64: the averaging weights of ``AdaptiveAvgPool2d``.
 
     Output cell ``(i, j)`` averages input rows ``floor(i H / out_h) .. ceil((i+1) H / out_h) - 1``
     and likewise columns, so ``M @ x.flatten()`` equals torch's pool of a row-major grid.
+    Cached: callers must not modify the result in place.
     """
 
     def axis(size: int, out: int) -> torch.Tensor:
