@@ -201,7 +201,8 @@ class UDISection(_DistillationSection):
 
 
 class MAESection(_Section):
-    """MAE (He et al. 2022). Defaults are the official code's (facebookresearch/mae) except the
+    """MAE (He et al. 2022). Defaults are the official recipe's (facebookresearch/mae; its
+    argparse default for ``norm_pix_loss`` is off, its published recipe turns it on) except the
     decoder, scaled to our small backbones (official: width 512, depth 8, 16 heads for ViT-B)."""
 
     name: Literal["mae"] = "mae"
@@ -291,6 +292,8 @@ class EvalSection(_Section):
     low_shot: tuple[float, ...] = Field(
         (), description="label shares for low-shot linear probe (and fine-tuning when "
         "finetune.enabled) on fixed, class-balanced, seeded subsets, e.g. [0.01, 0.1]")
+    low_shot_seed: int = Field(0, description="seed of the low-shot subsets (not run.seed: "
+                               "every run is probed on the same images)")
 
     @model_validator(mode="after")
     def _check_low_shot(self) -> EvalSection:

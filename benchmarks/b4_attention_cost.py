@@ -104,7 +104,8 @@ def main() -> None:
         for n in sorted(args.tokens):
             if previous is not None:
                 power = 2 if name in QUADRATIC_MEMORY else 1
-                predicted = previous[1]["peak_mb"] * (n / previous[0]) ** power
+                # at least 1 MB: the smallest points are within resident-memory noise
+                predicted = max(previous[1]["peak_mb"], 1.0) * (n / previous[0]) ** power
                 if predicted > args.memory_gb * 1024 or not previous[1].get("fits", True):
                     results[name][n] = {"fits": False, "predicted_mb": predicted}
                     previous = (n, results[name][n] | {"peak_mb": predicted})

@@ -132,3 +132,24 @@ def test_mae_needs_one_view():
     with pytest.raises(ValueError, match="views.global_crops=1"):
         cfg = load_config(None, ["method.name=mae"])
         build_method(cfg, build_vit(cfg.model, 28, 1))
+
+
+@torch.no_grad()
+def test_decoder_puts_each_latent_and_the_mask_token_at_its_patch(generator):
+    cfg = load_config(None, ["method.name=mae", "views.global_crops=1", "method.decoder_dim=16",
+                             "method.decoder_heads=2", "model.class_tokens=2"])
+    method = build_method(cfg, build_vit(cfg.model, 28, 1))
+    decoder = method.decoder
+    decoder.blocks = torch.nn.Sequential()  # no mixing: each output row is its own input row
+    noise = torch.rand(2, 49, generator=generator)
+    keep_idx, mask, restore_idx = random_masking(noise, 12)
+    latent = torch.randn(2, 2 + 12, 128, generator=generator)
+    pred = decoder(latent, restore_idx, (7, 7))
+    pos = sincos_position_table(7, 7, 16)
+    for b in range(2):
+        for k, patch in enumerate(keep_idx[b].tolist()):
+            expected = decoder.pred(decoder.norm(decoder.embed(latent[b, 2 + k]) + pos[patch]))
+            torch.testing.assert_close(pred[b, patch], expected)
+        for patch in torch.nonzero(mask[b]).flatten().tolist():
+            expected = decoder.pred(decoder.norm(decoder.mask_token[0, 0] + pos[patch]))
+            torch.testing.assert_close(pred[b, patch], expected)

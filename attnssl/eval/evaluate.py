@@ -68,21 +68,22 @@ def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: Im
 def low_shot_scores(backbone: nn.Module, config, train: ImageDataset,
                     test: ImageDataset) -> dict[str, dict[str, float]]:
     """Per label share (``eval.low_shot``): linear probe, and fine-tuning when enabled, trained
-    on a fixed class-balanced subset of the train split (seed ``run.seed``)."""
+    on a fixed class-balanced subset of the train split (seed ``eval.low_shot_seed``, the same
+    for every run, so methods are compared on the same images)."""
     ev = config.eval
     common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision)
     x_train, y_train = extract_features(backbone, train, **common)
     x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
     scores = {}
     for share in ev.low_shot:
-        idx = balanced_subset(y_train, share, seed=config.run.seed)
+        idx = balanced_subset(y_train, share, seed=ev.low_shot_seed)
         row = {"train_images": int(idx.numel()), "linear_top1": linear_probe_accuracy(
             x_train[idx], y_train[idx], x_test, y_test, train.num_classes, ev.linear_epochs,
             ev.linear_lr, ev.linear_batch_size, seed=config.run.seed)}
         if ev.finetune.enabled:
             row["finetune_top1"] = finetune_accuracy(
                 backbone, train, test, ev.finetune, ev.finetune.features or ev.features,
-                indices=idx, seed=config.run.seed)
+                indices=idx, seed=config.run.seed, test_limit=ev.max_test)
         scores[f"{100 * share:g}%"] = row
     return scores
 
@@ -105,7 +106,7 @@ def evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None = 
     if ev.finetune.enabled:
         result["finetune_top1"] = finetune_accuracy(
             backbone, train, test, ev.finetune, ev.finetune.features or ev.features,
-            seed=config.run.seed)
+            seed=config.run.seed, test_limit=ev.max_test)
     if ev.random_init_floor:
         untrained = random_init_backbone(config, backbone_image_size(config, train), train.channels)
         floor = evaluate_features(untrained, config, train, test, linear=False)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from attnssl.config import ViewsSection
 from attnssl.data.datasets import ImageDataset
 from attnssl.data.views import MultiCropViews, normalise
+from attnssl.nn.udi import vit_tokens
 from attnssl.nn.vit import pool_features
 from attnssl.train.schedules import warmup_cosine
 
@@ -70,19 +71,27 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
 
 
 class Classifier(nn.Module):
-    """Backbone, pooled features (``eval.features``) and a linear head."""
+    """Backbone, pooled features and a linear head.
+
+    ``mean`` is MAE's ``global_pool``: the mean patch token of the last block, before the
+    backbone's final norm, through a new LayerNorm (``fc_norm``). Other kinds pool the
+    normalised tokens (``forward_features``), as MAE's class-token path does.
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int, features: str):
         super().__init__()
         self.backbone, self.features = backbone, features
         width = pool_features(torch.zeros(1, backbone.num_prefix_tokens + 1, backbone.embed_dim),
                               features, backbone.num_prefix_tokens).shape[-1]
-        self.head = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head initialisation
-        nn.init.zeros_(self.head.bias)
+        linear = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=2e-5)  # MAE's head initialisation
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.LayerNorm(width, eps=1e-6) if features == "mean"
+                                  else nn.Identity(), linear)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(images)
+        prenorm, normed = vit_tokens(self.backbone, images)
+        tokens = prenorm if self.features == "mean" else normed
         return self.head(pool_features(tokens, self.features, self.backbone.num_prefix_tokens))
 
 
@@ -95,31 +104,39 @@ def augmentation(dataset: ImageDataset, seed: int) -> MultiCropViews:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512,
+             limit: int | None = None) -> float:
+    """Top-1 (%) on the first ``limit`` images of ``dataset`` (all by default)."""
     model.eval()
     mean, std = dataset.mean_std
+    device = next(model.parameters()).device
+    count = len(dataset) if limit is None else min(limit, len(dataset))
     correct = 0
-    for start in range(0, len(dataset), batch_size):
-        images, labels = dataset.get_batch(torch.arange(start, min(start + batch_size,
-                                                                   len(dataset))))
-        correct += (model(normalise(images, mean, std)).argmax(1) == labels).sum().item()
-    return 100.0 * correct / len(dataset)
+    for start in range(0, count, batch_size):
+        images, labels = dataset.get_batch(torch.arange(start, min(start + batch_size, count)))
+        logits = model(normalise(images, mean, std).to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+    return 100.0 * correct / count
 
 
 def finetune_accuracy(backbone: nn.Module, train: ImageDataset, test: ImageDataset, ft,
-                      features: str, indices: torch.Tensor | None = None, seed: int = 0) -> float:
+                      features: str, indices: torch.Tensor | None = None, seed: int = 0,
+                      test_limit: int | None = None) -> float:
     """Top-1 (%) on ``test`` after fine-tuning a copy of ``backbone`` on ``train[indices]``.
 
     ``ft`` holds ``epochs, lr, batch_size, layer_decay, label_smoothing, weight_decay,
     warmup_epochs`` (config ``eval.finetune``). Every parameter is trained, frozen positions
-    (MAE's sine-cosine table) included, as MAE's fine-tuning does.
+    (MAE's sine-cosine table) included, as MAE's fine-tuning does. Runs in fp32 on the
+    backbone's device. Left out of MAE's recipe: stochastic depth (0.1), RandAugment, random
+    erasing, mixup and cutmix.
     """
     pool = torch.arange(len(train)) if indices is None else indices
     classes_seen = int(train.get_batch(pool)[1].unique().numel())
     if classes_seen < 2:
         raise ValueError(f"fine-tuning needs labelled train images of at least 2 classes, got "
                          f"{classes_seen}")
-    with torch.random.fork_rng():
+    device = next(backbone.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = Classifier(copy.deepcopy(backbone), train.num_classes, features)
         for param in model.parameters():
@@ -141,10 +158,10 @@ def finetune_accuracy(backbone: nn.Module, train: ImageDataset, test: ImageDatas
                 lr = warmup_cosine(step, total, warmup, ft.lr, 1e-6)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                loss = F.cross_entropy(model(views(images)[0]), y,
+                loss = F.cross_entropy(model(views(images)[0].to(device)), y.to(device),
                                        label_smoothing=ft.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
-        return accuracy(model, test)
+        return accuracy(model, test, limit=test_limit)

@@ -6,6 +6,7 @@ position table, and the reconstruction loss on masked patches.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,12 +70,14 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return (per_patch * mask).sum() / mask.sum()
 
 
+@functools.lru_cache(maxsize=32)
 def sincos_position_table(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
     """``(grid_h * grid_w, dim)`` fixed 2-D sine-cosine positions (MAE's ``get_2d_sincos_pos_embed``).
 
     Half the channels encode the row, half the column; each half is
     ``[sin(pos * w_k), cos(pos * w_k)]`` with ``w_k = 1 / 10000^(k / (dim/4))``,
     ``k = 0 .. dim/4 - 1``. The official code puts the ``w`` (column) coordinate first.
+    Cached: callers must not modify the result in place.
     """
     if dim % 4:
         raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")

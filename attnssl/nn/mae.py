@@ -67,7 +67,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)
         ])
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_pixels)
         self.reset_parameters()
 
