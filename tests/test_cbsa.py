@@ -26,22 +26,26 @@ def softmax_row(values: list[float]) -> list[float]:
     return [e / total for e in exps]
 
 
-def loop_cbsa(layer, x: torch.Tensor, grid: tuple[int, int], side: int, contract: bool = True):
+def loop_cbsa(layer, x: torch.Tensor, grid: tuple[int, int], side: int, contract: bool = True,
+              pool=None):
     """The four CBSA equations written out with scalar loops (float64), per image and head.
 
-    Representatives come from torch's own ``AdaptiveAvgPool2d`` on the patch grid: the
-    pooling is computed independently of :func:`adaptive_pool_matrix`.
+    Representatives come from torch's own ``AdaptiveAvgPool2d`` on the patch grid (computed
+    independently of :func:`adaptive_pool_matrix`), or from ``pool(w) -> (B, m, dim)``.
     Returns the layer's output and the extraction maps ``A`` (B, h, m, N).
     """
     batch, tokens, dim = x.shape
     heads, p = layer.num_heads, layer.head_dim
-    prefix = tokens - grid[0] * grid[1]
     scale = p**-0.5
     w = layer.proj(x)
-    pooled = F.adaptive_avg_pool2d(
-        w[:, prefix:].transpose(1, 2).reshape(batch, dim, *grid),
-        (min(side, grid[0]), min(side, grid[1])),
-    ).flatten(2).transpose(1, 2)  # (B, m, dim)
+    if pool is None:
+        prefix = tokens - grid[0] * grid[1]
+        pooled = F.adaptive_avg_pool2d(
+            w[:, prefix:].transpose(1, 2).reshape(batch, dim, *grid),
+            (min(side, grid[0]), min(side, grid[1])),
+        ).flatten(2).transpose(1, 2)  # (B, m, dim)
+    else:
+        pooled = pool(w)
     m = pooled.shape[1]
     out = torch.zeros(batch, tokens, dim, dtype=x.dtype)
     maps = torch.zeros(batch, heads, m, tokens, dtype=x.dtype)
@@ -151,6 +155,27 @@ def test_pooling_skips_class_tokens_and_uses_only_visible_patches():
             else:  # an empty cell takes the mean of all visible patches
                 expected[1:] = 1 / 4
             torch.testing.assert_close(weights[b, r], expected)
+
+
+@torch.no_grad()
+def test_cbsa_on_visible_patches_pools_only_their_cells():
+    """MAE's case: 2 class tokens and 5 of 16 patches of a 4x4 grid, pooled 2x2."""
+    layer = make_layer(CBSAAttention, prefix=2, side=2)
+    visible = torch.tensor([[0, 1, 5, 15, 10], [2, 3, 6, 7, 11]])  # image 1: cell 2 empty
+    x = torch.randn(2, 2 + 5, 12, dtype=torch.float64)
+
+    def pool_visible(w):
+        reps = torch.zeros(2, 4, 12, dtype=torch.float64)
+        for b in range(2):
+            for r in range(4):
+                members = [2 + k for k, g in enumerate(visible[b].tolist())
+                           if (g // 4) // 2 == r // 2 and (g % 4) // 2 == r % 2]
+                reps[b, r] = w[b, members or list(range(2, 7))].mean(0)
+        return reps
+
+    expected, _ = loop_cbsa(layer, x, (4, 4), 2, pool=pool_visible)
+    with token_layout(layer, (4, 4), visible):
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
 
 
 @torch.no_grad()

@@ -150,6 +150,21 @@ def test_bf16_mixed_run_trains(tmp_path):
     assert losses and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.parametrize("preset,attention", [
+    ("udi_synthetic", ["model.attention=cbsa"]),  # two class tokens, local crops' 2x2 grid
+    ("mae_synthetic", ["model.attention=cbsa"]),  # visible subsets of the grid
+    ("dino_synthetic", ["model.attention=agent", "model.block=cbt"]),
+    ("bam_synthetic", ["model.attention=mssa", "trainer.precision=bf16-mixed"]),
+])
+def test_any_method_trains_on_any_attention(tmp_path, preset, attention):
+    assert run_cli(tmp_path, "attn", *attention, "trainer.max_steps=4", "eval.at_end=false",
+                   preset=preset) == 0
+    losses = [float(r["loss"]) for r in MetricsLog(tmp_path / "attn" / "metrics.csv").read()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    config = safe_torch_load(list_checkpoints(tmp_path / "attn")[-1])["config"]
+    assert config["model"]["attention"] == attention[0].partition("=")[2]
+
+
 def test_resume_refuses_changes_that_break_exactness(tmp_path, capsys):
     assert run_cli(tmp_path, "r", "eval.at_end=false", "trainer.max_steps=2") == 0
     assert main(["pretrain", "--resume", str(tmp_path / "r"), "optim.lr=0.1"]) == 2
