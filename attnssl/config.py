@@ -104,9 +104,10 @@ class ModelSection(_Section):
     num_heads: int | None = Field(None, gt=0)
     mlp_ratio: float | None = Field(None, gt=0)
     attention: str = "softmax"
-    weight_init: Literal["timm", "moco", "jax"] = Field(
-        "timm", description="timm's ViT initialisation: timm (trunc-normal 0.02), moco (MoCo v3 "
-        "xavier, as BAM's official code), jax")
+    weight_init: Literal["timm", "moco", "jax", "mae"] = Field(
+        "timm", description="ViT initialisation: timm (trunc-normal 0.02), moco (MoCo v3 "
+        "xavier, as BAM's official code), jax, mae (MAE's: xavier-uniform linears and patch "
+        "embedding, class token N(0, 0.02))")
     drop_path: float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
     class_tokens: int | None = Field(

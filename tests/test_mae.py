@@ -153,3 +153,21 @@ def test_decoder_puts_each_latent_and_the_mask_token_at_its_patch(generator):
         for patch in torch.nonzero(mask[b]).flatten().tolist():
             expected = decoder.pred(decoder.norm(decoder.mask_token[0, 0] + pos[patch]))
             torch.testing.assert_close(pred[b, patch], expected)
+
+
+def test_mae_initialisation_is_xavier_everywhere():
+    cfg = load_config("mae_fashion_mnist", [])
+    torch.manual_seed(0)
+    vit = build_vit(cfg.model, 28, 1)
+
+    def xavier_bound(fan_out, fan_in):
+        return math.sqrt(6 / (fan_in + fan_out))
+
+    qkv = vit.blocks[0].attn.qkv.weight  # one (3D, D) matrix, as MAE's qkv
+    assert qkv.abs().max() <= xavier_bound(*qkv.shape) and qkv.abs().max() > 0.9 * xavier_bound(
+        *qkv.shape)
+    assert torch.all(vit.blocks[0].attn.qkv.bias == 0)
+    patch = vit.patch_embed.proj.weight.flatten(1)  # (128, 16): the patch embedding as a matrix
+    assert 0.9 * xavier_bound(*patch.shape) < patch.abs().max() <= xavier_bound(*patch.shape)
+    assert 0.01 < vit.cls_token.std() < 0.04
+    assert not vit.pos_embed.requires_grad

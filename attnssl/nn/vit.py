@@ -83,10 +83,12 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         drop_path_rate=model_cfg.drop_path,
         dynamic_img_size=True,
         attn_layer=get_attention(model_cfg.attention),
-        weight_init="" if model_cfg.weight_init == "timm" else model_cfg.weight_init,
+        weight_init="" if model_cfg.weight_init in ("timm", "mae") else model_cfg.weight_init,
         reg_tokens=extra_tokens,
         block_fn=CBTBlock if getattr(model_cfg, "block", "vit") == "cbt" else Block,
     )
+    if model_cfg.weight_init == "mae":
+        mae_init_(vit)
     if extra_tokens:
         nn.init.trunc_normal_(vit.cls_token, std=0.02)
         nn.init.trunc_normal_(vit.reg_token, std=0.02)
@@ -97,6 +99,24 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         if hasattr(layer, "pool_side"):
             layer.pool_side = getattr(model_cfg, "cbsa_pool", 8)
     return vit
+
+
+@torch.no_grad()
+def mae_init_(vit: VisionTransformer) -> None:
+    """MAE's ``initialize_weights`` (facebookresearch/mae): xavier-uniform on every linear
+    (biases 0) and on the patch embedding seen as a matrix, LayerNorms (1, 0), class token
+    N(0, 0.02). Positions are left to ``model.pos_embed``."""
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    weight = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.normal_(vit.cls_token, std=0.02)
 
 
 FEATURE_KINDS = ("cls", "mean", "cls+mean", "cls_plus", "cls+cls_plus")
