@@ -1,0 +1,72 @@
+"""What an attention map does, as numbers: entropy, mean distance, diversity across queries.
+
+Maps are row-stochastic ``(..., queries, keys)`` tensors (a row is one query's attention). On
+real ViTs the patch-to-patch block is read (:func:`patch_attention`); the theory paper's
+measurements group queries by the area of the image they lie in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_attention(maps: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The patch-to-patch block of maps over ``[prefix tokens, patches]``, rows renormalised
+    (the attention a patch pays to other patches, class tokens left out)."""
+    block = maps[..., prefix:, prefix:]
+    return block / block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
+
+
+def attention_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of ``H(a_i) = -sum_j a_ij log a_ij`` (nats): ``(...,)``.
+
+    0 for one-hot rows, ``log(keys)`` for uniform rows.
+    """
+    logs = maps.clamp_min(torch.finfo(maps.dtype).tiny).log()
+    return -(maps * logs).sum(dim=-1).mean(dim=-1)
+
+
+def grid_positions(grid_h: int, grid_w: int, patch: float = 1.0) -> torch.Tensor:
+    """``(grid_h * grid_w, 2)`` patch centres (row, column) in pixels, row-major."""
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.stack([rows, cols], dim=-1).reshape(-1, 2).double().add(0.5).mul(patch)
+
+
+def mean_attention_distance(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``mean_i sum_j a_ij ||x_i - x_j||`` with ``positions (N, 2)`` of the queries and keys
+    (the same tokens): ``(...,)``. Dosovitskiy et al.'s "attention distance" in pixels when
+    positions are in pixels; 0 when every token attends to itself."""
+    distances = torch.cdist(positions.double(), positions.double()).to(maps.dtype)
+    return (maps * distances).sum(dim=-1).mean(dim=-1)
+
+
+def attention_diversity(maps: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - mean cos(a_i, a_j)`` over pairs of distinct queries ``i != j``: ``(...,)``.
+
+    With ``groups`` (one label per query, e.g. the area a patch lies in) only pairs in
+    different groups count, as in the theory paper. 0 when all queries attend alike (collapse
+    onto one place, or uniform attention), 1 when their attention never overlaps.
+    """
+    rows = F.normalize(maps, dim=-1)
+    similarity = rows @ rows.transpose(-2, -1)
+    queries = maps.shape[-2]
+    pairs = ~torch.eye(queries, dtype=torch.bool, device=maps.device)
+    if groups is not None:
+        pairs = groups.view(-1, 1) != groups.view(1, -1)
+    if not pairs.any():
+        raise ValueError("attention diversity needs at least two queries in different groups")
+    return 1 - similarity[..., pairs].mean(dim=-1)
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola (2020): ``E ||f(x) - f(y)||^alpha`` over positive pairs of L2-normalised
+    embeddings (row i of ``z1`` with row i of ``z2``); 0 when views agree exactly."""
+    return (F.normalize(z1, dim=-1) - F.normalize(z2, dim=-1)).norm(dim=-1).pow(alpha).mean()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola (2020): ``log E exp(-t ||f(x) - f(y)||^2)`` over distinct pairs of
+    L2-normalised embeddings; 0 when all collapse to one point, lower is more uniform."""
+    sq = torch.pdist(F.normalize(z, dim=-1)).pow(2)
+    return sq.mul(-t).exp().mean().log()

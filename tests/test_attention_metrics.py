@@ -1,0 +1,84 @@
+"""Attention and collapse metrics on hand-made maps and embeddings with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from attnssl.functional.attention_metrics import (
+    alignment,
+    attention_diversity,
+    attention_entropy,
+    grid_positions,
+    mean_attention_distance,
+    patch_attention,
+    uniformity,
+)
+
+N = 6
+
+
+def uniform_maps():
+    return torch.full((N, N), 1.0 / N, dtype=torch.float64)
+
+
+def one_hot_maps():
+    return torch.eye(N, dtype=torch.float64)
+
+
+def block_diagonal_maps():
+    """Queries 0-2 attend uniformly to keys 0-2, queries 3-5 to keys 3-5."""
+    maps = torch.zeros(N, N, dtype=torch.float64)
+    maps[:3, :3] = 1 / 3
+    maps[3:, 3:] = 1 / 3
+    return maps
+
+
+def test_entropy_of_known_maps():
+    assert attention_entropy(uniform_maps()).item() == pytest.approx(math.log(N))
+    assert attention_entropy(one_hot_maps()).item() == pytest.approx(0.0)
+    assert attention_entropy(block_diagonal_maps()).item() == pytest.approx(math.log(3))
+    stacked = torch.stack([uniform_maps(), one_hot_maps()])  # (layers/heads, N, N)
+    torch.testing.assert_close(attention_entropy(stacked),
+                               torch.tensor([math.log(N), 0.0], dtype=torch.float64))
+
+
+def test_mean_distance_of_known_maps():
+    positions = grid_positions(2, 3, patch=4.0)  # centres 4 px apart
+    assert positions[0].tolist() == [2.0, 2.0] and positions[5].tolist() == [6.0, 10.0]
+    assert mean_attention_distance(one_hot_maps(), positions).item() == pytest.approx(0.0)
+    expected = sum(float(torch.dist(positions[i], positions[j]))
+                   for i in range(N) for j in range(N)) / N / N
+    assert mean_attention_distance(uniform_maps(), positions).item() == pytest.approx(expected)
+    # block-diagonal: each row of the 2x3 grid attends within its own row of patches
+    # (distances 0, 4, 8 from an end patch, 4, 0, 4 from the middle one)
+    assert mean_attention_distance(block_diagonal_maps(), positions).item() == pytest.approx(
+        (12 + 8 + 12) / 9)
+
+
+def test_diversity_of_known_maps():
+    assert attention_diversity(uniform_maps()).item() == pytest.approx(0.0)
+    assert attention_diversity(one_hot_maps()).item() == pytest.approx(1.0)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # across the two areas the rows never overlap; within an area they are identical
+    assert attention_diversity(block_diagonal_maps(), groups).item() == pytest.approx(1.0)
+    # over all pairs: 6 of the 15 distinct pairs (within a block) are identical rows
+    assert attention_diversity(block_diagonal_maps()).item() == pytest.approx(1 - 12 / 30)
+    collapsed = torch.zeros(N, N, dtype=torch.float64)
+    collapsed[:, 0] = 1  # every query attends to the same key
+    assert attention_diversity(collapsed, groups).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="two queries in different groups"):
+        attention_diversity(uniform_maps(), torch.zeros(N, dtype=torch.long))
+
+
+def test_patch_attention_drops_class_tokens_and_renormalises():
+    maps = torch.full((1 + N, 1 + N), 1.0 / (1 + N), dtype=torch.float64)
+    torch.testing.assert_close(patch_attention(maps, 1), uniform_maps())
+
+
+def test_alignment_and_uniformity_of_known_embeddings():
+    z = torch.eye(4, dtype=torch.float64)
+    assert alignment(z, 3 * z).item() == pytest.approx(0.0)  # scale does not matter
+    assert alignment(z, z.roll(1, 0)).item() == pytest.approx(2.0)  # orthogonal: ||a-b||^2 = 2
+    assert uniformity(torch.ones(5, 3, dtype=torch.float64)).item() == pytest.approx(0.0)
+    assert uniformity(z).item() == pytest.approx(-4.0)  # every pair at squared distance 2
