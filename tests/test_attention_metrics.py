@@ -8,10 +8,13 @@ import torch
 from attnssl.functional.attention_metrics import (
     alignment,
     attention_diversity,
+    attention_segmentation_jaccard,
     attention_entropy,
     grid_positions,
+    jaccard,
     mean_attention_distance,
     patch_attention,
+    top_mass_mask,
     uniformity,
 )
 
@@ -82,3 +85,26 @@ def test_alignment_and_uniformity_of_known_embeddings():
     assert alignment(z, z.roll(1, 0)).item() == pytest.approx(2.0)  # orthogonal: ||a-b||^2 = 2
     assert uniformity(torch.ones(5, 3, dtype=torch.float64)).item() == pytest.approx(0.0)
     assert uniformity(z).item() == pytest.approx(-4.0)  # every pair at squared distance 2
+
+
+def test_top_mass_keeps_the_fewest_keys_holding_that_mass():
+    attention = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    kept = top_mass_mask(attention, 0.6)
+    assert kept[0].tolist() == [True, False, True, False]  # 0.5 + 0.3 >= 0.6, 0.5 alone not
+    assert kept[1].sum() == 3  # uniform: two keys hold 0.5 < 0.6, three hold 0.75
+    assert top_mass_mask(attention, 1.0).all()
+    with pytest.raises(ValueError, match="attention mass must be in"):
+        top_mass_mask(attention, 0.0)
+
+
+def test_segmentation_jaccard_of_known_attention():
+    foreground = torch.zeros(2, 4, 4, dtype=torch.bool)
+    foreground[:, :2, :2] = True  # the top-left patch of a 2x2 grid of 2-pixel patches
+    on_object = torch.tensor([[0.9, 0.05, 0.03, 0.02]])
+    off_object = torch.tensor([[0.02, 0.9, 0.05, 0.03]])
+    scores = attention_segmentation_jaccard(torch.cat([on_object, off_object]), foreground, 2)
+    assert scores.tolist() == [1.0, 0.0]
+    half = attention_segmentation_jaccard(torch.tensor([[0.45, 0.45, 0.05, 0.05]]),
+                                          foreground[:1], 2)
+    assert half.item() == pytest.approx(0.5)  # 4 of the 8 predicted pixels are the object
+    assert jaccard(torch.zeros(3, 3, dtype=torch.bool), torch.zeros(3, 3, dtype=torch.bool)) == 1

@@ -70,3 +70,37 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     L2-normalised embeddings; 0 when all collapse to one point, lower is more uniform."""
     sq = torch.pdist(F.normalize(z, dim=-1)).pow(2)
     return sq.mul(-t).exp().mean().log()
+
+
+def top_mass_mask(attention: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
+    """Boolean mask of the smallest set of keys holding ``mass`` of each row's attention
+    (DINO's ``threshold`` in ``visualize_attention.py``): with values sorted ascending and
+    normalised, keep those whose cumulative sum passes ``1 - mass``."""
+    if not 0 < mass <= 1:
+        raise ValueError(f"attention mass must be in (0, 1], got {mass}")
+    values, order = attention.sort(dim=-1)
+    cumulative = (values / values.sum(dim=-1, keepdim=True)).cumsum(dim=-1)
+    keep_sorted = cumulative > (1 - mass)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def jaccard(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``|P and T| / |P or T|`` per item over the last two (pixel) dimensions; 1 when both are
+    empty."""
+    inter = (predicted & target).flatten(-2).sum(-1).double()
+    union = (predicted | target).flatten(-2).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def attention_segmentation_jaccard(cls_attention: torch.Tensor, foreground: torch.Tensor,
+                                   patch: int, mass: float = 0.6) -> torch.Tensor:
+    """Jaccard of the thresholded class-token attention against a foreground mask.
+
+    ``cls_attention (B, H/p * W/p)`` (the class token's attention to the patches, row-major),
+    ``foreground (B, H, W)`` boolean. The top-``mass`` patches are upsampled to pixels
+    (each patch covers its ``p x p`` pixels) and compared with the mask: ``(B,)``.
+    """
+    batch, height, width = foreground.shape
+    grid = top_mass_mask(cls_attention, mass).view(batch, height // patch, width // patch)
+    pixels = grid.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    return jaccard(pixels, foreground)
