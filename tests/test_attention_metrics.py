@@ -8,8 +8,8 @@ import torch
 from attnssl.functional.attention_metrics import (
     alignment,
     attention_diversity,
-    attention_segmentation_jaccard,
     attention_entropy,
+    attention_segmentation_jaccard,
     grid_positions,
     jaccard,
     mean_attention_distance,
