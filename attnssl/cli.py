@@ -1,4 +1,4 @@
-"""``attnssl pretrain | eval | presets``."""
+"""``attnssl pretrain | eval | theory | presets``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_theory(args) -> int:
+    from pathlib import Path
+
+    from attnssl.theory import DataModel, TrainSettings, run_theory, table
+
+    data = DataModel(grid=args.grid, local_scale=args.local_scale, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, lr=args.lr, mask_prob=args.mask_prob,
+                             log_every=max(1, args.steps // 30), seed=args.seed)
+    result = run_theory(Path(args.out), data, settings, args.imbalance)
+    from attnssl.theory import Curve
+
+    print(table([Curve(**c) for c in result["curves"]]))
+    print(f"wrote {args.out}/theory.json, theory.md, theory.png")
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -113,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     e.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.knn_k=10")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("theory", help="the theory paper's synthetic experiment: MAE against "
+                       "contrastive learning on a one-layer softmax attention")
+    t.add_argument("--out", default="runs/theory", help="folder for theory.json/.md/.png")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--lr", type=float, default=0.5)
+    t.add_argument("--mask-prob", type=float, default=0.5)
+    t.add_argument("--grid", type=int, default=6, help="patches per side")
+    t.add_argument("--local-scale", type=float, default=1.0,
+                   help="magnitude of the local features (global: imbalance x this range)")
+    t.add_argument("--imbalance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_theory)
 
     s = sub.add_parser("presets", help="list the config presets")
     s.set_defaults(func=cmd_presets)

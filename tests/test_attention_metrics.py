@@ -67,6 +67,10 @@ def test_diversity_of_known_maps():
     assert attention_diversity(block_diagonal_maps(), groups).item() == pytest.approx(1.0)
     # over all pairs: 6 of the 15 distinct pairs (within a block) are identical rows
     assert attention_diversity(block_diagonal_maps()).item() == pytest.approx(1 - 12 / 30)
+    # batched maps with one grouping per item
+    stacked = torch.stack([block_diagonal_maps(), uniform_maps()])
+    torch.testing.assert_close(attention_diversity(stacked, torch.stack([groups, groups])),
+                               torch.tensor([1.0, 0.0], dtype=torch.float64))
     collapsed = torch.zeros(N, N, dtype=torch.float64)
     collapsed[:, 0] = 1  # every query attends to the same key
     assert attention_diversity(collapsed, groups).item() == pytest.approx(0.0)

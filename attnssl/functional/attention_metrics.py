@@ -44,19 +44,22 @@ def mean_attention_distance(maps: torch.Tensor, positions: torch.Tensor) -> torc
 def attention_diversity(maps: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - mean cos(a_i, a_j)`` over pairs of distinct queries ``i != j``: ``(...,)``.
 
-    With ``groups`` (one label per query, e.g. the area a patch lies in) only pairs in
-    different groups count, as in the theory paper. 0 when all queries attend alike (collapse
-    onto one place, or uniform attention), 1 when their attention never overlaps.
+    With ``groups`` (one label per query, ``(..., queries)``: e.g. the area a patch lies in)
+    only pairs in different groups count, as in the theory paper. 0 when all queries attend
+    alike (collapse onto one place, or uniform attention), 1 when their attention never
+    overlaps.
     """
     rows = F.normalize(maps, dim=-1)
     similarity = rows @ rows.transpose(-2, -1)
     queries = maps.shape[-2]
-    pairs = ~torch.eye(queries, dtype=torch.bool, device=maps.device)
-    if groups is not None:
-        pairs = groups.view(-1, 1) != groups.view(1, -1)
-    if not pairs.any():
+    if groups is None:
+        pairs = ~torch.eye(queries, dtype=torch.bool, device=maps.device)
+    else:
+        pairs = groups.unsqueeze(-1) != groups.unsqueeze(-2)
+    counts = pairs.sum(dim=(-2, -1))
+    if (counts == 0).any():
         raise ValueError("attention diversity needs at least two queries in different groups")
-    return 1 - similarity[..., pairs].mean(dim=-1)
+    return 1 - (similarity * pairs).sum(dim=(-2, -1)) / counts
 
 
 def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""The theory paper's synthetic experiment: masked modelling against contrastive learning on a
+one-layer softmax attention (Huang, Wen, Chi & Liang, ICLR 2025).
+
+The paper has no official code; this is our reconstruction of its data model and measurements
+(``ALGORITHMS.md``):
+
+* Images are ``P`` patches on a grid; each belongs to one of ``K`` clusters. Cluster ``k``
+  splits the patches into one **global area** and ``n_local`` **local areas** of ``C`` patches
+  each (a random partition drawn once per cluster).
+* Features ``v_{k,j}`` (cluster ``k``, area ``j``; ``j = 0`` global) and positions ``e_p`` are
+  orthonormal (standard basis vectors of ``R^d``, ``d = K (1 + n_local) + P``). Patch ``p`` in
+  area ``j`` of an image of cluster ``k`` is ``x_p = z_j v_{k,j}`` with one ``z_j`` per image and
+  area: ``z_0 ~ U[L, U] * imbalance`` for the global area, ``z_j ~ U[L, U] * local_scale`` for
+  local ones. ``imbalance`` is the knob: how much stronger the global feature is.
+* The model is one softmax attention with a merged key-query matrix ``Q`` (initialised 0, so
+  attention starts uniform) on inputs ``h_p = x_p + e_p``, values ``x_q`` (a masked patch has
+  ``x = 0``; its position stays):
+
+      F_p = sum_q softmax_q(h_q^T Q h_p) x_q.
+
+* MAE: each patch is masked with probability ``gamma``; loss ``1/2 sum_{p masked} ||F_p - x_p||^2``
+  (mean over images). CL: two independently masked views of each image, pooled outputs
+  ``mean_p F_p``, InfoNCE (NT-Xent) against the batch's other images.
+* Measured on clean images: per query patch, the attention mass on its own area and on the
+  global area (local and global queries apart), and the diversity ``1 - mean cos(a_p, a_q)``
+  over query pairs in different areas (:func:`attnssl.functional.attention_metrics.attention_diversity`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from attnssl.functional.attention_metrics import attention_diversity
+from attnssl.functional.info_nce import nt_xent
+
+
+@dataclass(frozen=True)
+class DataModel:
+    """The patch/cluster/area structure and the feature magnitudes."""
+
+    grid: int = 6
+    clusters: int = 2
+    local_areas: int = 3
+    local_size: int = 3
+    low: float = 1.0
+    high: float = 2.0
+    imbalance: float = 2.0
+    local_scale: float = 1.0
+    seed: int = 0
+
+    @property
+    def patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def width(self) -> int:
+        return self.clusters * (1 + self.local_areas) + self.patches
+
+    def areas(self) -> torch.Tensor:
+        """``(K, P)``: the area of each patch in each cluster (0 global, 1..n_local local)."""
+        if self.local_areas * self.local_size >= self.patches:
+            raise ValueError(
+                f"local_areas * local_size = {self.local_areas * self.local_size} leaves no "
+                f"global area on {self.patches} patches; lower one of them"
+            )
+        g = torch.Generator().manual_seed(self.seed)
+        areas = torch.zeros(self.clusters, self.patches, dtype=torch.long)
+        for k in range(self.clusters):
+            order = torch.randperm(self.patches, generator=g)
+            for j in range(self.local_areas):
+                areas[k, order[j * self.local_size:(j + 1) * self.local_size]] = j + 1
+        return areas
+
+
+def feature_index(data: DataModel, cluster: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """Basis index of ``v_{k,j}``; positions ``e_p`` follow at ``K (1 + n_local) + p``."""
+    return cluster * (1 + data.local_areas) + area
+
+
+def sample_images(data: DataModel, count: int, generator: torch.Generator,
+                  areas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x (B, P, d)`` patch features, ``cluster (B,)`` and ``area (B, P)`` of each patch."""
+    cluster = torch.randint(0, data.clusters, (count,), generator=generator)
+    area = areas[cluster]  # (B, P)
+    z = data.low + (data.high - data.low) * torch.rand(count, 1 + data.local_areas,
+                                                       generator=generator)
+    z[:, 0] *= data.imbalance
+    z[:, 1:] *= data.local_scale
+    x = torch.zeros(count, data.patches, data.width)
+    index = feature_index(data, cluster.view(-1, 1), area)
+    x.scatter_(2, index.unsqueeze(-1), z.gather(1, area).unsqueeze(-1))
+    return {"x": x, "cluster": cluster, "area": area}
+
+
+def positions(data: DataModel) -> torch.Tensor:
+    """``(P, d)``: the positional embeddings ``e_p`` (basis vectors after the features)."""
+    e = torch.zeros(data.patches, data.width)
+    e[torch.arange(data.patches), data.clusters * (1 + data.local_areas)
+      + torch.arange(data.patches)] = 1
+    return e
+
+
+def attention(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``(B, P_query, P_key)``: ``softmax_q(h_q^T Q h_p)`` with ``h = x + e``."""
+    h = x + e
+    return (h @ q.T @ h.transpose(1, 2)).softmax(dim=-1)
+
+
+def forward(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``F (B, P, d)``: each query's attention-weighted sum of the patch features."""
+    return attention(q, x, e) @ x
+
+
+def mae_loss(q, x, e, mask) -> torch.Tensor:
+    """``1/2 sum_{p masked} ||F_p - x_p||^2``, mean over images; ``mask (B, P)`` 1 = masked."""
+    visible = x * (1 - mask).unsqueeze(-1)
+    error = (forward(q, visible, e) - x).pow(2).sum(-1)
+    return 0.5 * (error * mask).sum(1).mean()
+
+
+def cl_loss(q, x, e, mask_a, mask_b, temperature: float) -> torch.Tensor:
+    """InfoNCE between the pooled outputs of two masked views of each image."""
+    pooled = [forward(q, x * (1 - m).unsqueeze(-1), e).mean(1) for m in (mask_a, mask_b)]
+    return nt_xent(torch.cat(pooled), torch.cat(pooled), 2, temperature)
+
+
+@torch.no_grad()
+def measure(q, batch: dict, e: torch.Tensor) -> dict[str, float]:
+    """Attention mass of local and global queries on their own area and on the global area,
+    and the diversity across areas, on clean images."""
+    attn = attention(q, batch["x"], e)  # (B, P, P)
+    area = batch["area"]
+    same_area = (area.unsqueeze(2) == area.unsqueeze(1)).float()  # (B, query, key)
+    on_global = (area == 0).float().unsqueeze(1)  # (B, 1, key)
+    own = (attn * same_area).sum(-1)  # (B, P)
+    glob = (attn * on_global).sum(-1)
+    local_q = area > 0
+    diversity = attention_diversity(attn, area)
+    return {
+        "local_own_area": own[local_q].mean().item(),
+        "local_on_global": glob[local_q].mean().item(),
+        "global_own_area": own[~local_q].mean().item(),
+        "diversity": diversity.mean().item(),
+    }
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 3000
+    lr: float = 0.5
+    batch: int = 64
+    mask_prob: float = 0.5
+    temperature: float = 0.5
+    log_every: int = 100
+    eval_images: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Curve:
+    objective: str
+    imbalance: float
+    steps: list[int] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(objective: str, data: DataModel, settings: TrainSettings) -> Curve:
+    """Gradient descent on ``Q`` (from 0) with fresh images every step; the curve of
+    :func:`measure` every ``log_every`` steps (step 0 included)."""
+    if objective not in ("mae", "cl"):
+        raise ValueError(f"objective must be 'mae' or 'cl', got {objective!r}")
+    areas, e = data.areas(), positions(data)
+    generator = torch.Generator().manual_seed(settings.seed)
+    eval_batch = sample_images(data, settings.eval_images, torch.Generator().manual_seed(10**6),
+                               areas)
+    q = torch.zeros(data.width, data.width, requires_grad=True)
+    curve = Curve(objective, data.imbalance)
+    for step in range(settings.steps + 1):
+        if step % settings.log_every == 0 or step == settings.steps:
+            curve.steps.append(step)
+            curve.metrics.append(measure(q, eval_batch, e))
+        if step == settings.steps:
+            break
+        x = sample_images(data, settings.batch, generator, areas)["x"]
+
+        def draw_mask():
+            return (torch.rand(x.shape[:2], generator=generator) < settings.mask_prob).float()
+
+        if objective == "mae":
+            loss = mae_loss(q, x, e, draw_mask())
+        else:
+            loss = cl_loss(q, x, e, draw_mask(), draw_mask(), settings.temperature)
+        (grad,) = torch.autograd.grad(loss, q)
+        with torch.no_grad():
+            q -= settings.lr * grad
+    return curve
+
+
+METRIC_NAMES = ("local_own_area", "local_on_global", "global_own_area", "diversity")
+
+
+def table(curves: list[Curve]) -> str:
+    lines = ["| objective | imbalance | step | local query: own area | local query: global area "
+             "| global query: own area | diversity |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for curve in curves:
+        picks = sorted({0, len(curve.steps) // 4, len(curve.steps) // 2, len(curve.steps) - 1})
+        for i in picks:
+            m = curve.metrics[i]
+            lines.append(f"| {curve.objective} | {curve.imbalance:g} | {curve.steps[i]} | "
+                         + " | ".join(f"{m[k]:.3f}" for k in METRIC_NAMES) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: list[Curve], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"local_own_area": "local queries: mass on own area",
+              "local_on_global": "local queries: mass on global area",
+              "global_own_area": "global queries: mass on global area",
+              "diversity": "attention diversity across areas"}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), dpi=110)
+    for curve in curves:
+        style = "-" if curve.objective == "mae" else "--"
+        for axis, key in zip(axes, METRIC_NAMES, strict=True):
+            axis.plot(curve.steps, [m[key] for m in curve.metrics], style,
+                      label=f"{curve.objective.upper()}, imbalance {curve.imbalance:g}")
+    for axis, key in zip(axes, METRIC_NAMES, strict=True):
+        axis.set_title(titles[key], fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_theory(out_dir: Path, data: DataModel, settings: TrainSettings,
+               imbalances: list[float]) -> dict:
+    """Train MAE and CL for each imbalance; write ``theory.json``, ``theory.md``, ``theory.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for imbalance in imbalances:
+        for objective in ("mae", "cl"):
+            curves.append(train(objective, DataModel(**{**asdict(data), "imbalance": imbalance}),
+                                settings))
+    result = {"data": asdict(data), "settings": asdict(settings), "imbalances": imbalances,
+              "curves": [asdict(c) for c in curves]}
+    (out_dir / "theory.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "theory.md").write_text(table(curves) + "\n")
+    plot(curves, out_dir / "theory.png")
+    return result

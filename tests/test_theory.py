@@ -1,0 +1,53 @@
+"""The theory experiment's data model, model and a short run of ``attnssl theory``."""
+
+import json
+
+import torch
+
+from attnssl.cli import main
+from attnssl.theory import DataModel, attention, positions, sample_images
+
+
+def test_data_model_has_the_stated_structure():
+    data = DataModel(grid=6, clusters=3, local_areas=3, local_size=4, imbalance=3.0, seed=1)
+    areas = data.areas()
+    for k in range(3):  # one global area and 3 local areas of 4 patches per cluster
+        counts = torch.bincount(areas[k], minlength=4).tolist()
+        assert counts == [36 - 12, 4, 4, 4]
+    assert not torch.equal(areas[0], areas[1])  # each cluster partitions the grid its own way
+    batch = sample_images(data, 50, torch.Generator().manual_seed(0), areas)
+    x, cluster, area = batch["x"], batch["cluster"], batch["area"]
+    e = positions(data)
+    # every patch carries exactly one feature, v_{k,j} of its image's cluster and its area ...
+    assert torch.all((x != 0).sum(-1) == 1)
+    index = x.abs().argmax(-1)
+    assert torch.equal(index, cluster.view(-1, 1) * 4 + area)
+    # ... with one magnitude per image and area, the global one scaled by the imbalance
+    for b in range(5):
+        for j in range(4):
+            values = x[b][area[b] == j].sum(-1)
+            assert torch.allclose(values, values[0].expand_as(values))
+            low, high = (3.0, 6.0) if j == 0 else (1.0, 2.0)
+            assert low <= values[0] <= high
+    # features and positions are orthonormal to one another
+    assert torch.equal(e @ e.T, torch.eye(36)) and torch.all(e[:, :12] == 0)
+
+
+def test_attention_starts_uniform():
+    data = DataModel()
+    batch = sample_images(data, 4, torch.Generator().manual_seed(0), data.areas())
+    attn = attention(torch.zeros(data.width, data.width), batch["x"], positions(data))
+    torch.testing.assert_close(attn, torch.full_like(attn, 1 / data.patches))
+
+
+def test_theory_run_writes_its_table_and_figure(tmp_path, capsys):
+    out = tmp_path / "theory"
+    assert main(["theory", "--out", str(out), "--steps", "60", "--imbalance", "2"]) == 0
+    assert "| mae | 2 |" in capsys.readouterr().out
+    result = json.loads((out / "theory.json").read_text())
+    assert [c["objective"] for c in result["curves"]] == ["mae", "cl"]
+    assert (out / "theory.png").stat().st_size > 10_000
+    assert "local query: own area" in (out / "theory.md").read_text()
+    mae = result["curves"][0]["metrics"]
+    # from uniform attention, masked modelling moves local queries onto their own area
+    assert mae[-1]["local_own_area"] > mae[0]["local_own_area"] + 0.3
