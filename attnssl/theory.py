@@ -168,6 +168,11 @@ class Curve:
     metrics: list[dict[str, float]] = field(default_factory=list)
 
 
+def random_mask(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """``(B, P)``: 1 where a patch is masked, each with probability ``prob``."""
+    return (torch.rand(x.shape[:2], generator=generator) < prob).float()
+
+
 def train(objective: str, data: DataModel, settings: TrainSettings) -> Curve:
     """Gradient descent on ``Q`` (from 0) with fresh images every step; the curve of
     :func:`measure` every ``log_every`` steps (step 0 included)."""
@@ -186,14 +191,11 @@ def train(objective: str, data: DataModel, settings: TrainSettings) -> Curve:
         if step == settings.steps:
             break
         x = sample_images(data, settings.batch, generator, areas)["x"]
-
-        def draw_mask():
-            return (torch.rand(x.shape[:2], generator=generator) < settings.mask_prob).float()
-
         if objective == "mae":
-            loss = mae_loss(q, x, e, draw_mask())
+            loss = mae_loss(q, x, e, random_mask(x, settings.mask_prob, generator))
         else:
-            loss = cl_loss(q, x, e, draw_mask(), draw_mask(), settings.temperature)
+            loss = cl_loss(q, x, e, random_mask(x, settings.mask_prob, generator),
+                           random_mask(x, settings.mask_prob, generator), settings.temperature)
         (grad,) = torch.autograd.grad(loss, q)
         with torch.no_grad():
             q -= settings.lr * grad
