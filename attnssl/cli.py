@@ -92,16 +92,15 @@ def cmd_eval(args) -> int:
 def cmd_theory(args) -> int:
     from pathlib import Path
 
-    from attnssl.theory import DataModel, TrainSettings, run_theory, table
+    from attnssl.theory import DataModel, TrainSettings, run_theory
 
+    out = Path(args.out)
     data = DataModel(grid=args.grid, local_scale=args.local_scale, seed=args.seed)
     settings = TrainSettings(steps=args.steps, lr=args.lr, mask_prob=args.mask_prob,
                              log_every=max(1, args.steps // 30), seed=args.seed)
-    result = run_theory(Path(args.out), data, settings, args.imbalance)
-    from attnssl.theory import Curve
-
-    print(table([Curve(**c) for c in result["curves"]]))
-    print(f"wrote {args.out}/theory.json, theory.md, theory.png")
+    run_theory(out, data, settings, args.imbalance)
+    print((out / "theory.md").read_text(), end="")
+    print(f"wrote {out}/theory.json, theory.md, theory.png")
     return 0
 
 

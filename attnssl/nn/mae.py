@@ -39,6 +39,19 @@ def encode_visible(vit: nn.Module, images: torch.Tensor, keep_idx: torch.Tensor)
     return vit.norm(x)
 
 
+@torch.no_grad()
+def xavier_linears_(model: nn.Module) -> None:
+    """MAE's ``_init_weights``: every linear xavier-uniform with zero bias, LayerNorms (1, 0)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def sincos_pos_embed_(vit: nn.Module) -> None:
     """Set ``vit.pos_embed`` to the fixed 2-D sine-cosine table (zeros at the class tokens, as
     the official code) and freeze it."""
@@ -74,14 +87,7 @@ class MAEDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """The official initialisation: xavier-uniform linears, zero biases, N(0, 0.02) mask token."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        xavier_linears_(self)
 
     def forward(self, latent: torch.Tensor, restore_idx: torch.Tensor,
                 grid: tuple[int, int]) -> torch.Tensor:

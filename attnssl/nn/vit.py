@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from attnssl.nn.attention import attention_layers, get_attention
 from attnssl.nn.blocks import CBTBlock
-from attnssl.nn.mae import sincos_pos_embed_
+from attnssl.nn.mae import sincos_pos_embed_, xavier_linears_
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,7 @@ def mae_init_(vit: VisionTransformer) -> None:
     """MAE's ``initialize_weights`` (facebookresearch/mae): xavier-uniform on every linear
     (biases 0) and on the patch embedding seen as a matrix, LayerNorms (1, 0), class token
     N(0, 0.02). Positions are left to ``model.pos_embed``."""
-    for module in vit.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    xavier_linears_(vit)
     weight = vit.patch_embed.proj.weight
     nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
     nn.init.normal_(vit.cls_token, std=0.02)
