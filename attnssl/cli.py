@@ -1,4 +1,4 @@
-"""``attnssl pretrain | eval | theory | presets``."""
+"""``attnssl pretrain | eval | analyze | theory | presets``."""
 
 from __future__ import annotations
 
@@ -65,27 +65,28 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from attnssl.eval.evaluate import backbone_image_size, evaluate_backbone, load_eval_splits
-    from attnssl.methods import evaluation_backbone_prefix
-    from attnssl.nn.vit import build_vit
-    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
-    from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
+    from attnssl.eval.evaluate import evaluate_backbone, load_trained_backbone
 
-    overrides = _with_data_root(args.overrides, args.data_root)
-    checkpoint_path = resolve_checkpoint(args.target)
-    state = load_training_checkpoint(checkpoint_path)
-    config = config_from_checkpoint(state, overrides)
-    train, test = load_eval_splits(config)
-    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
-    backbone.load_state_dict(
-        backbone_from_method_state(state["method"], evaluation_backbone_prefix(config.method)))
-    result = evaluate_backbone(backbone, config, train, test)
-    result["checkpoint"] = str(checkpoint_path)
-    result["step"] = state["train"]["step"]
+    loaded = load_trained_backbone(args.target, _with_data_root(args.overrides, args.data_root))
+    result = evaluate_backbone(loaded.backbone, loaded.config, loaded.train, loaded.test)
+    result["checkpoint"] = str(loaded.checkpoint)
+    result["step"] = loaded.step
     _print_eval(result)
-    out = checkpoint_path.parent.parent / f"eval-step-{result['step']:08d}.json"
+    out = loaded.run_dir / f"eval-step-{result['step']:08d}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from attnssl.analysis import analyze_run
+
+    result = analyze_run(args.target, Path(args.out) if args.out else None,
+                         _with_data_root(args.overrides, args.data_root), images=args.images)
+    print(result["summary_table"])
+    print(f"wrote {result['report']}")
     return 0
 
 
@@ -128,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     e.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.knn_k=10")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", help="attention and collapse metrics, attention maps and an "
+                       "HTML report of a run or checkpoint")
+    a.add_argument("target", help="run folder (its newest checkpoint) or checkpoint file")
+    a.add_argument("--out", help="folder for analysis.json, figures/ and report.html "
+                   "(default: the run folder)")
+    a.add_argument("--images", type=int, default=256,
+                   help="test images the attention statistics average over")
+    a.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
+    a.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.features=mean")
+    a.set_defaults(func=cmd_analyze)
 
     t = sub.add_parser("theory", help="the theory paper's synthetic experiment: MAE against "
                        "contrastive learning on a one-layer softmax attention")

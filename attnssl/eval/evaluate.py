@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -43,6 +45,41 @@ def random_init_backbone(config, image_size: int, channels: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(config.run.seed)
         return build_vit(config.model, image_size, channels)
+
+
+@dataclass
+class TrainedBackbone:
+    """A run's evaluated backbone (the teacher where the method evaluates it), with its config
+    and labelled evaluation splits."""
+
+    backbone: nn.Module
+    config: object
+    checkpoint: Path
+    step: int
+    train: ImageDataset
+    test: ImageDataset
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint.parent.parent
+
+
+def load_trained_backbone(target: str | Path, overrides: list[str] | None = None
+                          ) -> TrainedBackbone:
+    """The backbone of a run folder's newest checkpoint, or of a checkpoint file (loaded with
+    ``weights_only=True``); ``key=value`` overrides change the config it is evaluated with."""
+    from attnssl.methods import evaluation_backbone_prefix
+    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
+    from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
+
+    checkpoint = resolve_checkpoint(target)
+    state = load_training_checkpoint(checkpoint)
+    config = config_from_checkpoint(state, overrides)
+    train, test = load_eval_splits(config)
+    backbone = build_vit(config.model, backbone_image_size(config, train), train.channels)
+    backbone.load_state_dict(
+        backbone_from_method_state(state["method"], evaluation_backbone_prefix(config.method)))
+    return TrainedBackbone(backbone, config, checkpoint, state["train"]["step"], train, test)
 
 
 def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: ImageDataset,

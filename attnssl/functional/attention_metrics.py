@@ -18,6 +18,15 @@ def patch_attention(maps: torch.Tensor, prefix: int) -> torch.Tensor:
     return block / block.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(block.dtype).tiny)
 
 
+def class_token_attention(maps: torch.Tensor, prefix: int, token: int = 0) -> torch.Tensor:
+    """Class token ``token``'s attention to the patches, renormalised: ``(..., patches)``.
+
+    The attention map DINO draws (``visualize_attention.py`` reads row 0 of the last layer).
+    """
+    row = maps[..., token, prefix:]
+    return row / row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+
+
 def attention_entropy(maps: torch.Tensor) -> torch.Tensor:
     """Mean over queries of ``H(a_i) = -sum_j a_ij log a_ij`` (nats): ``(...,)``.
 
