@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=0.5)
     t.add_argument("--mask-prob", type=float, default=0.5)
     t.add_argument("--grid", type=int, default=6, help="patches per side")
-    t.add_argument("--local-scale", type=float, default=1.0,
+    t.add_argument("--local-scale", type=float, default=0.3,
                    help="magnitude of the local features (global: imbalance x this range)")
     t.add_argument("--imbalance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     t.add_argument("--seed", type=int, default=0)

@@ -49,7 +49,7 @@ class DataModel:
     low: float = 1.0
     high: float = 2.0
     imbalance: float = 2.0
-    local_scale: float = 1.0
+    local_scale: float = 0.3
     seed: int = 0
 
     @property
@@ -217,6 +217,33 @@ def table(curves: list[Curve]) -> str:
     return "\n".join(lines)
 
 
+PHASES = (("global_own_area", 0.9), ("local_own_area", 0.5), ("diversity", 0.5))
+
+
+def first_step(curve: Curve, metric: str, threshold: float) -> int | None:
+    """The first logged step at which ``metric`` reaches ``threshold`` (None: never)."""
+    for step, values in zip(curve.steps, curve.metrics, strict=True):
+        if values[metric] >= threshold:
+            return step
+    return None
+
+
+def phase_table(curves: list[Curve]) -> str:
+    """When each phase is reached: global queries settle on the global area, local queries on
+    their own area, and the attention of different areas separates (``-``: not within the
+    run)."""
+    heads = [f"{metric.replace('_', ' ')} >= {threshold:g}" for metric, threshold in PHASES]
+    lines = ["| objective | imbalance | " + " | ".join(f"first step: {h}" for h in heads)
+             + " | final local own area | final diversity |", "| --- " * (4 + len(PHASES)) + "|"]
+    for curve in curves:
+        steps = [first_step(curve, metric, threshold) for metric, threshold in PHASES]
+        last = curve.metrics[-1]
+        lines.append(f"| {curve.objective} | {curve.imbalance:g} | "
+                     + " | ".join("-" if s is None else str(s) for s in steps)
+                     + f" | {last['local_own_area']:.3f} | {last['diversity']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(curves: list[Curve], path: Path) -> Path:
     import matplotlib
 
@@ -228,10 +255,13 @@ def plot(curves: list[Curve], path: Path) -> Path:
               "global_own_area": "global queries: mass on global area",
               "diversity": "attention diversity across areas"}
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), dpi=110)
+    colours = {imbalance: f"C{i}" for i, imbalance in
+               enumerate(dict.fromkeys(c.imbalance for c in curves))}
     for curve in curves:
         style = "-" if curve.objective == "mae" else "--"
         for axis, key in zip(axes, METRIC_NAMES, strict=True):
             axis.plot(curve.steps, [m[key] for m in curve.metrics], style,
+                      color=colours[curve.imbalance],
                       label=f"{curve.objective.upper()}, imbalance {curve.imbalance:g}")
     for axis, key in zip(axes, METRIC_NAMES, strict=True):
         axis.set_title(titles[key], fontsize=9)
@@ -256,6 +286,6 @@ def run_theory(out_dir: Path, data: DataModel, settings: TrainSettings,
     result = {"data": asdict(data), "settings": asdict(settings), "imbalances": imbalances,
               "curves": [asdict(c) for c in curves]}
     (out_dir / "theory.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "theory.md").write_text(table(curves) + "\n")
+    (out_dir / "theory.md").write_text(phase_table(curves) + "\n\n" + table(curves) + "\n")
     plot(curves, out_dir / "theory.png")
     return result

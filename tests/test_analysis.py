@@ -150,3 +150,23 @@ def test_analyze_writes_json_figures_and_a_self_contained_report(tmp_path, capsy
 def test_analyze_names_a_missing_run(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nowhere")]) == 2
     assert "neither a checkpoint file nor a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attention", ["cbsa", "mssa"])
+def test_analysis_reads_any_attention_with_two_class_tokens(attention):
+    from attnssl.analysis import analyze_backbone
+    from attnssl.config import load_config
+    from attnssl.data.datasets import load_synthetic
+    from attnssl.nn.vit import build_vit
+
+    cfg = load_config("dino_synthetic", [f"model.attention={attention}", "model.cbsa_pool=2",
+                                         "model.class_tokens=2"])
+    torch.manual_seed(0)
+    vit = build_vit(cfg.model, 32, 3)
+    result, attn = analyze_backbone(vit, load_synthetic("test", 64), "cls+cls_plus", images=8,
+                                    embed_images=16)
+    assert result["class_tokens"] == 2 and attn.cls_maps.shape == (4, 2, 2, 16)
+    torch.testing.assert_close(attn.cls_maps.sum(-1), torch.ones(4, 2, 2))
+    entropy = torch.tensor(result["per_head"]["entropy"])
+    assert ((entropy > 0) & (entropy <= math.log(16) + 1e-9)).all()
+    assert result["collapse"]["feature_dim"] == 2 * cfg.model.embed_dim

@@ -5,11 +5,20 @@ import json
 import torch
 
 from attnssl.cli import main
-from attnssl.theory import DataModel, attention, positions, sample_images
+from attnssl.theory import (
+    Curve,
+    DataModel,
+    attention,
+    first_step,
+    phase_table,
+    positions,
+    sample_images,
+)
 
 
 def test_data_model_has_the_stated_structure():
-    data = DataModel(grid=6, clusters=3, local_areas=3, local_size=4, imbalance=3.0, seed=1)
+    data = DataModel(grid=6, clusters=3, local_areas=3, local_size=4, imbalance=3.0,
+                     local_scale=1.0, seed=1)
     areas = data.areas()
     for k in range(3):  # one global area and 3 local areas of 4 patches per cluster
         counts = torch.bincount(areas[k], minlength=4).tolist()
@@ -42,7 +51,8 @@ def test_attention_starts_uniform():
 
 def test_theory_run_writes_its_table_and_figure(tmp_path, capsys):
     out = tmp_path / "theory"
-    assert main(["theory", "--out", str(out), "--steps", "60", "--imbalance", "2"]) == 0
+    assert main(["theory", "--out", str(out), "--steps", "60", "--imbalance", "2",
+                 "--local-scale", "1.0"]) == 0
     assert "| mae | 2 |" in capsys.readouterr().out
     result = json.loads((out / "theory.json").read_text())
     assert [c["objective"] for c in result["curves"]] == ["mae", "cl"]
@@ -51,3 +61,14 @@ def test_theory_run_writes_its_table_and_figure(tmp_path, capsys):
     mae = result["curves"][0]["metrics"]
     # from uniform attention, masked modelling moves local queries onto their own area
     assert mae[-1]["local_own_area"] > mae[0]["local_own_area"] + 0.3
+
+
+def test_phase_table_reports_the_first_step_each_phase_is_reached():
+    flat = {"local_own_area": 0.1, "local_on_global": 0.7, "global_own_area": 0.7, "diversity": 0.0}
+    curve = Curve("mae", 2.0, [0, 10, 20], [
+        flat, {**flat, "global_own_area": 0.95}, {**flat, "global_own_area": 0.97,
+                                                   "local_own_area": 0.6, "diversity": 0.7}])
+    assert first_step(curve, "global_own_area", 0.9) == 10
+    assert first_step(curve, "local_own_area", 0.5) == 20
+    assert first_step(curve, "local_on_global", 0.9) is None
+    assert "| mae | 2 | 10 | 20 | 20 | 0.600 | 0.700 |" in phase_table([curve])
