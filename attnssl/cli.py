@@ -1,4 +1,4 @@
-"""``attnssl pretrain | eval | analyze | theory | presets``."""
+"""``attnssl pretrain | eval | analyze | export | theory | presets``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import sys
 
 from attnssl.config import ConfigError, check_resume_overrides, load_config, preset_names
 from attnssl.data.datasets import DatasetNotFoundError
+from attnssl.errors import RunStopped
 
 DEFAULT_PRESET = "bam_fashion_mnist"
 USER_ERRORS = (
     ConfigError, DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError,
-    pickle.UnpicklingError,
+    pickle.UnpicklingError, RunStopped,
 )
 
 
@@ -37,6 +38,39 @@ def _print_eval(result: dict) -> None:
         print(f"low-shot, {share} of the labels ({row['train_images']} images): {scores}")
 
 
+def _resumable(override: str) -> bool:
+    try:
+        check_resume_overrides([override])
+        return True
+    except ConfigError:
+        return False
+
+
+def _auto_resume(preset: str, overrides: list[str]) -> str | None:
+    """With ``run.resume=auto``: the run folder's newest readable checkpoint, if it has one and
+    the requested config matches the one it was trained with."""
+    from attnssl.config import config_to_dict, differing_keys
+    from attnssl.train.checkpoint import load_training_checkpoint, newest_readable_checkpoint
+    from attnssl.train.trainer import make_run_dir
+
+    config = load_config(preset, overrides)
+    if config.run.resume != "auto":
+        return None
+    if not config.run.name:
+        raise ConfigError("run.resume=auto needs a fixed run.name (the folder to continue)")
+    found = newest_readable_checkpoint(make_run_dir(config))
+    if found is None:
+        return None
+    trained = load_training_checkpoint(found)["config"]
+    changed = differing_keys(config_to_dict(config), trained)
+    if changed:
+        raise ConfigError(
+            f"run.resume=auto found {found}, trained with other settings: {', '.join(changed)}; "
+            f"use the same settings, or another run.name")
+    print(f"run.resume=auto: continuing {found}")
+    return str(found)
+
+
 def cmd_pretrain(args) -> int:
     from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
     from attnssl.train.trainer import config_from_checkpoint, pretrain
@@ -47,8 +81,11 @@ def cmd_pretrain(args) -> int:
             raise ConfigError("--resume continues a run with its own config; drop --config "
                               "(key=value overrides still apply)")
         check_resume_overrides(overrides)
+    else:
+        args.resume = _auto_resume(args.config or DEFAULT_PRESET, overrides)
+    if args.resume:
         config = config_from_checkpoint(load_training_checkpoint(resolve_checkpoint(args.resume)),
-                                        overrides)
+                                        [o for o in overrides if _resumable(o)])
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
     metrics = pretrain(config, resume=args.resume)
@@ -87,6 +124,18 @@ def cmd_analyze(args) -> int:
                          _with_data_root(args.overrides, args.data_root), images=args.images)
     print(result["summary_table"])
     print(f"wrote {result['report']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from attnssl.export import export_backbone
+
+    out = export_backbone(args.target, args.out, _with_data_root(args.overrides, args.data_root))
+    description = json.loads((out / "config.json").read_text())
+    print(f"wrote {out}/model.safetensors and config.json")
+    if description["attnssl"]["timm_loadable"]:
+        print(f'timm: timm.create_model("local-dir:{out}", pretrained=True)')
+    print(f'attnssl: attnssl.export.load_exported("{out}")')
     return 0
 
 
@@ -140,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     a.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.features=mean")
     a.set_defaults(func=cmd_analyze)
+
+    x = sub.add_parser("export", help="the pretrained backbone as safetensors + a config.json "
+                       "that timm loads")
+    x.add_argument("target", help="run folder (its newest checkpoint) or checkpoint file")
+    x.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
+    x.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
+    x.add_argument("overrides", nargs="*", help="section.key=value")
+    x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("theory", help="the theory paper's synthetic experiment: MAE against "
                        "contrastive learning on a one-layer softmax attention")

@@ -43,6 +43,9 @@ class RunSection(_Section):
     out_dir: str = "runs"
     name: str | None = None
     seed: int = 0
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: if out_dir/name holds checkpoints, continue from its newest "
+        "readable one (the same command can be rerun after any stop); needs run.name")
 
 
 class DataSection(_Section):
@@ -55,6 +58,9 @@ class DataSection(_Section):
     image_size: int | None = Field(
         None, gt=0, description="imagefolder only: side images are resized to before cropping"
     )
+    skip_bad_images: bool = Field(
+        False, description="imagefolder only: decode every file once at start and leave out "
+        "those that cannot be read (listed on stderr) instead of stopping at the first")
     num_workers: int = Field(0, ge=0)
 
 
@@ -257,6 +263,12 @@ class TrainerSection(_Section):
     )
     progress_bar: bool = True
     num_threads: int | None = Field(None, gt=0)
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN or infinite loss: stop, naming the step and the last good "
+        "checkpoint; or skip that step's update and count it (skipped_steps)")
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="multi-process runs: how long a process waits in a collective "
+        "for the others before it stops with an error")
 
 
 class FinetuneSection(_Section):
@@ -444,14 +456,37 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
 RESUME_OVERRIDABLE = (
     "trainer.max_steps", "trainer.progress_bar", "trainer.checkpoint_every_steps",
     "trainer.keep_checkpoints", "trainer.log_every_steps", "trainer.num_threads",
-    "data.root", "data.num_workers", "eval.",
+    "data.root", "data.num_workers", "data.skip_bad_images", "eval.", "run.resume",
+    "trainer.nonfinite_loss", "trainer.collective_timeout_s",
 )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_overridable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE)
+
+
+def differing_keys(requested: dict, trained: dict) -> list[str]:
+    """Dotted keys set in both configs whose values differ, leaving out those a resumed run may
+    change (``RESUME_OVERRIDABLE``)."""
+    new, old = _flatten(requested), _flatten(trained)
+    return sorted(k for k in new.keys() & old.keys()
+                  if new[k] != old[k] and not resume_overridable(k))
 
 
 def check_resume_overrides(overrides: list[str]) -> None:
     for text in overrides:
         key = ".".join(parse_override(text)[0])
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE):
+        if not resume_overridable(key):
             accepted = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_OVERRIDABLE)
             raise ConfigError(
                 f"{key} cannot change when resuming: the run would not continue exactly. "

@@ -8,8 +8,16 @@ images is scored on the test images' patches, two ways: all patches (9 classes, 
 included) and shape patches only (8 classes: does a patch know what object it is part of?).
 The untrained backbone is the floor.
 
+``--b1`` instead reads the protocol-B1 checkpoints (``results/b1.json``, Fashion-MNIST, same
+budget for every method) with no new pretraining: a patch is foreground when most of its pixels
+are non-zero (the garments lie on a black background) and then carries its image's class. The
+probe is trained on the patches of the first ``--images`` training images and scored on those
+of the first ``--test-images`` test images; each method is compared with the untrained backbone
+of its own initialisation.
+
     python benchmarks/dense_patch_probe.py                 # udi, dino, bam; writes results/dense.json
     python benchmarks/dense_patch_probe.py --readme        # and replaces the DENSE block in README.md
+    python benchmarks/dense_patch_probe.py --b1 --readme   # B1 checkpoints; block DENSE-B1
 """
 
 from __future__ import annotations
@@ -61,9 +69,21 @@ def patch_tokens(backbone, dataset, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
-def dense_scores(backbone, train, test, patch: int, epochs: int) -> dict:
+def silhouette_labels(dataset, patch: int) -> torch.Tensor:
+    """``(N, P)``: 0 for a background patch, else its image's class + 1 (foreground = most of
+    the patch's pixels non-zero)."""
+    masks = (dataset.images[:, 0] > 0).long()
+    masks = masks * (dataset.labels.view(-1, 1, 1) + 1)
+    return patch_labels(masks, patch)
+
+
+def dense_scores(backbone, train, test, patch: int, epochs: int, y_train=None,
+                 y_test=None) -> dict:
+    """Patch-probe accuracy (%) on all patches and on foreground patches only; labels default
+    to the datasets' masks."""
     x_train, x_test = patch_tokens(backbone, train), patch_tokens(backbone, test)
-    y_train, y_test = patch_labels(train.masks, patch), patch_labels(test.masks, patch)
+    if y_train is None:
+        y_train, y_test = patch_labels(train.masks, patch), patch_labels(test.masks, patch)
     dim = x_train.shape[-1]
     x_train, x_test = x_train.reshape(-1, dim), x_test.reshape(-1, dim)
     y_train, y_test = y_train.reshape(-1), y_test.reshape(-1)
@@ -86,6 +106,38 @@ def overrides(method: str, args, out_dir: Path) -> list[str]:
             "trainer.checkpoint_every_steps=100000", "eval.linear_probe=false"]
 
 
+def b1_rows(args) -> list[dict]:
+    """Dense scores of every fp32 B1 checkpoint and of the untrained backbone of each init."""
+    from attnssl.eval.evaluate import load_trained_backbone, random_init_backbone
+
+    b1 = json.loads((ROOT / "benchmarks" / "results" / "b1.json").read_text())
+    rows, floors = [], {}
+    for b1_row in b1["rows"]:
+        run_dir = Path(b1_row["run_dir"])
+        if b1_row["precision"] != "32" or not run_dir.is_dir():
+            continue
+        loaded = load_trained_backbone(run_dir)
+        config, patch = loaded.config, loaded.backbone.patch_embed.patch_size[0]
+        train, test = loaded.train.subset(args.images), loaded.test.subset(args.test_images)
+        labels = silhouette_labels(train, patch), silhouette_labels(test, patch)
+        init = f"{config.model.weight_init} init"
+        if config.model.attention != "softmax":
+            init += f", {config.model.attention}"
+        if init not in floors:
+            untrained = random_init_backbone(config, loaded.backbone.patch_embed.img_size[0],
+                                             train.channels)
+            floors[init] = {"method": f"untrained ({init})",
+                            **dense_scores(untrained, train, test, patch, args.probe_epochs,
+                                           *labels)}
+            rows.append(floors[init])
+        rows.append({"method": f"{b1_row['method']} ({init})",
+                     **dense_scores(loaded.backbone, train, test, patch, args.probe_epochs,
+                                    *labels),
+                     "image_knn_top1": b1_row["knn_top1"]})
+        print(table(rows), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(PRESETS), choices=list(PRESETS))
@@ -96,7 +148,21 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dense.json"))
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--b1", action="store_true",
+                        help="probe the B1 Fashion-MNIST checkpoints instead of pretraining")
+    parser.add_argument("--test-images", type=int, default=2000, help="with --b1")
     args = parser.parse_args()
+    machine = machine_description()
+    if args.b1:
+        rows = b1_rows(args)
+        command = (f"python benchmarks/dense_patch_probe.py --b1 --images {args.images} "
+                   f"--test-images {args.test_images} --probe-epochs {args.probe_epochs}")
+        Path(args.out).with_name("dense_b1.json").write_text(
+            json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2))
+        if args.readme:
+            replace_readme_block("DENSE-B1", machine_line(machine, command) + "\n\n"
+                                 + table(rows, "foreground"))
+        return
 
     rows = []
     floor_done = False
@@ -121,7 +187,6 @@ def main() -> None:
         print(table(rows), flush=True)
     command = (f"python benchmarks/dense_patch_probe.py --methods {' '.join(args.methods)} "
                f"--images {args.images} --epochs {args.epochs} --batch {args.batch}")
-    machine = machine_description()
     Path(args.out).write_text(json.dumps({"machine": machine, "command": command, "rows": rows},
                                          indent=2))
     print(table(rows))
@@ -129,8 +194,9 @@ def main() -> None:
         replace_readme_block("DENSE", machine_line(machine, command) + "\n\n" + table(rows))
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | patch probe, all patches | patch probe, shape patches | image k-NN |",
+def table(rows: list[dict], foreground: str = "shape") -> str:
+    lines = [f"| method | patch probe, all patches | patch probe, {foreground} patches "
+             "| image k-NN |",
              "| --- | --- | --- | --- |"]
     for r in rows:
         knn = f"{r['image_knn_top1']:.2f}" if "image_knn_top1" in r else "-"

@@ -44,10 +44,15 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def training_checkpoint(step: int) -> dict:
+    return {"method": {"w": torch.full((2,), float(step))}, "optimizer": {}, "train": {"step": step},
+            "ranks": [], "config": {}}
+
+
 def test_newest_checkpoint_pruning_and_resolution(tmp_path):
     run = tmp_path / "run"
     for step in (3, 12, 7):
-        atomic_torch_save({"step": step}, run / "checkpoints" / f"step-{step:08d}.ckpt")
+        atomic_torch_save(training_checkpoint(step), run / "checkpoints" / f"step-{step:08d}.ckpt")
     assert latest_checkpoint(run).name == "step-00000012.ckpt"
     (run / "checkpoints" / ".step-00000013.ckpt.abc.tmp").write_bytes(b"torn")  # a killed save
     prune_checkpoints(run, keep=2)
@@ -56,7 +61,7 @@ def test_newest_checkpoint_pruning_and_resolution(tmp_path):
     assert resolve_checkpoint(run) == latest_checkpoint(run)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a run folder"):
         resolve_checkpoint(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="has no checkpoints"):
+    with pytest.raises(FileNotFoundError, match="has no readable checkpoints"):
         resolve_checkpoint(tmp_path)
 
 
@@ -68,3 +73,17 @@ def test_metrics_log_is_cut_back_to_the_resumed_step(tmp_path):
     assert [int(r["step"]) for r in log.read()] == [2, 4]
     log.append(6, {"loss": 0.5, "lr": 0.1})
     assert [int(r["step"]) for r in log.read()] == [2, 4, 6]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in (4, 8):
+        atomic_torch_save(training_checkpoint(step), run / "checkpoints" / f"step-{step:08d}.ckpt")
+    newest = run / "checkpoints" / "step-00000008.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated later on
+    assert resolve_checkpoint(run).name == "step-00000004.ckpt"
+    assert f"passing over unreadable checkpoint {newest}" in capsys.readouterr().err
+    newest.write_bytes(b"")
+    (run / "checkpoints" / "step-00000004.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="has no readable checkpoints"):
+        resolve_checkpoint(run)

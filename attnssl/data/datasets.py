@@ -276,16 +276,58 @@ def load_stl10(root: str | None, split: str) -> TensorImageDataset:
 # ----------------------------------------------------------------------------- image folder
 
 
+class BadImageError(ValueError):
+    """A file with an image extension that Pillow cannot decode (corrupt, truncated, not an
+    image)."""
+
+
+def _to_rgb(img):
+    """Any Pillow mode to 8-bit RGB: 16-bit grayscale scaled by 255/65535 (not clipped), palette
+    and alpha images composited over black (transparent pixels become black), grayscale
+    repeated over the three channels."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if img.mode == "P" or "A" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return img.convert("RGB")
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """``(3, size, size)`` uint8: the image converted to RGB (:func:`_to_rgb`), its shorter
+    side resized to ``size`` (smaller images are upsampled) and centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(
+            f"{path} cannot be decoded as an image ({err}); remove or replace it, or set "
+            f"data.skip_bad_images=true to leave unreadable files out"
+        ) from err
+    rgb = center_crop(resize(rgb, size), [size, size])
+    return pil_to_tensor(rgb)
+
+
 class ImageFolderDataset(ImageDataset):
     """Any folder of images: labelled by sub-folder (``root/<class>/*.png``) or flat (unlabelled).
 
-    Each image is decoded with Pillow, converted to RGB, its shorter side resized to
-    ``image_size`` and centre-cropped, so every item has the same shape.
+    Files are chosen by extension (``IMAGE_EXTENSIONS``; others are ignored) and decoded lazily
+    by :func:`decode_image`, so every item has the same shape whatever the file's mode (8 or
+    16 bit, grayscale, RGB, RGBA, palette) or size. A file that cannot be decoded stops the run
+    with its name, unless ``skip_bad_images``: then every file is decoded once here and the
+    unreadable ones are left out and listed on stderr.
     """
 
     in_memory = False
 
-    def __init__(self, root: str | Path, image_size: int):
+    def __init__(self, root: str | Path, image_size: int, skip_bad_images: bool = False):
         self.name = "imagefolder"
         self.root = Path(root)
         self.image_size = image_size
@@ -306,27 +348,36 @@ class ImageFolderDataset(ImageDataset):
             self.samples = [
                 (f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS
             ]
+        if skip_bad_images:
+            self.samples = self._readable(self.samples)
         if not self.samples:
             raise DatasetNotFoundError(
                 f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}"
             )
 
+    def _readable(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        import sys
+
+        kept = []
+        for path, label in samples:
+            try:
+                decode_image(path, 1)
+                kept.append((path, label))
+            except BadImageError as err:
+                print(f"imagefolder: leaving out {err.args[0].split(' cannot')[0]}: "
+                      f"{err.__cause__}", file=sys.stderr)
+        return kept
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-        from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
-
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img = resize(img, self.image_size)
-            img = center_crop(img, [self.image_size, self.image_size])
-            return pil_to_tensor(img), label
+        return decode_image(path, self.image_size), label
 
 
-def load_imagefolder(root: str | None, split: str, image_size: int) -> ImageFolderDataset:
+def load_imagefolder(root: str | None, split: str, image_size: int,
+                     skip_bad_images: bool = False) -> ImageFolderDataset:
     """``root/train`` and ``root/test`` (or ``root/val``) where present, else ``root`` is train."""
     if root is None:
         raise DatasetNotFoundError("imagefolder needs data.root=DIR (a folder of images)")
@@ -335,11 +386,11 @@ def load_imagefolder(root: str | None, split: str, image_size: int) -> ImageFold
         names = {"train": ["train"], "test": ["test", "val"]}.get(split, [split])
         for name in names:
             if (base / name).is_dir():
-                return ImageFolderDataset(base / name, image_size)
+                return ImageFolderDataset(base / name, image_size, skip_bad_images)
         raise DatasetNotFoundError(f"imagefolder: no {split!r} split under {base} (looked for "
                                    f"{', '.join(str(base / n) for n in names)})")
     if split == "train":
-        return ImageFolderDataset(base, image_size)
+        return ImageFolderDataset(base, image_size, skip_bad_images)
     raise DatasetNotFoundError(
         f"imagefolder: {base} has no train/ and test/ (or val/) sub-folders, so it has no "
         f"{split!r} split"
@@ -426,6 +477,7 @@ class DatasetSpec:
     synthetic_size: int = 2000
     image_size: int | None = None
     subset: int | None = None
+    skip_bad_images: bool = False
 
 
 def load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
@@ -440,7 +492,7 @@ def load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
     elif name == "synthetic":
         dataset = load_synthetic(split, spec.synthetic_size, spec.image_size or 32)
     elif name == "imagefolder":
-        dataset = load_imagefolder(spec.root, split, spec.image_size or 64)
+        dataset = load_imagefolder(spec.root, split, spec.image_size or 64, spec.skip_bad_images)
     else:
         raise ValueError(
             f"unknown dataset {name!r}; accepted: fashion-mnist, synthetic, imagefolder, "

@@ -19,19 +19,26 @@ from attnssl.nn.vit import build_vit
 
 def dataset_spec(config) -> DatasetSpec:
     data = config.data
-    return DatasetSpec(data.dataset, data.root, data.synthetic_size, data.image_size, data.subset)
+    return DatasetSpec(data.dataset, data.root, data.synthetic_size, data.image_size, data.subset,
+                       data.skip_bad_images)
 
 
 def load_eval_splits(config) -> tuple[ImageDataset, ImageDataset]:
     """The labelled train split (the k-NN bank, without ``data.subset``) and the test split."""
     spec = dataset_spec(config)
-    full = DatasetSpec(spec.name, spec.root, spec.synthetic_size, spec.image_size, None)
+    full = DatasetSpec(spec.name, spec.root, spec.synthetic_size, spec.image_size, None,
+                       spec.skip_bad_images)
     train = load_dataset(full, config.data.train_split)
     test = load_dataset(full, config.data.test_split)
     for split, ds in (("train", train), ("test", test)):
         if not ds.has_labels:
             raise ValueError(f"evaluation needs labels, but the {split} split of "
                              f"{spec.name} has none")
+    if config.eval.linear_probe and train.num_classes < 2:
+        raise ValueError(
+            f"the linear probe needs at least 2 classes, but the train split of {spec.name} has "
+            f"{train.num_classes}; add classes, or set eval.linear_probe=false"
+        )
     return train, test
 
 

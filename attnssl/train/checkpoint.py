@@ -9,8 +9,12 @@ either the previous file or the new one, never a torn file. Loading always uses
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import shutil
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as err:  # torch's writer reports a failed write (full disk) so
+                free = shutil.disk_usage(path.parent).free / 2**20
+                raise OSError(f"the write failed ({err}); {free:.0f} MB free on that disk") \
+                    from err
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -98,16 +107,34 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         stale.unlink(missing_ok=True)
 
 
+UNREADABLE = (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError,
+              zipfile.BadZipFile)
+
+
+def newest_readable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run folder that loads as a training checkpoint; newer ones
+    that do not (truncated or damaged after they were written) are named on stderr and passed
+    over."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_training_checkpoint(path)
+            return path
+        except UNREADABLE as err:
+            print(f"passing over unreadable checkpoint {path}: {err}", file=sys.stderr)
+    return None
+
+
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """A checkpoint file, or a run folder's newest checkpoint."""
+    """A checkpoint file, or a run folder's newest readable checkpoint."""
     path = Path(run_or_checkpoint)
     if path.is_file():
         return path
     if path.is_dir():
-        found = latest_checkpoint(path)
+        found = newest_readable_checkpoint(path)
         if found is None:
             raise FileNotFoundError(
-                f"run folder {path} has no checkpoints (expected {path}/checkpoints/step-N.ckpt)"
+                f"run folder {path} has no readable checkpoints (expected "
+                f"{path}/checkpoints/step-N.ckpt)"
             )
         return found
     raise FileNotFoundError(f"{path} is neither a checkpoint file nor a run folder")

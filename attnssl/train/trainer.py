@@ -29,6 +29,7 @@ from attnssl.config import Config, ConfigError, build_config, config_to_dict, me
 from attnssl.data.datasets import load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
+from attnssl.errors import RunStopped
 from attnssl.eval.evaluate import (
     backbone_image_size,
     dataset_spec,
@@ -56,6 +57,7 @@ class TrainState:
     batch_in_epoch: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # steps whose loss was not finite (trainer.nonfinite_loss=skip)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -150,6 +152,27 @@ def _gather_rank_states(fabric: Fabric, state: dict) -> list[dict]:
 RUN_DIR_ENV = "ATTNSSL_RUN_DIR"
 
 
+def _is_collective_failure(err: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(err)
+    return isinstance(err, dist_error) or any(
+        s in text for s in ("gloo", "Connection closed", "Connection reset", "NCCL",
+                            "timed out", "Timed out", "Broken pipe"))
+
+
+def build_strategy(trainer):
+    """``trainer.strategy``; for several processes, DDP with ``trainer.collective_timeout_s``
+    so that a process whose peers stopped answering errors out instead of waiting forever."""
+    processes = (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
+    if trainer.strategy == "ddp" or (trainer.strategy == "auto" and processes > 1):
+        from datetime import timedelta
+
+        from lightning_fabric.strategies import DDPStrategy
+
+        return DDPStrategy(timeout=timedelta(seconds=trainer.collective_timeout_s))
+    return trainer.strategy
+
+
 def make_run_dir(config: Config) -> Path:
     name = config.run.name or f"{config.method.name}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(config.run.out_dir) / name
@@ -167,7 +190,7 @@ class Pretrainer:
             torch.set_num_threads(trainer.num_threads)
         self.fabric = Fabric(
             accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
-            strategy=trainer.strategy, precision=trainer.precision,
+            strategy=build_strategy(trainer), precision=trainer.precision,
             plugins=[AtomicCheckpointIO()],
             loggers=self._loggers(),
         )
@@ -227,10 +250,16 @@ class Pretrainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         elif fabric.is_global_zero:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(config), sort_keys=False)
-            )
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(
+                    yaml.safe_dump(config_to_dict(config), sort_keys=False)
+                )
+            except OSError as err:
+                raise RunStopped(
+                    f"cannot write the run folder {self.run_dir}: {err.strerror or err}; choose "
+                    f"a writable run.out_dir"
+                ) from err
         self.metrics_log = MetricsLog(self.run_dir / "metrics.csv") if fabric.is_global_zero else None
         if self.metrics_log is not None:
             self.metrics_log.truncate_after(self.state.step)
@@ -265,7 +294,15 @@ class Pretrainer:
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.ckpt"
         state = self._checkpoint_state()
         state.update(ranks=ranks, config=config_to_dict(self.config))
-        self.fabric.save(path, state)
+        previous = latest_checkpoint(self.run_dir)
+        try:
+            self.fabric.save(path, state)
+        except OSError as err:
+            raise RunStopped(
+                f"could not write checkpoint {path}: {err.strerror or err}. The previous "
+                f"checkpoint ({previous or 'none yet'}) is intact: free disk space or make "
+                f"{self.run_dir} writable, then continue with --resume {self.run_dir}"
+            ) from err
         if self.fabric.is_global_zero:
             prune_checkpoints(self.run_dir, self.config.trainer.keep_checkpoints)
         return path
@@ -290,13 +327,18 @@ class Pretrainer:
         device = self.fabric.device
         views = [v.to(device, non_blocking=True) for v in self.views(images)]
         extra = {k: v.to(device) for k, v in self.views.extra_inputs().items()}
+        # a skipped step must leave no trace: the forward may update buffers (batch-norm
+        # statistics, DINO's centres), so keep a copy to put back
+        buffers = ({name: b.clone() for name, b in self.method.named_buffers()}
+                   if self.config.trainer.nonfinite_loss == "skip" else None)
         out = self.method(views, **extra)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.state.step}; last checkpoint: "
-                f"{latest_checkpoint(self.run_dir)}"
-            )
+        if not self._all_finite(loss):
+            if buffers is not None:
+                with torch.no_grad():
+                    for name, b in self.method.named_buffers():
+                        b.copy_(buffers[name])
+            return self._nonfinite_step(loss, lr, wd)
         self.fabric.backward(loss)
         optim = self.config.optim
         if optim.clip_grad and optim.clip_mode == "per_parameter":
@@ -315,10 +357,53 @@ class Pretrainer:
             after_step(self.state.step, self.total_steps)
         logs = {k: float(v.detach()) for k, v in out.items()}
         logs.update(lr=lr, weight_decay=wd)
+        if self.config.trainer.nonfinite_loss == "skip":
+            logs["skipped_steps"] = self.state.skipped_steps
         return logs
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite (all of them take the same branch)."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:
+            finite = self.fabric.all_reduce(finite, reduce_op="min")
+        return bool(finite.item())
+
+    def _nonfinite_step(self, loss: torch.Tensor, lr: float, wd: float) -> dict:
+        """No update from this step: stop (default) or count it and go on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.trainer.nonfinite_loss == "stop":
+            raise RunStopped(
+                f"the loss is not finite ({loss.item()} on process {self.rank}) at step "
+                f"{self.state.step}; nothing from that step was applied. Last good checkpoint: "
+                f"{latest_checkpoint(self.run_dir) or 'none yet'}. Continue with --resume "
+                f"{self.run_dir} trainer.nonfinite_loss=skip to skip such steps, or start again "
+                f"with a lower optim.lr"
+            )
+        self.state.skipped_steps += 1
+        self.fabric.print(f"step {self.state.step}: loss {loss.item()}, update skipped "
+                          f"({self.state.skipped_steps} so far)")
+        return {"loss": float("nan"), "lr": lr, "weight_decay": wd,
+                "skipped_steps": self.state.skipped_steps}
+
     def fit(self) -> dict:
-        """Train to the end, or for ``trainer.max_steps`` more steps; returns the run summary."""
+        """Train to the end, or for ``trainer.max_steps`` more steps; returns the run summary.
+
+        In a multi-process run, a collective that fails (a process died, or did not answer
+        within ``trainer.collective_timeout_s``) stops this one with :class:`RunStopped`."""
+        try:
+            return self._fit()
+        except RuntimeError as err:
+            if self.world == 1 or isinstance(err, RunStopped) or not _is_collective_failure(err):
+                raise
+            raise RunStopped(
+                f"process {self.rank} of {self.world} lost contact with the others at step "
+                f"{self.state.step} (another process stopped or died: see its output; "
+                f"{str(err).splitlines()[0][:200]}). Last checkpoint: "
+                f"{latest_checkpoint(self.run_dir) or 'none yet'}; continue with --resume "
+                f"{self.run_dir}"
+            ) from err
+
+    def _fit(self) -> dict:
         config, fabric, state = self.config, self.fabric, self.state
         trainer = config.trainer
         stop_at = min(state.step + (trainer.max_steps or self.total_steps), self.total_steps)
@@ -379,6 +464,7 @@ class Pretrainer:
             "finished": state.step >= self.total_steps,
             "images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
             "train_seconds": state.train_seconds,
+            "skipped_steps": state.skipped_steps,
         }
 
 
@@ -402,7 +488,7 @@ def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: flo
         "method": config.method.name, "dataset": config.data.dataset,
         "precision": summary["precision"], "steps": summary["step"],
         "images_per_second": summary["images_per_second"],
-        "train_seconds": summary["train_seconds"],
+        "train_seconds": summary["train_seconds"], "skipped_steps": summary["skipped_steps"],
         "wall_seconds": time.perf_counter() - started, "machine": machine_description(),
     }
     if "eval" in summary:

@@ -1,0 +1,217 @@
+"""Faults a long run meets, with real processes and files: kills at any moment (during a save
+too), a damaged checkpoint, a full disk, an unwritable folder, a non-finite loss, a process of a
+multi-process run dying; and the exported backbone loading in timm."""
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnssl.cli import main
+from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+
+TINY = [
+    "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",
+    "trainer.checkpoint_every_steps=3", "trainer.progress_bar=false", "trainer.num_threads=1",
+    "eval.at_end=false",
+]
+PRESET = ["-c", "simclr_synthetic"]
+
+
+def command(out: Path, name: str, *extra: str) -> list[str]:
+    return ["pretrain", *PRESET, f"run.out_dir={out}", f"run.name={name}", *TINY, *extra]
+
+
+def subprocess_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "attnssl", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def final_state(run: Path) -> dict:
+    return safe_torch_load(list_checkpoints(run)[-1])["method"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    """The uninterrupted run every faulted run must end equal to (16 steps)."""
+    out = tmp_path_factory.mktemp("straight")
+    assert main(command(out, "straight")) == 0
+    return final_state(out / "straight")
+
+
+def _temporaries(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob(".*.tmp")} if folder.is_dir() else set()
+
+
+def test_kills_at_random_moments_and_during_saves_resume_to_the_same_weights(tmp_path,
+                                                                              straight):
+    """SIGKILL the run again and again: twice just as a checkpoint is being written (a new
+    temporary file exists), twice at a random moment of a step (after a new checkpoint has
+    appeared); resume (or restart, while none exists) each time."""
+    run, folder = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    args = command(tmp_path, "killed", "trainer.checkpoint_every_steps=1")
+    rng = random.Random(0)
+    plan = ["save", "step", "save", "step"]
+    while plan:
+        proc = subprocess_cli(["pretrain", "--resume", str(run)] if list_checkpoints(run)
+                              else args)
+        stale, seen = _temporaries(folder), set(list_checkpoints(run))
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if plan[0] == "save" and _temporaries(folder) - stale:
+                break
+            if plan[0] == "step" and set(list_checkpoints(run)) - seen:
+                time.sleep(rng.uniform(0.0, 0.3))
+                break
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+        if plan.pop(0) == "save":  # the half-written file is still there: killed mid-save
+            assert _temporaries(folder) - stale, "the kill missed the save"
+    finish = ["pretrain", "--resume", str(run)] if list_checkpoints(run) else args
+    assert main(finish) == 0
+    assert list_checkpoints(run)[-1].name == "step-00000016.ckpt"
+    assert not _temporaries(folder)
+    assert_same_weights(straight, final_state(run))
+
+
+def test_resume_auto_continues_the_same_command_and_refuses_other_settings(tmp_path, straight,
+                                                                           capsys):
+    args = command(tmp_path, "auto", "run.resume=auto", "trainer.max_steps=6")
+    assert main(args) == 0
+    assert list_checkpoints(tmp_path / "auto")[-1].name == "step-00000006.ckpt"
+    newest = list_checkpoints(tmp_path / "auto")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged after it was written
+    assert main(args) == 0  # passes over step 6, continues from step 3 to step 9
+    assert "passing over unreadable checkpoint" in capsys.readouterr().err
+    assert main(args) == 0 and main(args) == 0
+    assert_same_weights(straight, final_state(tmp_path / "auto"))
+    assert main([*args, "optim.lr=0.5"]) == 2
+    assert "trained with other settings: optim.lr" in capsys.readouterr().err
+    assert main(command(tmp_path, "fresh", "run.resume=auto", "trainer.max_steps=2")) == 0
+
+
+def test_non_finite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, capsys):
+    # a huge learning rate sends the weights past float32 range: the loss is NaN at step 1
+    blow_up = ["optim.lr=1e9", "optim.warmup_epochs=0", "optim.clip_grad=null",
+               "trainer.checkpoint_every_steps=1"]
+    assert main(command(tmp_path, "nan", *blow_up)) == 2
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "nan" / "checkpoints" / "step-00000001.ckpt"
+    assert "the loss is not finite (nan on process 0) at step 1" in err and str(checkpoint) in err
+    assert list_checkpoints(tmp_path / "nan") == [checkpoint]
+    last_good = safe_torch_load(checkpoint)["method"]
+    assert all(torch.isfinite(v).all() for v in last_good.values())
+    # skipping instead: every later step is skipped and leaves no trace
+    assert main(["pretrain", "--resume", str(tmp_path / "nan"),
+                 "trainer.nonfinite_loss=skip"]) == 0
+    metrics = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 15 and metrics["steps"] == 16
+    assert_same_weights(last_good, final_state(tmp_path / "nan"))
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_full_disk_stops_with_the_previous_checkpoint_intact(tmp_path, straight):
+    """Writes past a file-size limit fail as on a full disk (EFBIG)."""
+    run = tmp_path / "full"
+    assert main(command(tmp_path, "full", "trainer.max_steps=3")) == 0
+    before = list_checkpoints(run)[-1]
+    before_bytes = before.read_bytes()
+    proc = subprocess_cli(["pretrain", "--resume", str(run)], preexec_fn=_limit_file_size)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert "could not write checkpoint" in err and f"The previous checkpoint ({before}) is intact" in err
+    assert list_checkpoints(run) == [before] and before.read_bytes() == before_bytes
+    assert not [p for p in (run / "checkpoints").iterdir() if p.suffix == ".tmp"]
+    assert main(["pretrain", "--resume", str(run), "trainer.max_steps=null"]) == 0  # space is back
+    assert_same_weights(straight, final_state(run))
+
+
+def test_an_unwritable_run_folder_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["pretrain", *PRESET, f"run.out_dir={blocker}", "run.name=r", *TINY]) == 2
+    assert f"cannot write the run folder {blocker / 'r'}" in capsys.readouterr().err
+
+
+def test_a_dead_process_stops_the_other_with_a_clear_error(tmp_path):
+    """Two real gloo processes; SIGKILL the one Fabric started once training runs."""
+    args = command(tmp_path, "two", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "data.synthetic_size=2048", "optim.epochs=4", "trainer.checkpoint_every_steps=2",
+                   "trainer.collective_timeout_s=60")
+    proc = subprocess_cli(args)
+    deadline = time.time() + 180
+    while not list_checkpoints(tmp_path / "two") and time.time() < deadline:
+        time.sleep(0.05)
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert children, "Fabric started no second process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert time.time() - killed_at < 60
+    assert "process 0 of 2 lost contact with the others" in err
+    assert "continue with --resume" in err
+
+
+def test_export_loads_in_timm_and_back_with_the_same_features(tmp_path, capsys):
+    import timm
+
+    from attnssl.eval.evaluate import load_trained_backbone
+    from attnssl.export import load_exported
+
+    assert main(command(tmp_path, "r", "trainer.max_steps=2")) == 0
+    assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "export")]) == 0
+    assert "local-dir:" in capsys.readouterr().out
+    trained = load_trained_backbone(tmp_path / "r").backbone.eval()
+    from_timm = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    ours = load_exported(tmp_path / "export").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained.forward_features(images)
+        torch.testing.assert_close(from_timm.forward_features(images), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ours.forward_features(images), expected, rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json",
+                                                                       "model.safetensors"]
+
+
+def test_export_of_a_cbsa_backbone_loads_back(tmp_path):
+    from attnssl.eval.evaluate import load_trained_backbone
+    from attnssl.export import load_exported
+
+    assert main(command(tmp_path, "c", "trainer.max_steps=2", "model.attention=cbsa",
+                        "model.cbsa_pool=2", "model.block=cbt")) == 0
+    assert main(["export", str(tmp_path / "c"), "--out", str(tmp_path / "e")]) == 0
+    description = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert description["attnssl"]["timm_loadable"] is False
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_exported(tmp_path / "e").eval().forward_features(images),
+            load_trained_backbone(tmp_path / "c").backbone.eval().forward_features(images),
+            rtol=0, atol=0)
+    (tmp_path / "e" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_exported(tmp_path / "e")
