@@ -156,7 +156,8 @@ def main() -> None:
     if args.b1:
         rows = b1_rows(args)
         command = (f"python benchmarks/dense_patch_probe.py --b1 --images {args.images} "
-                   f"--test-images {args.test_images} --probe-epochs {args.probe_epochs}")
+                   f"--test-images {args.test_images} --probe-epochs {args.probe_epochs}"
+                   + (" --readme" if args.readme else ""))
         Path(args.out).with_name("dense_b1.json").write_text(
             json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2))
         if args.readme:

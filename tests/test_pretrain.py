@@ -141,9 +141,12 @@ def test_two_process_run_resumes_to_the_same_weights(tmp_path, preset):
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def test_bf16_mixed_run_trains(tmp_path):
+@pytest.mark.parametrize("preset", ["simclr_synthetic", "dino_synthetic", "udi_synthetic",
+                                    "mae_synthetic"])
+def test_bf16_mixed_run_trains(tmp_path, preset):
+    """Every method under bf16 autocast (UDI passes its patch samples as an extra input)."""
     assert run_cli(tmp_path, "bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
-                   "eval.at_end=false") == 0
+                   "eval.at_end=false", preset=preset) == 0
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == 3
     losses = [float(r["loss"]) for r in MetricsLog(tmp_path / "bf16" / "metrics.csv").read()]

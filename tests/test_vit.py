@@ -77,3 +77,24 @@ def test_moco_weight_init_is_selectable():
     bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
     assert default.blocks[0].attn.qkv.weight.std() < 0.03 < qkv.std()
+
+
+def test_cpu_autocast_takes_the_explicit_path_with_the_same_result(generator):
+    """Under bf16 autocast short sequences skip the fused kernel (slow backward on CPU); the
+    output and gradients stay those of fp32 attention to bf16 accuracy."""
+    from attnssl.nn.attention import explicit_is_faster
+
+    layer = get_attention("softmax")(64, num_heads=4, qkv_bias=True)
+    x = torch.randn(3, 50, 64, generator=generator)
+    assert not explicit_is_faster(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert explicit_is_faster(x) and not explicit_is_faster(torch.randn(1, 1025, 64))
+        x_bf16 = x.clone().requires_grad_(True)
+        out_bf16 = layer(x_bf16)
+    x_fp32 = x.clone().requires_grad_(True)
+    out_fp32 = layer(x_fp32)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), out_fp32, atol=3e-2, rtol=3e-2)
+    out_bf16.float().pow(2).sum().backward()
+    out_fp32.pow(2).sum().backward()
+    torch.testing.assert_close(x_bf16.grad, x_fp32.grad, atol=5e-2, rtol=5e-2)

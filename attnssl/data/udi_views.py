@@ -13,7 +13,7 @@ from attnssl.data.positions import map_samples, shift_to_overlap, stratified_sam
 from attnssl.data.views import MultiCropViews, ViewSpec, sample_crop_boxes
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Fabric's precision plugins rebuild dataclass inputs field by field
 class UDISampling:
     """Sampled patches of one batch and where they fall in the global views.
 

@@ -47,9 +47,23 @@ def get_attention(name: str) -> type[nn.Module]:
     return ATTENTION_LAYERS[name]
 
 
+# Under CPU autocast (bf16/fp16) torch's fused SDPA kernel has a slow backward: for the B1
+# backbone (512 views, 50 tokens, 4 heads of 32) one layer's forward + backward took 391 ms in
+# bf16 against 67 ms in fp32, and 51 ms on the explicit path (benchmarks/profile_step.py found
+# it: 53-57 % of a bf16 step's self time). Up to this many tokens the explicit path is taken.
+EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS = 1024
+
+
+def explicit_is_faster(x: torch.Tensor) -> bool:
+    """Whether the explicit attention beats the fused kernel for ``x (B, N, D)`` here."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and x.shape[1] <= EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS)
+
+
 @register_attention("softmax")
 class SoftmaxAttention(Attention):
-    """Multi-head softmax attention: fused SDPA by default, explicit when recording maps.
+    """Multi-head softmax attention: fused SDPA by default; explicit when recording maps, and
+    under CPU autocast for sequences up to ``EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS``.
 
     ``A = softmax(Q K^T / sqrt(d_head))``, ``out = proj(concat_h A_h V_h)``.
     """
@@ -62,7 +76,7 @@ class SoftmaxAttention(Attention):
         self.attention_maps: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if not (self.record_attention or self.always_explicit):
+        if not (self.record_attention or self.always_explicit or explicit_is_faster(x)):
             return super().forward(x, attn_mask=attn_mask, **kwargs)
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)

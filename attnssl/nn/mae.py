@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from attnssl.functional.mae import sincos_position_table
-from attnssl.nn.attention import token_layout
+from attnssl.nn.attention import SoftmaxAttention, token_layout
 
 
 def embed_patches(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -78,7 +78,9 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.Sequential(*[
-            Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)
+            # our softmax layer: timm's, plus the explicit path under CPU autocast
+            Block(dim, heads, mlp_ratio, qkv_bias=True, attn_layer=SoftmaxAttention)
+            for _ in range(depth)
         ])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_pixels)

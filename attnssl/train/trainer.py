@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import yaml
 from lightning_fabric import Fabric
+from torch.profiler import record_function
 
 from attnssl.config import Config, ConfigError, build_config, config_to_dict, merge_overrides
 from attnssl.data.datasets import load_dataset
@@ -325,21 +326,37 @@ class Pretrainer:
         if before_step is not None:
             before_step(self.state.step, self.steps_per_epoch, self.total_steps)
         device = self.fabric.device
-        views = [v.to(device, non_blocking=True) for v in self.views(images)]
-        extra = {k: v.to(device) for k, v in self.views.extra_inputs().items()}
+        with record_function("step/views"):
+            views = [v.to(device, non_blocking=True) for v in self.views(images)]
+            extra = {k: v.to(device) for k, v in self.views.extra_inputs().items()}
         # a skipped step must leave no trace: the forward may update buffers (batch-norm
         # statistics, DINO's centres), so keep a copy to put back
         buffers = ({name: b.clone() for name, b in self.method.named_buffers()}
                    if self.config.trainer.nonfinite_loss == "skip" else None)
-        out = self.method(views, **extra)
-        loss = out["loss"]
+        with record_function("step/forward_and_loss"):
+            out = self.method(views, **extra)
+            loss = out["loss"]
         if not self._all_finite(loss):
             if buffers is not None:
                 with torch.no_grad():
                     for name, b in self.method.named_buffers():
                         b.copy_(buffers[name])
             return self._nonfinite_step(loss, lr, wd)
-        self.fabric.backward(loss)
+        with record_function("step/backward"):
+            self.fabric.backward(loss)
+        with record_function("step/optimizer"):
+            self._clip_and_step()
+        after_step = getattr(self.method.module, "after_step", None)
+        if after_step is not None:
+            with record_function("step/after_step"):
+                after_step(self.state.step, self.total_steps)
+        logs = {k: float(v.detach()) for k, v in out.items()}
+        logs.update(lr=lr, weight_decay=wd)
+        if self.config.trainer.nonfinite_loss == "skip":
+            logs["skipped_steps"] = self.state.skipped_steps
+        return logs
+
+    def _clip_and_step(self) -> None:
         optim = self.config.optim
         if optim.clip_grad and optim.clip_mode == "per_parameter":
             # the scaler must see the optimiser Fabric steps, not its wrapper
@@ -352,14 +369,6 @@ class Pretrainer:
             before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        after_step = getattr(self.method.module, "after_step", None)
-        if after_step is not None:
-            after_step(self.state.step, self.total_steps)
-        logs = {k: float(v.detach()) for k, v in out.items()}
-        logs.update(lr=lr, weight_decay=wd)
-        if self.config.trainer.nonfinite_loss == "skip":
-            logs["skipped_steps"] = self.state.skipped_steps
-        return logs
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite (all of them take the same branch)."""
