@@ -54,13 +54,15 @@ FOREGROUND_SOURCES = {
 }
 
 
-def foreground_masks(dataset: ImageDataset, indices: torch.Tensor) -> torch.Tensor | None:
-    """``(B, H, W)`` boolean foreground of ``dataset[indices]``, or None where it has none."""
+def foreground_masks(dataset: ImageDataset, indices: torch.Tensor,
+                     images: torch.Tensor) -> torch.Tensor | None:
+    """``(B, H, W)`` boolean foreground of ``images = dataset[indices]``, or None where the
+    dataset has none."""
     masks = getattr(dataset, "masks", None)
     if masks is not None:
         return masks[indices] > 0
     if dataset.name == "fashion-mnist":
-        return dataset.get_batch(indices)[0][:, 0] > 0
+        return images[:, 0] > 0
     return None
 
 
@@ -135,7 +137,7 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
         for start in range(0, count, batch_size):
             indices = torch.arange(start, min(start + batch_size, count))
             images, _ = dataset.get_batch(indices)
-            foreground = foreground_masks(dataset, indices)
+            foreground = foreground_masks(dataset, indices, images)
             maps = [m.cpu() for m in attention_maps(backbone,
                                                     normalise(images, mean, std).to(device))]
             stats = head_statistics(maps, prefix, grid, patch, foreground)

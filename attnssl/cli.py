@@ -7,7 +7,14 @@ import json
 import pickle
 import sys
 
-from attnssl.config import ConfigError, check_resume_overrides, load_config, preset_names
+from attnssl.config import (
+    ConfigError,
+    check_resume_overrides,
+    load_config,
+    parse_override,
+    preset_names,
+    resume_overridable,
+)
 from attnssl.data.datasets import DatasetNotFoundError
 from attnssl.errors import RunStopped
 
@@ -36,14 +43,6 @@ def _print_eval(result: dict) -> None:
         scores = ", ".join(f"{k.removesuffix('_top1')} {v:.2f} %" for k, v in row.items()
                            if k.endswith("_top1"))
         print(f"low-shot, {share} of the labels ({row['train_images']} images): {scores}")
-
-
-def _resumable(override: str) -> bool:
-    try:
-        check_resume_overrides([override])
-        return True
-    except ConfigError:
-        return False
 
 
 def _auto_resume(preset: str, overrides: list[str]) -> str | None:
@@ -85,7 +84,8 @@ def cmd_pretrain(args) -> int:
         args.resume = _auto_resume(args.config or DEFAULT_PRESET, overrides)
     if args.resume:
         config = config_from_checkpoint(load_training_checkpoint(resolve_checkpoint(args.resume)),
-                                        [o for o in overrides if _resumable(o)])
+                                        [o for o in overrides
+                                         if resume_overridable(".".join(parse_override(o)[0]))])
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
     metrics = pretrain(config, resume=args.resume)

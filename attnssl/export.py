@@ -10,31 +10,20 @@ rebuilds the backbone with timm alone when it uses timm's own parts: softmax att
 the standard block (``timm_loadable`` in the file says so). Every export, CBSA and CBT
 included, loads back with :func:`load_exported`, which rebuilds it from the ``attnssl``
 section. Weights are safetensors (no pickle, so loading runs no code); files are written
-atomically (temporary file, then rename).
+atomically (:func:`attnssl.train.checkpoint.atomic_write`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch.nn as nn
 
+from attnssl.train.checkpoint import atomic_write
+
 TIMM_ARCHITECTURE = "vit_base_patch16_224"  # its size arguments are overridden by model_args
 TIMM_ATTENTIONS = ("softmax", "softmax_explicit")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def timm_model_args(backbone: nn.Module, model_cfg) -> dict:
@@ -84,10 +73,10 @@ def export_backbone(target: str | Path, out_dir: str | Path,
         },
     }
     weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
-    _atomic_write(out / "model.safetensors",
-                  lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2)))
+    atomic_write(out / "model.safetensors",
+                 lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / "config.json",
+                 lambda tmp: tmp.write_text(json.dumps(description, indent=2)))
     return out
 
 

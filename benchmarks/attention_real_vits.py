@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from b1_checkpoints import B1_JSON, fp32_checkpoints, untrained_backbone
 from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.analysis import analyze_backbone
-from attnssl.eval.evaluate import load_trained_backbone, random_init_backbone
 
 
 def analyse(backbone, dataset, features: str, images: int) -> dict:
@@ -50,36 +50,27 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--b1", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
+    parser.add_argument("--b1", default=str(B1_JSON))
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention.json"))
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
 
-    b1 = json.loads(Path(args.b1).read_text())
     rows, floors = [], {}
-    for b1_row in b1["rows"]:
-        if b1_row["precision"] != "32":
-            continue
-        run_dir = Path(b1_row["run_dir"])
-        if not run_dir.is_dir():
-            print(f"skipping {b1_row['method']}: its run folder {run_dir} is gone")
-            continue
-        loaded = load_trained_backbone(run_dir)
+    for b1_row, loaded in fp32_checkpoints(Path(args.b1)):
         config = loaded.config
         features = config.eval.features
         rows.append({"label": b1_row["method"], "attention": config.model.attention,
-                     "knn_top1": b1_row.get("knn_top1"), "run_dir": str(run_dir),
+                     "knn_top1": b1_row.get("knn_top1"), "run_dir": b1_row["run_dir"],
                      **analyse(loaded.backbone, loaded.test, features, args.images)})
         print(f"{b1_row['method']}: done", flush=True)
         key = (config.model.attention, config.model.weight_init, config.model.pos_embed)
         if key not in floors:
-            untrained = random_init_backbone(config, loaded.backbone.patch_embed.img_size[0],
-                                             loaded.test.channels)
             floors[key] = {"label": f"untrained ({config.model.weight_init} init, "
                                     f"{config.model.pos_embed} positions)",
                            "attention": config.model.attention,
-                           **analyse(untrained, loaded.test, "cls", args.images)}
+                           **analyse(untrained_backbone(loaded), loaded.test, "cls",
+                                     args.images)}
     rows += list(floors.values())
     table = markdown(rows)
     print(table)

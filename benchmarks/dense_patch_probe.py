@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from b1_checkpoints import fp32_checkpoints, untrained_backbone
 from readme_block import ROOT, machine_line, replace_readme_block
 from safetensors.torch import load_file
 
@@ -108,15 +109,8 @@ def overrides(method: str, args, out_dir: Path) -> list[str]:
 
 def b1_rows(args) -> list[dict]:
     """Dense scores of every fp32 B1 checkpoint and of the untrained backbone of each init."""
-    from attnssl.eval.evaluate import load_trained_backbone, random_init_backbone
-
-    b1 = json.loads((ROOT / "benchmarks" / "results" / "b1.json").read_text())
     rows, floors = [], {}
-    for b1_row in b1["rows"]:
-        run_dir = Path(b1_row["run_dir"])
-        if b1_row["precision"] != "32" or not run_dir.is_dir():
-            continue
-        loaded = load_trained_backbone(run_dir)
+    for b1_row, loaded in fp32_checkpoints():
         config, patch = loaded.config, loaded.backbone.patch_embed.patch_size[0]
         train, test = loaded.train.subset(args.images), loaded.test.subset(args.test_images)
         labels = silhouette_labels(train, patch), silhouette_labels(test, patch)
@@ -124,11 +118,9 @@ def b1_rows(args) -> list[dict]:
         if config.model.attention != "softmax":
             init += f", {config.model.attention}"
         if init not in floors:
-            untrained = random_init_backbone(config, loaded.backbone.patch_embed.img_size[0],
-                                             train.channels)
             floors[init] = {"method": f"untrained ({init})",
-                            **dense_scores(untrained, train, test, patch, args.probe_epochs,
-                                           *labels)}
+                            **dense_scores(untrained_backbone(loaded), train, test, patch,
+                                           args.probe_epochs, *labels)}
             rows.append(floors[init])
         rows.append({"method": f"{b1_row['method']} ({init})",
                      **dense_scores(loaded.backbone, train, test, patch, args.probe_epochs,

@@ -107,10 +107,10 @@ def test_foreground_of_fashion_mnist_is_its_non_zero_pixels():
     images[0, 0, 2:5, 3] = 200
     images[1, 0, 0, 0] = 1
     dataset = TensorImageDataset("fashion-mnist", images, torch.tensor([0, 1]), ("a", "b"))
-    masks = foreground_masks(dataset, torch.arange(2))
+    masks = foreground_masks(dataset, torch.arange(2), images)
     assert masks.tolist() == (images[:, 0] > 0).tolist() and masks.sum().item() == 4
     other = TensorImageDataset("cifar10", images, torch.tensor([0, 1]), ("a", "b"))
-    assert foreground_masks(other, torch.arange(2)) is None
+    assert foreground_masks(other, torch.arange(2), images) is None
 
 
 def test_analyze_writes_json_figures_and_a_self_contained_report(tmp_path, capsys):

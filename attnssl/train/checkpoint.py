@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,17 @@ from lightning_fabric.plugins import TorchCheckpointIO
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\.ckpt$")
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``; it is fsynced and renamed over
+    ``path`` and the folder entry synced, so ``path`` is always the old file or the whole new
+    one. On failure the temporary file is removed and the old file is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            try:
-                torch.save(obj, handle)
-            except RuntimeError as err:  # torch's writer reports a failed write (full disk) so
-                free = shutil.disk_usage(path.parent).free / 2**20
-                raise OSError(f"the write failed ({err}); {free:.0f} MB free on that disk") \
-                    from err
-            handle.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -47,6 +46,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's writer reports a failed write (full disk) so
+            free = shutil.disk_usage(tmp.parent).free / 2**20
+            raise OSError(f"the write failed ({err}); {free:.0f} MB free on that disk") from err
+
+    atomic_write(path, write)
 
 
 def safe_torch_load(path: str | Path) -> Any:
