@@ -1,0 +1,391 @@
+"""Protocol B1 peer rows: lightly's own DINO, SimCLR and MAE against ours, measured in one run.
+
+The peer is what a lightly user writes (github.com/lightly-ai/lightly, ``examples/pytorch`` and
+``benchmarks/imagenet/vitb16``): lightly's heads, losses, masking utilities, momentum update,
+schedules and per-image torchvision transforms in a ``DataLoader``, around a plain timm
+``VisionTransformer`` of the B1 size (img 28, patch 4, width 128, depth 4, 4 heads, timm's own
+fused attention). Every method setting lightly exposes is set to our preset's value (head sizes,
+temperatures and their warm-up, centring, teacher momentum, mask ratio, per-patch normalised
+targets, crop scales and sizes, flips, no colour augmentation on grayscale); batch 256, AdamW
+lr 1e-3 wd 0.05 without decay on biases and norms, 1 warm-up epoch then cosine, DINO's
+per-parameter gradient clip at 3.0 and frozen last layer in epoch 0. What stays lightly's own:
+the forward is one call per view (as its examples), SimCLR's projector ends with a batch norm,
+MAE's crop is bicubic.
+
+Two measurements, both written to ``benchmarks/results/b1_peers.json``:
+
+* throughput, alternating ours and the peer's in rounds (A B A B ...), each round ``--round-steps``
+  training steps on the first images of the training set, in every precision asked for; images
+  per second over the whole loop (ours: views on batched tensors inside the step; peer: the
+  time the step waits for its ``DataLoader`` included). The peer's loader gets its fastest worker
+  count on this machine, picked by a short timed trial of 0, 1 and 2 workers;
+* accuracy at the same budget for both: ``--budget-images`` training images for ``--epochs``
+  epochs (B1's schedule on a subset), then our evaluation (weighted k-NN, k=20, T=0.07, and the
+  linear probe) on the evaluated backbone (DINO's teacher) over the full train and test splits.
+
+    python benchmarks/b1_peers.py --readme                 # published: all three methods
+    python benchmarks/b1_peers.py --methods mae --rounds 1 --round-steps 4 --budget-images 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from readme_block import ROOT, machine_line, replace_readme_block
+
+from attnssl.config import load_config
+from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
+from attnssl.eval.evaluate import evaluate_features, load_eval_splits
+from attnssl.train.trainer import clip_each_parameter, machine_description, pretrain
+
+PRESETS = {"dino": "dino_fashion_mnist", "simclr": "simclr_fashion_mnist",
+           "mae": "mae_fashion_mnist"}
+
+
+def lightly_modules():
+    """Import lightly only here: it is the optional ``bench`` group, not a dependency."""
+    try:
+        import lightly  # noqa: F401
+    except ImportError as err:
+        raise SystemExit("the peer rows need lightly: pip install -e '.[bench]'") from err
+    from lightly import loss, transforms
+    from lightly.models import modules, utils
+    from lightly.utils import scheduler
+    return loss, modules, utils, transforms, scheduler
+
+
+def timm_vit(model_cfg, channels: int) -> nn.Module:
+    """The B1 backbone as plain timm builds it (timm's attention, no attnssl code)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from attnssl.nn.vit import resolve_size
+    size = resolve_size(model_cfg)
+    return VisionTransformer(img_size=28, patch_size=size.patch_size, in_chans=channels,
+                             num_classes=0, embed_dim=size.embed_dim, depth=size.depth,
+                             num_heads=size.num_heads, mlp_ratio=size.mlp_ratio,
+                             dynamic_img_size=True)
+
+
+# ----------------------------------------------------------------------------- lightly's methods
+
+class PeerDINO(nn.Module):
+    """lightly's DINO (``examples/pytorch/dino.py``) with our preset's settings."""
+
+    def __init__(self, config, channels: int):
+        loss, modules, utils, _, _ = lightly_modules()
+        m = config.method
+        self.utils = utils
+        super().__init__()
+        self.student_backbone = timm_vit(config.model, channels)
+        head = lambda: modules.DINOProjectionHead(  # noqa: E731
+            self.student_backbone.embed_dim, m.head_hidden, m.head_bottleneck, m.out_dim,
+            freeze_last_layer=m.freeze_last_layer_epochs)
+        self.student_head, self.teacher_head = head(), head()
+        # the teacher starts as the student (official DINO); a weight-normed head cannot be
+        # deep-copied, so lightly's example builds a second one, loaded here
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        utils.deactivate_requires_grad(self.teacher_backbone)
+        utils.deactivate_requires_grad(self.teacher_head)
+        self.criterion = loss.DINOLoss(
+            m.out_dim, warmup_teacher_temp=m.warmup_teacher_temp, teacher_temp=m.teacher_temp,
+            warmup_teacher_temp_epochs=m.warmup_teacher_temp_epochs, student_temp=m.student_temp,
+            center_momentum=m.center_momentum)
+        self.base_momentum, self.clip = m.teacher_momentum, config.optim.clip_grad
+
+    @property
+    def evaluation_backbone(self) -> nn.Module:
+        return self.teacher_backbone
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        from lightly.utils.scheduler import cosine_schedule
+        momentum = cosine_schedule(step, total_steps, self.base_momentum, 1.0)
+        self.utils.update_momentum(self.student_backbone, self.teacher_backbone, momentum)
+        self.utils.update_momentum(self.student_head, self.teacher_head, momentum)
+
+    def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_out = [self.teacher_head(self.teacher_backbone(v)) for v in views[:2]]
+        student_out = [self.student_head(self.student_backbone(v)) for v in views]
+        return self.criterion(teacher_out, student_out, epoch=epoch)
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        clip_each_parameter(self.parameters(), self.clip)
+        self.student_head.cancel_last_layer_gradients(current_epoch=epoch)
+
+    @staticmethod
+    def transform(config, normalize):
+        v = config.views
+        return lightly_modules()[3].DINOTransform(
+            global_crop_size=28, global_crop_scale=tuple(v.global_scale), local_crop_size=v.local_size,
+            local_crop_scale=tuple(v.local_scale), n_local_views=v.local_crops, hf_prob=v.hflip_prob,
+            cj_prob=0.0, random_gray_scale=0.0, gaussian_blur=(0.0, 0.0, 0.0), solarization_prob=0.0,
+            normalize=normalize)
+
+
+class PeerSimCLR(nn.Module):
+    """lightly's SimCLR (``examples/pytorch/simclr.py``) with our preset's settings."""
+
+    def __init__(self, config, channels: int):
+        loss, modules, _, _, _ = lightly_modules()
+        m = config.method
+        super().__init__()
+        self.backbone = timm_vit(config.model, channels)
+        self.projection_head = modules.SimCLRProjectionHead(
+            self.backbone.embed_dim, m.projector_hidden, m.projector_out, m.projector_layers)
+        self.criterion = loss.NTXentLoss(temperature=m.temperature)
+
+    @property
+    def evaluation_backbone(self) -> nn.Module:
+        return self.backbone
+
+    def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        z0, z1 = (self.projection_head(self.backbone(v)) for v in views)
+        return self.criterion(z0, z1)
+
+    @staticmethod
+    def transform(config, normalize):
+        v = config.views
+        return lightly_modules()[3].SimCLRTransform(
+            input_size=28, cj_prob=0.0, min_scale=v.global_scale[0], random_gray_scale=0.0,
+            gaussian_blur=0.0, hf_prob=v.hflip_prob, normalize=normalize)
+
+
+class PeerMAE(nn.Module):
+    """lightly's MAE (``examples/pytorch/mae.py``, the ``MaskedVisionTransformerDecoderTIMM``
+    form) with our preset's settings and ``normalize_mean_var`` targets (norm_pix_loss)."""
+
+    def __init__(self, config, channels: int):
+        _, modules, utils, _, _ = lightly_modules()
+        m = config.method
+        super().__init__()
+        self.utils, self.mask_ratio, self.norm_pix = utils, m.mask_ratio, m.norm_pix_loss
+        vit = timm_vit(config.model, channels)
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.backbone = modules.MaskedVisionTransformerTIMM(vit=vit)
+        self.sequence_length = self.backbone.sequence_length
+        self.decoder_embed = nn.Linear(vit.embed_dim, m.decoder_dim)
+        self.decoder = modules.MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches, embed_dim=m.decoder_dim,
+            depth=m.decoder_depth, num_heads=m.decoder_heads)
+        self.decoder_pred = nn.Linear(m.decoder_dim, self.patch_size ** 2 * channels)
+
+    @property
+    def evaluation_backbone(self) -> nn.Module:
+        return self.backbone.vit
+
+    def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        u, images = self.utils, views[0]
+        idx_keep, idx_mask = u.random_token_mask((images.shape[0], self.sequence_length),
+                                                 mask_ratio=self.mask_ratio)
+        encoded = self.decoder_embed(self.backbone.encode(images=images, idx_keep=idx_keep))
+        tokens = u.repeat_token(self.decoder.mask_token, (images.shape[0], self.sequence_length))
+        tokens = u.set_at_index(tokens, idx_keep, encoded.type_as(tokens))
+        decoded = self.decoder.decode(self.decoder.preprocess(tokens))
+        prediction = self.decoder_pred(u.get_at_index(decoded, idx_mask))
+        target = u.get_at_index(u.patchify(images, self.patch_size), idx_mask - 1)
+        if self.norm_pix:
+            target = u.normalize_mean_var(target, dim=-1)
+        return nn.functional.mse_loss(prediction, target)
+
+    @staticmethod
+    def transform(config, normalize):
+        return lightly_modules()[3].MAETransform(input_size=28, min_scale=config.views.global_scale[0],
+                                                 normalize=normalize)
+
+
+PEERS = {"dino": PeerDINO, "simclr": PeerSimCLR, "mae": PeerMAE}
+
+
+class PILImages(torch.utils.data.Dataset):
+    """Fashion-MNIST's uint8 tensors as the PIL images lightly's transforms take."""
+
+    def __init__(self, images: torch.Tensor, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[index, 0].numpy(), mode="L"))
+
+
+def train_peer(method: str, config, images: torch.Tensor, epochs: int, precision: str,
+               workers: int, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Train lightly's implementation; returns the model and images/s over the whole loop."""
+    _, _, utils, _, scheduler = lightly_modules()
+    torch.manual_seed(seed)
+    peer_cls = PEERS[method]
+    model = peer_cls(config, images.shape[1])
+    mean, std = NORMALISATION["fashion-mnist"]
+    dataset = PILImages(images, peer_cls.transform(config, {"mean": list(mean), "std": list(std)}))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.optim.batch_size, shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed))
+    decay, no_decay = utils.get_weight_decay_parameters(
+        [m for m in model.children() if any(p.requires_grad for p in m.parameters())])
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr,
+        betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    total_steps, steps_per_epoch = len(loader) * epochs, len(loader)
+    lr_schedule = scheduler.CosineWarmupScheduler(
+        optimizer, warmup_epochs=round(optim.warmup_epochs * steps_per_epoch),
+        max_epochs=total_steps, end_value=optim.min_lr / optim.lr)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else nullcontext())
+    model.train()
+    step, started = 0, time.perf_counter()
+    for epoch in range(epochs):
+        for views in loader:
+            if hasattr(model, "before_step"):
+                model.before_step(step, total_steps)
+            with autocast:
+                loss = model.loss(views, epoch)
+            loss.backward()
+            if hasattr(model, "before_optimizer_step"):
+                model.before_optimizer_step(epoch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_schedule.step()
+            step += 1
+            if not torch.isfinite(loss):
+                raise SystemExit(f"lightly {method} diverged at step {step} (loss {loss.item()})")
+    seconds = time.perf_counter() - started
+    return model, {"images_per_second": step * config.optim.batch_size / seconds,
+                   "train_seconds": seconds, "final_loss": loss.item()}
+
+
+def fastest_workers(method: str, config, images: torch.Tensor, steps: int) -> tuple[int, dict]:
+    """The peer's DataLoader worker count (0, 1 or 2) that trains fastest here."""
+    trial = images[: steps * config.optim.batch_size]
+    speeds = {w: train_peer(method, config, trial, 1, "32", w)[1]["images_per_second"]
+              for w in (0, 1, 2)}
+    return max(speeds, key=speeds.get), speeds
+
+
+def ours(method: str, config_overrides: list[str], out_dir: Path) -> dict:
+    config = load_config(PRESETS[method], [
+        *config_overrides, f"run.out_dir={out_dir}", "trainer.progress_bar=false",
+        "trainer.checkpoint_every_steps=100000", f"run.name=peer-{method}-{time.time_ns()}"])
+    return pretrain(config)
+
+
+def throughput_rounds(method: str, args, images: torch.Tensor, workers: int, out_dir: Path) -> dict:
+    """Alternate ours and the peer's, every precision, ``args.rounds`` times (A B A B ...)."""
+    config = load_config(PRESETS[method])
+    subset = args.round_steps * config.optim.batch_size
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for precision in args.ours_precisions:
+            metrics = ours(method, [f"trainer.precision={precision}", f"data.subset={subset}",
+                                    "optim.epochs=1", "eval.at_end=false"], out_dir)
+            runs.setdefault(f"attnssl {precision}", []).append(metrics["images_per_second"])
+        for precision in args.peer_precisions:
+            _, stats = train_peer(method, config, images[:subset], 1, precision, workers)
+            runs.setdefault(f"lightly {precision}", []).append(stats["images_per_second"])
+    return {name: {"runs": values, "median": statistics.median(values)}
+            for name, values in runs.items()}
+
+
+def budget_rows(method: str, args, images: torch.Tensor, workers: int, out_dir: Path,
+                splits) -> dict:
+    """Same images, epochs and schedule for both; our evaluation of both backbones."""
+    budget = [f"data.subset={args.budget_images}", f"optim.epochs={args.epochs}"]
+    rows = {}
+    metrics = ours(method, [f"trainer.precision={args.ours_precisions[0]}", *budget], out_dir)
+    rows[f"attnssl {args.ours_precisions[0]}"] = {
+        **{k: metrics["eval"][k] for k in ("knn_top1", "linear_top1", "knn_top1_random_init")},
+        "images_per_second": metrics["images_per_second"]}
+    config = load_config(PRESETS[method], budget)
+    model, stats = train_peer(method, config, images[: args.budget_images], args.epochs, "32",
+                              workers)
+    scores = evaluate_features(model.evaluation_backbone.eval(), config, *splits)
+    rows["lightly 32"] = {"knn_top1": scores["knn_top1"], "linear_top1": scores["linear_top1"],
+                          "images_per_second": stats["images_per_second"]}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--round-steps", type=int, default=24)
+    parser.add_argument("--ours-precisions", nargs="+", default=["bf16-mixed", "32"])
+    parser.add_argument("--peer-precisions", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--budget-images", type=int, default=12288)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--skip-budget", action="store_true", help="throughput rounds only")
+    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks" / "peers"))
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args()
+    command = "python benchmarks/b1_peers.py " + " ".join(
+        a for a in __import__("sys").argv[1:] if a != "--readme")
+
+    images = load_dataset(DatasetSpec("fashion-mnist"), "train").images
+    splits = None if args.skip_budget else load_eval_splits(load_config(PRESETS["dino"]))
+    out_dir = Path(args.out_dir)
+    results = {"machine": machine_description(), "command": command.strip(), "methods": {},
+               "rounds": args.rounds}
+    for method in args.methods:
+        config = load_config(PRESETS[method])
+        workers, trial = fastest_workers(method, config, images, steps=6)
+        print(f"{method}: lightly loader workers {trial} -> {workers}", flush=True)
+        entry = {"peer_workers": workers, "peer_worker_trial": trial,
+                 "throughput": throughput_rounds(method, args, images, workers, out_dir)}
+        print(method, json.dumps(entry["throughput"]), flush=True)
+        if not args.skip_budget:
+            entry["budget"] = budget_rows(method, args, images, workers, out_dir, splits)
+            print(method, json.dumps(entry["budget"]), flush=True)
+        results["methods"][method] = entry
+        results["budget"] = {"images": args.budget_images, "epochs": args.epochs}
+        path = ROOT / "benchmarks" / "results" / "b1_peers.json"
+        path.write_text(json.dumps(results, indent=1))
+    table = peers_table(results)
+    print(table)
+    if args.readme:
+        replace_readme_block("PEERS", table)
+
+
+def peers_table(results: dict) -> str:
+    lines = [
+        "| method | attnssl bf16 img/s | attnssl fp32 img/s | lightly fp32 img/s | "
+        "lightly bf16 img/s | speed-up vs lightly's faster | k-NN attnssl | k-NN lightly | "
+        "linear attnssl | linear lightly |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, entry in results["methods"].items():
+        tp = {k: v["median"] for k, v in entry["throughput"].items()}
+        best_ours = max(v for k, v in tp.items() if k.startswith("attnssl"))
+        best_peer = max(v for k, v in tp.items() if k.startswith("lightly"))
+        budget = entry.get("budget", {})
+        ours_b = next((v for k, v in budget.items() if k.startswith("attnssl")), {})
+        peer_b = budget.get("lightly 32", {})
+        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+        lines.append(
+            f"| {method} | {tp.get('attnssl bf16-mixed', 0):.0f} | {tp.get('attnssl 32', 0):.0f} | "
+            f"{tp.get('lightly 32', 0):.0f} | {tp.get('lightly bf16-mixed', 0):.0f} | "
+            f"{best_ours / best_peer:.2f}x | {cell(ours_b, 'knn_top1')} | {cell(peer_b, 'knn_top1')} | "
+            f"{cell(ours_b, 'linear_top1')} | {cell(peer_b, 'linear_top1')} |")
+    b, rounds = results.get("budget", {}), results.get("rounds", "-")
+    lines += ["", f"Throughput: medians of {rounds} alternating rounds (attnssl, lightly, attnssl, "
+              "lightly, ...). Accuracy: both trained on the first "
+              f"{b.get('images', '-')} training images for {b.get('epochs', '-')} epochs (B1's "
+              "schedule), attnssl in bf16-mixed, lightly in fp32, scored by the same k-NN and "
+              "linear probe on the full splits.", "",
+              machine_line(results["machine"], results["command"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

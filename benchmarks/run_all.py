@@ -1,0 +1,110 @@
+"""Every published benchmark in one command, within a time budget.
+
+Runs the scripts below in order, each with ``--readme`` so it rewrites its
+``benchmarks/results/*.json`` and its README table. A job starts only if its expected time
+fits in what is left of ``--budget-minutes``: the time it took in the last ``run_all`` on this
+machine (``benchmarks/results/run_all.json``), or else the estimate below (measured on the
+2-core reference machine). A job that overruns the budget is stopped and reported; the jobs
+skipped are listed with the reason, so a short budget refreshes the cheap tables and a long one
+refreshes them all. The B1 rows come first among the long jobs because the attention and dense
+analyses read their checkpoints.
+
+    python benchmarks/run_all.py --budget-minutes 30          # the cheap tables
+    python benchmarks/run_all.py --budget-minutes 600         # everything (about 8 h here)
+    python benchmarks/run_all.py --only b5 peers              # chosen jobs, by name
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from readme_block import ROOT
+
+B1_METHODS = ("bam", "dino", "udi", "simclr", "mae", "bam-cbsa")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    argv: tuple[str, ...]
+    minutes: float  # estimate on the 2-core reference machine
+
+
+def b1_jobs() -> list[Job]:
+    # minutes: 5 epochs of training plus evaluation, from the B1 table (fp32 / bf16-mixed)
+    fp32 = {"bam": 45, "dino": 53, "udi": 76, "simclr": 35, "mae": 15, "bam-cbsa": 44}
+    jobs = []
+    for method in B1_METHODS:
+        precisions = ["32"] if method == "bam-cbsa" else ["32", "bf16-mixed"]
+        for precision in precisions:
+            minutes = fp32[method] / (1.0 if precision == "32" else 1.7)
+            jobs.append(Job(f"b1-{method}-{precision}",
+                            ("b1_pretrain.py", "--methods", method, "--precisions", precision),
+                            round(minutes)))
+    return jobs
+
+
+JOBS = [
+    Job("views", ("views_throughput.py",), 1),
+    Job("b4", ("b4_attention_cost.py",), 4),
+    Job("b3", ("b3_bam_memory.py",), 4),
+    Job("b2", ("b2_utilisation.py",), 6),
+    Job("profile", ("profile_step.py",), 5),
+    Job("b5", ("b5_distributed.py",), 6),
+    Job("peers", ("b1_peers.py",), 55),
+    *b1_jobs(),
+    Job("attention", ("attention_real_vits.py",), 6),
+    Job("dense-b1", ("dense_patch_probe.py", "--b1", "--images", "10000", "--test-images", "2000",
+                     "--probe-epochs", "10"), 15),
+]
+RECORD = ROOT / "benchmarks" / "results" / "run_all.json"
+
+
+def expected_minutes(job: Job, history: dict) -> float:
+    past = history.get(job.name, {})
+    return past["minutes"] if past.get("status") == "done" else job.minutes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget-minutes", type=float, required=True)
+    parser.add_argument("--only", nargs="+", metavar="JOB",
+                        help=f"job names: {', '.join(j.name for j in JOBS)}")
+    args = parser.parse_args()
+    names = {j.name for j in JOBS}
+    unknown = sorted(set(args.only or []) - names)
+    if unknown:
+        raise SystemExit(f"unknown job(s) {unknown}; accepted: {', '.join(j.name for j in JOBS)}")
+    history = json.loads(RECORD.read_text())["jobs"] if RECORD.exists() else {}
+    deadline = time.monotonic() + args.budget_minutes * 60
+    record = dict(history)
+    for job in JOBS:
+        if args.only and job.name not in args.only:
+            continue
+        left = (deadline - time.monotonic()) / 60
+        expected = expected_minutes(job, history)
+        if expected > left:
+            print(f"skip {job.name}: expects {expected:.0f} min, {left:.0f} left", flush=True)
+            continue
+        command = [sys.executable, str(ROOT / "benchmarks" / job.argv[0]), *job.argv[1:], "--readme"]
+        print(f"run  {job.name}: {' '.join(command[1:])}", flush=True)
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, cwd=ROOT, timeout=max(left * 60, 1))
+            status = "done" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        except subprocess.TimeoutExpired:
+            status = "stopped at the budget"
+        minutes = (time.monotonic() - started) / 60
+        print(f"     {job.name}: {status} in {minutes:.1f} min", flush=True)
+        record[job.name] = {"status": status, "minutes": round(minutes, 2),
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        RECORD.write_text(json.dumps({"jobs": record}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
