@@ -74,6 +74,10 @@ class ViewsSection(_Section):
     local_size: int | None = Field(None, gt=0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     hflip_prob: float = Field(0.5, ge=0, le=1)
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="resampling of the resized crop; the official DINO, MAE and BAM "
+        "code use bicubic (torchvision's interpolation=3), bicubic results clamped to [0, 1] as "
+        "PIL's are")
     color_jitter_prob: float = Field(0.8, ge=0, le=1)
     brightness: float = Field(0.4, ge=0)
     contrast: float = Field(0.4, ge=0)

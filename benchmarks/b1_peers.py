@@ -300,20 +300,34 @@ def throughput_rounds(method: str, args, images: torch.Tensor, workers: int, out
 
 def budget_rows(method: str, args, images: torch.Tensor, workers: int, out_dir: Path,
                 splits) -> dict:
-    """Same images, epochs and schedule for both; our evaluation of both backbones."""
+    """Same images, epochs and schedule for both, once per seed; our evaluation of both backbones.
+
+    Each row holds every seed's scores (``seeds``) and their mean under the plain keys.
+    """
     budget = [f"data.subset={args.budget_images}", f"optim.epochs={args.epochs}"]
-    rows = {}
-    metrics = ours(method, [f"trainer.precision={args.ours_precisions[0]}", *budget], out_dir)
-    rows[f"attnssl {args.ours_precisions[0]}"] = {
-        **{k: metrics["eval"][k] for k in ("knn_top1", "linear_top1", "knn_top1_random_init")},
-        "images_per_second": metrics["images_per_second"]}
-    config = load_config(PRESETS[method], budget)
-    model, stats = train_peer(method, config, images[: args.budget_images], args.epochs, "32",
-                              workers)
-    scores = evaluate_features(model.evaluation_backbone.eval(), config, *splits)
-    rows["lightly 32"] = {"knn_top1": scores["knn_top1"], "linear_top1": scores["linear_top1"],
-                          "images_per_second": stats["images_per_second"]}
-    return rows
+    ours_name = f"attnssl {args.ours_precisions[0]}"
+    runs: dict[str, list[dict]] = {ours_name: [], **({} if args.skip_peer_budget else
+                                                     {"lightly 32": []})}
+    for seed in args.budget_seeds:
+        metrics = ours(method, [f"trainer.precision={args.ours_precisions[0]}", *budget,
+                                f"run.seed={seed}", *args.ours_overrides], out_dir)
+        runs[ours_name].append({
+            **{k: metrics["eval"][k] for k in ("knn_top1", "linear_top1", "knn_top1_random_init")},
+            "images_per_second": metrics["images_per_second"], "seed": seed})
+        print(method, ours_name, json.dumps(runs[ours_name][-1]), flush=True)
+        if args.skip_peer_budget:
+            continue
+        config = load_config(PRESETS[method], budget)
+        model, stats = train_peer(method, config, images[: args.budget_images], args.epochs, "32",
+                                  workers, seed=seed)
+        scores = evaluate_features(model.evaluation_backbone.eval(), config, *splits)
+        runs["lightly 32"].append({"knn_top1": scores["knn_top1"],
+                                   "linear_top1": scores["linear_top1"],
+                                   "images_per_second": stats["images_per_second"], "seed": seed})
+        print(method, "lightly 32", json.dumps(runs["lightly 32"][-1]), flush=True)
+    return {name: {**{key: statistics.mean(r[key] for r in rows) for key in rows[0] if key != "seed"},
+                   "seeds": rows}
+            for name, rows in runs.items()}
 
 
 def main() -> None:
@@ -325,7 +339,17 @@ def main() -> None:
     parser.add_argument("--peer-precisions", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--budget-images", type=int, default=12288)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--budget-seeds", type=int, nargs="+", default=[0],
+                        help="train both once per seed; the table shows the mean")
+    parser.add_argument("--ours-overrides", nargs="*", default=[],
+                        help="extra config overrides for our budget runs, e.g. "
+                             "views.interpolation=bicubic")
     parser.add_argument("--skip-budget", action="store_true", help="throughput rounds only")
+    parser.add_argument("--skip-throughput", action="store_true", help="budget runs only")
+    parser.add_argument("--skip-peer-budget", action="store_true",
+                        help="budget runs of ours only (to compare settings of ours)")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "b1_peers.json"),
+                        help="results file; methods measured now replace their entries in it")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks" / "peers"))
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
@@ -334,22 +358,26 @@ def main() -> None:
 
     images = load_dataset(DatasetSpec("fashion-mnist"), "train").images
     splits = None if args.skip_budget else load_eval_splits(load_config(PRESETS["dino"]))
-    out_dir = Path(args.out_dir)
-    results = {"machine": machine_description(), "command": command.strip(), "methods": {},
-               "rounds": args.rounds}
+    out_dir, path = Path(args.out_dir), Path(args.json)
+    results = json.loads(path.read_text()) if path.exists() else {"methods": {}}
+    results["machine"] = machine_description()
     for method in args.methods:
         config = load_config(PRESETS[method])
         workers, trial = fastest_workers(method, config, images, steps=6)
         print(f"{method}: lightly loader workers {trial} -> {workers}", flush=True)
-        entry = {"peer_workers": workers, "peer_worker_trial": trial,
-                 "throughput": throughput_rounds(method, args, images, workers, out_dir)}
-        print(method, json.dumps(entry["throughput"]), flush=True)
+        entry = {**results["methods"].get(method, {}), "command": command.strip(),
+                 "peer_workers": workers, "peer_worker_trial": trial}
+        if not args.skip_throughput:
+            entry["rounds"] = args.rounds
+            entry["throughput"] = throughput_rounds(method, args, images, workers, out_dir)
+            print(method, json.dumps(entry["throughput"]), flush=True)
         if not args.skip_budget:
+            entry["budget_setting"] = {"images": args.budget_images, "epochs": args.epochs,
+                                       "seeds": args.budget_seeds,
+                                       "ours_overrides": args.ours_overrides}
             entry["budget"] = budget_rows(method, args, images, workers, out_dir, splits)
             print(method, json.dumps(entry["budget"]), flush=True)
         results["methods"][method] = entry
-        results["budget"] = {"images": args.budget_images, "epochs": args.epochs}
-        path = ROOT / "benchmarks" / "results" / "b1_peers.json"
         path.write_text(json.dumps(results, indent=1))
     table = peers_table(results)
     print(table)
@@ -360,30 +388,38 @@ def main() -> None:
 def peers_table(results: dict) -> str:
     lines = [
         "| method | attnssl bf16 img/s | attnssl fp32 img/s | lightly fp32 img/s | "
-        "lightly bf16 img/s | speed-up vs lightly's faster | k-NN attnssl | k-NN lightly | "
-        "linear attnssl | linear lightly |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "lightly bf16 img/s | speed-up vs lightly's faster | budget seeds | k-NN attnssl | "
+        "k-NN lightly | linear attnssl | linear lightly |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    commands = []
     for method, entry in results["methods"].items():
-        tp = {k: v["median"] for k, v in entry["throughput"].items()}
-        best_ours = max(v for k, v in tp.items() if k.startswith("attnssl"))
-        best_peer = max(v for k, v in tp.items() if k.startswith("lightly"))
-        budget = entry.get("budget", {})
+        tp = {k: v["median"] for k, v in entry.get("throughput", {}).items()}
+        best_ours = max((v for k, v in tp.items() if k.startswith("attnssl")), default=0)
+        best_peer = max((v for k, v in tp.items() if k.startswith("lightly")), default=0)
+        speed_up = f"{best_ours / best_peer:.2f}x" if best_ours and best_peer else "-"
+        budget, setting = entry.get("budget", {}), entry.get("budget_setting", {})
         ours_b = next((v for k, v in budget.items() if k.startswith("attnssl")), {})
         peer_b = budget.get("lightly 32", {})
         cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
         lines.append(
             f"| {method} | {tp.get('attnssl bf16-mixed', 0):.0f} | {tp.get('attnssl 32', 0):.0f} | "
             f"{tp.get('lightly 32', 0):.0f} | {tp.get('lightly bf16-mixed', 0):.0f} | "
-            f"{best_ours / best_peer:.2f}x | {cell(ours_b, 'knn_top1')} | {cell(peer_b, 'knn_top1')} | "
+            f"{speed_up} | {len(setting.get('seeds', [])) or '-'} | "
+            f"{cell(ours_b, 'knn_top1')} | {cell(peer_b, 'knn_top1')} | "
             f"{cell(ours_b, 'linear_top1')} | {cell(peer_b, 'linear_top1')} |")
-    b, rounds = results.get("budget", {}), results.get("rounds", "-")
+        if entry["command"] not in commands:
+            commands.append(entry["command"])
+    settings = {(e.get("rounds"), e["budget_setting"]["images"], e["budget_setting"]["epochs"])
+                for e in results["methods"].values() if "budget_setting" in e}
+    rounds, images, epochs = settings.pop() if len(settings) == 1 else ("-", "-", "-")
     lines += ["", f"Throughput: medians of {rounds} alternating rounds (attnssl, lightly, attnssl, "
               "lightly, ...). Accuracy: both trained on the first "
-              f"{b.get('images', '-')} training images for {b.get('epochs', '-')} epochs (B1's "
-              "schedule), attnssl in bf16-mixed, lightly in fp32, scored by the same k-NN and "
-              "linear probe on the full splits.", "",
-              machine_line(results["machine"], results["command"])]
+              f"{images} training images for {epochs} epochs (B1's schedule), attnssl in "
+              "bf16-mixed, lightly in fp32, scored by the same k-NN and linear probe on the full "
+              "splits; the mean over the budget seeds.", "",
+              machine_line(results["machine"], "; ".join(f"`{c}`" for c in commands)
+                           .strip("`"))]
     return "\n".join(lines)
 
 

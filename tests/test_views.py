@@ -30,6 +30,26 @@ def test_flip_and_crop_select_the_box(generator):
     assert torch.allclose(out[1, 0], images[1, 0, 4:8, 0:4], atol=1e-5)
 
 
+def test_bicubic_resize_matches_interpolate_and_stays_in_range(generator):
+    images = torch.rand(2, 1, 8, 8, generator=generator)
+    full = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).repeat(2, 1)
+    flipped = torch.tensor([False, True])
+    out = crop_resize(images, full, flipped, 16, mode="bicubic")
+    expected = torch.nn.functional.interpolate(images, size=16, mode="bicubic",
+                                               align_corners=False).clamp(0, 1)
+    assert torch.allclose(out[0], expected[0], atol=1e-5)
+    assert torch.allclose(out[1], expected[1].flip(-1), atol=1e-5)
+    # the cubic kernel overshoots at a hard edge; the crop must not leave the pixel range
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1.0
+    unclamped = torch.nn.functional.interpolate(edge, size=16, mode="bicubic", align_corners=False)
+    assert unclamped.max() > 1.0
+    sharp = crop_resize(edge, full[:1], flipped[:1], 16, mode="bicubic")
+    assert sharp.min() >= 0.0 and sharp.max() <= 1.0
+    with pytest.raises(ValueError, match="bilinear' or 'bicubic"):
+        crop_resize(images, full, flipped, 16, mode="nearest")
+
+
 def test_crop_boxes_respect_scale_and_image(generator):
     boxes = sample_crop_boxes(4000, 28, (0.4, 1.0), generator)
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]

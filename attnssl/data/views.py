@@ -6,9 +6,9 @@ from one ``torch.Generator`` (saved in checkpoints, so a resumed run sees the sa
 each operation is one tensor call over the batch:
 
 - random resized crop + horizontal flip: one ``affine_grid`` / ``grid_sample`` per view
-  (bilinear; the crop box is drawn as in torchvision: area fraction ``s ~ U(scale)``, log aspect
-  ratio ``~ U(log 3/4, log 4/3)``; sides longer than the image are clipped to it instead of
-  torchvision's ten retries);
+  (bilinear, or bicubic clamped to [0, 1] as PIL's uint8 result is; the crop box is drawn as
+  in torchvision: area fraction ``s ~ U(scale)``, log aspect ratio ``~ U(log 3/4, log 4/3)``;
+  sides longer than the image are clipped to it instead of torchvision's ten retries);
 - colour jitter (SimCLR/DINO: brightness, contrast, saturation, hue, with probability
   ``color_jitter_prob``), random grayscale, Gaussian blur and solarisation, with DINO's
   per-view probabilities. Hue is rotated in YIQ space, a linear stand-in for torchvision's HSV
@@ -57,9 +57,16 @@ def sample_crop_boxes(
 
 
 def crop_resize(
-    images: torch.Tensor, boxes: torch.Tensor, flipped: torch.Tensor, size: int
+    images: torch.Tensor, boxes: torch.Tensor, flipped: torch.Tensor, size: int,
+    mode: str = "bilinear",
 ) -> torch.Tensor:
-    """Crop each image to its box, flip it where ``flipped``, resize to ``size`` (bilinear)."""
+    """Crop each image to its box, flip it where ``flipped``, resize to ``size``.
+
+    ``mode`` is ``"bilinear"`` or ``"bicubic"`` (Keys' cubic, a = -0.75, PyTorch's kernel; its
+    overshoot at edges is clamped back to the [0, 1] pixel range).
+    """
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"crop interpolation must be 'bilinear' or 'bicubic', got {mode!r}")
     batch, _, height, width = images.shape
     # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
     x0, y0, x1, y1 = (boxes / torch.tensor([width, height, width, height])).unbind(1)
@@ -71,7 +78,8 @@ def crop_resize(
     theta[:, 1, 2] = y0 + y1 - 1
     grid = F.affine_grid(theta.to(images.dtype), [batch, images.shape[1], size, size],
                          align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.clamp(0.0, 1.0) if mode == "bicubic" else out
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -236,7 +244,7 @@ class MultiCropViews:
         for index, spec in enumerate(self.specs):
             boxes = self._crop_boxes(index, batch, size, spec)
             flipped = self._bernoulli(batch, self.cfg.hflip_prob)
-            view = self._colour(crop_resize(x, boxes, flipped, spec.size), spec)
+            view = self._colour(crop_resize(x, boxes, flipped, spec.size, self.cfg.interpolation), spec)
             views.append((view - self.mean) / self.std)
             self.last_boxes.append(CropBoxes(boxes, flipped))
         return views
