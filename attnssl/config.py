@@ -222,6 +222,10 @@ class MAESection(_Section):
     decoder_dim: int = Field(128, gt=0)
     decoder_depth: int = Field(2, ge=1)
     decoder_heads: int = Field(4, gt=0)
+    decoder_io_init: Literal["xavier", "torch"] = Field(
+        "xavier", description="initialisation of the decoder's input embedding and pixel "
+        "prediction linears: xavier-uniform as the official code, or torch's nn.Linear default "
+        "(uniform +-1/sqrt(fan_in)), which lightly 1.6's MAE example leaves them at")
 
     @model_validator(mode="after")
     def _check_decoder(self) -> MAESection:

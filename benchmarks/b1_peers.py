@@ -219,10 +219,23 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index, 0].numpy(), mode="L"))
 
 
+def peer_optimizer(model: nn.Module, optim, steps_per_epoch: int, epochs: int):
+    """lightly's AdamW groups (no decay on biases and norms) and its per-step warm-up cosine."""
+    _, _, utils, _, scheduler = lightly_modules()
+    decay, no_decay = utils.get_weight_decay_parameters(
+        [m for m in model.children() if any(p.requires_grad for p in m.parameters())])
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr,
+        betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    lr_schedule = scheduler.CosineWarmupScheduler(
+        optimizer, warmup_epochs=round(optim.warmup_epochs * steps_per_epoch),
+        max_epochs=steps_per_epoch * epochs, end_value=optim.min_lr / optim.lr)
+    return optimizer, lr_schedule
+
+
 def train_peer(method: str, config, images: torch.Tensor, epochs: int, precision: str,
                workers: int, seed: int = 0) -> tuple[nn.Module, dict]:
     """Train lightly's implementation; returns the model and images/s over the whole loop."""
-    _, _, utils, _, scheduler = lightly_modules()
     torch.manual_seed(seed)
     peer_cls = PEERS[method]
     model = peer_cls(config, images.shape[1])
@@ -232,16 +245,8 @@ def train_peer(method: str, config, images: torch.Tensor, epochs: int, precision
         dataset, batch_size=config.optim.batch_size, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed))
-    decay, no_decay = utils.get_weight_decay_parameters(
-        [m for m in model.children() if any(p.requires_grad for p in m.parameters())])
-    optim = config.optim
-    optimizer = torch.optim.AdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr,
-        betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-    total_steps, steps_per_epoch = len(loader) * epochs, len(loader)
-    lr_schedule = scheduler.CosineWarmupScheduler(
-        optimizer, warmup_epochs=round(optim.warmup_epochs * steps_per_epoch),
-        max_epochs=total_steps, end_value=optim.min_lr / optim.lr)
+    total_steps = len(loader) * epochs
+    optimizer, lr_schedule = peer_optimizer(model, config.optim, len(loader), epochs)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else nullcontext())
     model.train()
@@ -352,9 +357,15 @@ def main() -> None:
                         help="results file; methods measured now replace their entries in it")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks" / "peers"))
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--readme-block", default="PEERS",
+                        help="README block the table replaces (one per machine measured)")
     args = parser.parse_args()
-    command = "python benchmarks/b1_peers.py " + " ".join(
-        a for a in __import__("sys").argv[1:] if a != "--readme")
+    argv, shown = __import__("sys").argv[1:], []
+    for index, arg in enumerate(argv):  # the command as reproduced: README options left out
+        if arg != "--readme" and not arg.startswith("--readme-block") \
+                and not (index and argv[index - 1] == "--readme-block"):
+            shown.append(arg)
+    command = " ".join(["python benchmarks/b1_peers.py", *shown])
 
     images = load_dataset(DatasetSpec("fashion-mnist"), "train").images
     splits = None if args.skip_budget else load_eval_splits(load_config(PRESETS["dino"]))
@@ -382,7 +393,7 @@ def main() -> None:
     table = peers_table(results)
     print(table)
     if args.readme:
-        replace_readme_block("PEERS", table)
+        replace_readme_block(args.readme_block, table)
 
 
 def peers_table(results: dict) -> str:
@@ -401,23 +412,30 @@ def peers_table(results: dict) -> str:
         budget, setting = entry.get("budget", {}), entry.get("budget_setting", {})
         ours_b = next((v for k, v in budget.items() if k.startswith("attnssl")), {})
         peer_b = budget.get("lightly 32", {})
-        cell = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
+        cell = lambda d, k, digits=2: f"{d[k]:.{digits}f}" if k in d else "-"  # noqa: E731
         lines.append(
-            f"| {method} | {tp.get('attnssl bf16-mixed', 0):.0f} | {tp.get('attnssl 32', 0):.0f} | "
-            f"{tp.get('lightly 32', 0):.0f} | {tp.get('lightly bf16-mixed', 0):.0f} | "
+            f"| {method} | {cell(tp, 'attnssl bf16-mixed', 0)} | {cell(tp, 'attnssl 32', 0)} | "
+            f"{cell(tp, 'lightly 32', 0)} | {cell(tp, 'lightly bf16-mixed', 0)} | "
             f"{speed_up} | {len(setting.get('seeds', [])) or '-'} | "
             f"{cell(ours_b, 'knn_top1')} | {cell(peer_b, 'knn_top1')} | "
             f"{cell(ours_b, 'linear_top1')} | {cell(peer_b, 'linear_top1')} |")
         if entry["command"] not in commands:
             commands.append(entry["command"])
-    settings = {(e.get("rounds"), e["budget_setting"]["images"], e["budget_setting"]["epochs"])
-                for e in results["methods"].values() if "budget_setting" in e}
-    rounds, images, epochs = settings.pop() if len(settings) == 1 else ("-", "-", "-")
+    entries = results["methods"].values()
+    rounds = {e["rounds"] for e in entries if "rounds" in e}
+    budgets = {(e["budget_setting"]["images"], e["budget_setting"]["epochs"])
+               for e in entries if "budget_setting" in e}
+    rounds = rounds.pop() if len(rounds) == 1 else "-"
+    images, epochs = budgets.pop() if len(budgets) == 1 else ("-", "-")
+    ours_precision = " or ".join(sorted({k.split()[1] for e in entries for k in e.get("budget", {})
+                                         if k.startswith("attnssl")})) or "-"
+    accuracy = ("" if images == "-" else
+                " Accuracy: both trained on the first "
+                f"{images} training images for {epochs} epochs (B1's schedule), attnssl in "
+                f"{ours_precision}, lightly in fp32, scored by the same k-NN and linear probe on "
+                "the full splits; the mean over the budget seeds.")
     lines += ["", f"Throughput: medians of {rounds} alternating rounds (attnssl, lightly, attnssl, "
-              "lightly, ...). Accuracy: both trained on the first "
-              f"{images} training images for {epochs} epochs (B1's schedule), attnssl in "
-              "bf16-mixed, lightly in fp32, scored by the same k-NN and linear probe on the full "
-              "splits; the mean over the budget seeds.", "",
+              f"lightly, ...).{accuracy}", "",
               machine_line(results["machine"], "; ".join(f"`{c}`" for c in commands)
                            .strip("`"))]
     return "\n".join(lines)

@@ -171,3 +171,24 @@ def test_mae_initialisation_is_xavier_everywhere():
     assert 0.9 * xavier_bound(*patch.shape) < patch.abs().max() <= xavier_bound(*patch.shape)
     assert 0.01 < vit.cls_token.std() < 0.04
     assert not vit.pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("io_init", ["xavier", "torch"])
+def test_decoder_input_and_output_linears_follow_io_init(io_init):
+    """Xavier-uniform bound sqrt(6 / (fan_in + fan_out)) with zero bias, or torch's nn.Linear
+    default: weights and biases uniform within 1 / sqrt(fan_in)."""
+    cfg = load_config("mae_fashion_mnist", [f"method.decoder_io_init={io_init}"])
+    torch.manual_seed(0)
+    decoder = build_method(cfg, build_vit(cfg.model, 28, 1)).decoder
+    for linear in (decoder.embed, decoder.pred):
+        fan_out, fan_in = linear.weight.shape
+        bound = (math.sqrt(6 / (fan_in + fan_out)) if io_init == "xavier"
+                 else 1 / math.sqrt(fan_in))
+        assert 0.9 * bound < linear.weight.abs().max() <= bound
+        if io_init == "xavier":
+            assert torch.all(linear.bias == 0)
+        else:
+            assert 0 < linear.bias.abs().max() <= bound
+    # the blocks between them stay xavier either way
+    qkv = decoder.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= math.sqrt(6 / sum(qkv.shape))

@@ -1,3 +1,7 @@
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +10,12 @@ from attnssl.config import ModelSection
 from attnssl.data.loader import epoch_batches
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import clip_each_parameter, param_groups
+from attnssl.train.trainer import (
+    clip_each_parameter,
+    cpu_has_native_bf16,
+    param_groups,
+    warn_if_bf16_is_emulated,
+)
 
 
 def test_ema_update_follows_its_formula():
@@ -52,3 +61,22 @@ def test_per_parameter_clipping_scales_each_gradient_on_its_own():
     assert big.grad.norm().item() == pytest.approx(2.0, rel=1e-5)
     assert torch.allclose(big.grad, torch.tensor([1.2, 1.6]), atol=1e-5)  # direction kept
     assert torch.equal(small.grad, torch.tensor([0.0, 0.6, 0.8]))  # under the limit: untouched
+
+
+def _cpu_flags() -> set[str]:
+    line = next(r for r in Path("/proc/cpuinfo").read_text().splitlines() if r.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_bf16_warning_follows_the_cpu_flags():
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    assert cpu_has_native_bf16() == native
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for precision in ("bf16-mixed", "16-mixed", "32"):
+            warn_if_bf16_is_emulated(precision, torch.device("cpu"))
+        warn_if_bf16_is_emulated("bf16-mixed", torch.device("meta"))  # not a CPU: no warning
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == (0 if native else 2)
+    assert all("set trainer.precision=32" in m for m in messages)

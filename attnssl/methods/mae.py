@@ -32,6 +32,7 @@ class MAE(nn.Module):
         self.decoder = MAEDecoder(
             backbone.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
             self.patch * self.patch * channels, backbone.num_prefix_tokens,
+            io_init=cfg.decoder_io_init,
         )
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:

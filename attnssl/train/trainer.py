@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,26 @@ def build_strategy(trainer):
     return trainer.strategy
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX-512 BF16 or AMX tiles).
+
+    Without them oneDNN emulates bf16, and autocast costs instead of pays: on a 2-core AMD EPYC
+    (Zen 3, AVX2 only) the B1 MAE step ran at 19 images/s under bf16-mixed against 278 in fp32.
+    """
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
+    """A clear warning when a bf16 precision is asked for on a CPU that would emulate it."""
+    if device.type == "cpu" and precision in ("bf16-mixed", "16-mixed") \
+            and not cpu_has_native_bf16():
+        warnings.warn(
+            f"trainer.precision={precision} on a CPU without AVX-512 BF16 or AMX: bf16 is "
+            "emulated here and trains many times slower than fp32 (19 against 278 images/s "
+            "for B1 MAE on an AVX2-only CPU); set trainer.precision=32", RuntimeWarning,
+            stacklevel=3)
+
+
 def make_run_dir(config: Config) -> Path:
     name = config.run.name or f"{config.method.name}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(config.run.out_dir) / name
@@ -195,6 +216,7 @@ class Pretrainer:
             plugins=[AtomicCheckpointIO()],
             loggers=self._loggers(),
         )
+        warn_if_bf16_is_emulated(trainer.precision, self.fabric.device)
 
     def _loggers(self) -> list:
         """TensorBoard where installed; the CSV log is :class:`MetricsLog`."""
