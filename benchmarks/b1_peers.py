@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -311,6 +312,7 @@ def budget_rows(method: str, args, images: torch.Tensor, workers: int, out_dir: 
     """
     budget = [f"data.subset={args.budget_images}", f"optim.epochs={args.epochs}"]
     ours_name = f"attnssl {args.ours_precisions[0]}"
+    config = load_config(PRESETS[method], budget)
     runs: dict[str, list[dict]] = {ours_name: [], **({} if args.skip_peer_budget else
                                                      {"lightly 32": []})}
     for seed in args.budget_seeds:
@@ -322,7 +324,6 @@ def budget_rows(method: str, args, images: torch.Tensor, workers: int, out_dir: 
         print(method, ours_name, json.dumps(runs[ours_name][-1]), flush=True)
         if args.skip_peer_budget:
             continue
-        config = load_config(PRESETS[method], budget)
         model, stats = train_peer(method, config, images[: args.budget_images], args.epochs, "32",
                                   workers, seed=seed)
         scores = evaluate_features(model.evaluation_backbone.eval(), config, *splits)
@@ -360,7 +361,7 @@ def main() -> None:
     parser.add_argument("--readme-block", default="PEERS",
                         help="README block the table replaces (one per machine measured)")
     args = parser.parse_args()
-    argv, shown = __import__("sys").argv[1:], []
+    argv, shown = sys.argv[1:], []
     for index, arg in enumerate(argv):  # the command as reproduced: README options left out
         if arg != "--readme" and not arg.startswith("--readme-block") \
                 and not (index and argv[index - 1] == "--readme-block"):
@@ -371,13 +372,19 @@ def main() -> None:
     splits = None if args.skip_budget else load_eval_splits(load_config(PRESETS["dino"]))
     out_dir, path = Path(args.out_dir), Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {"methods": {}}
-    results["machine"] = machine_description()
+    machine = machine_description()
+    if results.get("machine", machine) != machine:
+        raise SystemExit(f"{path} holds rows measured on another machine ({results['machine']}); "
+                         f"pass --json with a new file for this one ({machine})")
+    results["machine"] = machine
     for method in args.methods:
         config = load_config(PRESETS[method])
-        workers, trial = fastest_workers(method, config, images, steps=6)
-        print(f"{method}: lightly loader workers {trial} -> {workers}", flush=True)
-        entry = {**results["methods"].get(method, {}), "command": command.strip(),
-                 "peer_workers": workers, "peer_worker_trial": trial}
+        entry = {**results["methods"].get(method, {}), "command": command}
+        workers = 0
+        if not (args.skip_throughput and (args.skip_budget or args.skip_peer_budget)):
+            workers, trial = fastest_workers(method, config, images, steps=6)
+            print(f"{method}: lightly loader workers {trial} -> {workers}", flush=True)
+            entry.update(peer_workers=workers, peer_worker_trial=trial)
         if not args.skip_throughput:
             entry["rounds"] = args.rounds
             entry["throughput"] = throughput_rounds(method, args, images, workers, out_dir)
@@ -436,8 +443,7 @@ def peers_table(results: dict) -> str:
                 "the full splits; the mean over the budget seeds.")
     lines += ["", f"Throughput: medians of {rounds} alternating rounds (attnssl, lightly, attnssl, "
               f"lightly, ...).{accuracy}", "",
-              machine_line(results["machine"], "; ".join(f"`{c}`" for c in commands)
-                           .strip("`"))]
+              machine_line(results["machine"], "`; `".join(commands))]
     return "\n".join(lines)
 
 
