@@ -212,3 +212,73 @@ def test_two_process_dino_equals_one_process(tmp_path):
         assert torch.allclose(out["loss"].mean(), loss.detach(), rtol=1e-10)
         assert torch.allclose(out["grad"], grads[rank], rtol=1e-8, atol=1e-12)
         assert torch.allclose(out["center"], criterion.center, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- global batch norm
+
+BN_ROWS = (3, 5)  # unequal per-process batches: the count must be all-reduced too
+BN_CHANNELS = 4
+
+
+def _bn_inputs(trailing: tuple[int, ...]):
+    """Per-process inputs ``(rows_r, C, *trailing)`` and the loss weights on the outputs."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(n, BN_CHANNELS, *trailing, generator=g, dtype=torch.float64) * 3 + 1
+          for n in BN_ROWS]
+    ws = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
+    return xs, ws
+
+
+def _bn_layer(cls):
+    layer = cls(BN_CHANNELS, momentum=0.3).double()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(BN_CHANNELS, generator=g, dtype=torch.float64) + 0.5)
+        layer.bias.copy_(torch.randn(BN_CHANNELS, generator=g, dtype=torch.float64))
+    return layer
+
+
+def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...], out_dir: str) -> None:
+    from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        xs, ws = _bn_inputs(trailing)
+        layer = _bn_layer(GlobalBatchNorm1d).train()
+        x = xs[rank].clone().requires_grad_(True)
+        for _ in range(2):  # two steps: the running estimates compound
+            y = layer(x)
+        (y * ws[rank]).sum().backward()
+        torch.save({"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
+                    "bias_grad": layer.bias.grad, "state": layer.state_dict()},
+                   os.path.join(out_dir, f"bn{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("trailing", [(), (2,)], ids=["rows", "rows-length"])
+def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_batch(
+        tmp_path, trailing):
+    """SimCLR's global BN: outputs, every gradient and the running estimates match torch's
+    ``nn.BatchNorm1d`` run once on both processes' rows (per-process weight gradients sum to
+    the global one; DDP then averages them)."""
+    world = len(BN_ROWS)
+    mp.spawn(_bn_worker, args=(world, _free_port(), trailing, str(tmp_path)), nprocs=world)
+    xs, ws = _bn_inputs(trailing)
+    reference = _bn_layer(torch.nn.BatchNorm1d).train()
+    x = torch.cat(xs).requires_grad_(True)
+    for _ in range(2):
+        y = reference(x)
+    (y * torch.cat(ws)).sum().backward()
+    outs = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(world)]
+    assert torch.allclose(torch.cat([o["y"] for o in outs]), y.detach(), atol=1e-12)
+    assert torch.allclose(torch.cat([o["x_grad"] for o in outs]), x.grad, atol=1e-12)
+    assert torch.allclose(sum(o["weight_grad"] for o in outs), reference.weight.grad, atol=1e-12)
+    assert torch.allclose(sum(o["bias_grad"] for o in outs), reference.bias.grad, atol=1e-12)
+    for out in outs:
+        for name, value in reference.state_dict().items():
+            assert torch.allclose(out["state"][name], value, atol=1e-12), name
+    # per-process statistics (plain BN on each process's rows) would differ
+    local = _bn_layer(torch.nn.BatchNorm1d).train()(xs[0])
+    assert not torch.allclose(local, outs[0]["y"], atol=1e-3)

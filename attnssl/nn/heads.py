@@ -7,9 +7,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
+
 
 class ProjectionHead(nn.Sequential):
     """SimCLR's projector: ``layers`` linear maps, each but the last followed by BN and ReLU.
+
+    The batch norm is global (:class:`GlobalBatchNorm1d`): over every process's rows, as
+    SimCLR's.
 
     ``g(h) = W_L ... ReLU(BN(W_1 h))`` (Chen et al. 2020, 2-layer MLP by default).
     """
@@ -23,7 +28,7 @@ class ProjectionHead(nn.Sequential):
             modules.append(nn.Linear(dims[k], dims[k + 1], bias=not (batchnorm and not last)))
             if not last:
                 if batchnorm:
-                    modules.append(nn.BatchNorm1d(dims[k + 1]))
+                    modules.append(GlobalBatchNorm1d(dims[k + 1]))
                 modules.append(nn.ReLU(inplace=True))
         super().__init__(*modules)
 
@@ -70,7 +75,7 @@ class DINOHead(nn.Module):
             modules.append(nn.Linear(dims[k], dims[k + 1]))
             if k < layers - 1:
                 if batchnorm:
-                    modules.append(nn.BatchNorm1d(dims[k + 1]))
+                    modules.append(GlobalBatchNorm1d(dims[k + 1]))
                 modules.append(nn.GELU())
         self.mlp = nn.Sequential(*modules)
         for module in self.mlp.modules():

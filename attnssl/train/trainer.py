@@ -264,7 +264,7 @@ class Pretrainer:
         _check_local_view_size(self.views, backbone.patch_embed.patch_size[0])
         method = build_method(config, backbone)
         if self.world > 1 and fabric.device.type == "cuda":
-            # one batch norm over the global batch, as SimCLR's; torch has no CPU version
+            # torch's fused global batch norm; elsewhere GlobalBatchNorm1d all-reduces its own
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         optimizer = build_optimizer(method, config.optim)
         self.method, self.optimizer = fabric.setup(method, optimizer)
