@@ -128,6 +128,9 @@ class ModelSection(_Section):
                            "m x m grid of patches (8 officially; at most the patch grid)")
     block: Literal["vit", "cbt"] = Field(
         "vit", description="vit: attention + MLP; cbt: CBSA + the ISTA step (CBSA paper)")
+    init_from: str | None = Field(
+        None, description="start the backbone from an `attnssl export` folder's weights (its "
+        "architecture must match this section; the image size may differ)")
 
 
 class SimCLRSection(_Section):

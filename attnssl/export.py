@@ -80,13 +80,9 @@ def export_backbone(target: str | Path, out_dir: str | Path,
     return out
 
 
-def load_exported(folder: str | Path) -> nn.Module:
-    """The backbone of an ``attnssl export`` folder, any attention or block, weights checked
-    key by key."""
+def _read_export(folder: str | Path) -> tuple[dict, dict]:
+    """``config.json`` and the safetensors weights of an ``attnssl export`` folder."""
     from safetensors.torch import load_file
-
-    from attnssl.config import ModelSection
-    from attnssl.nn.vit import build_vit
 
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
@@ -96,8 +92,68 @@ def load_exported(folder: str | Path) -> nn.Module:
     description = json.loads(config_path.read_text())
     if "attnssl" not in description:
         raise ValueError(f"{config_path} has no 'attnssl' section: not written by attnssl export")
+    return description, load_file(str(weights_path))
+
+
+def load_exported(folder: str | Path) -> nn.Module:
+    """The backbone of an ``attnssl export`` folder, any attention or block, weights checked
+    key by key."""
+    from attnssl.config import ModelSection
+    from attnssl.nn.vit import build_vit
+
+    description, weights = _read_export(folder)
     args = description["model_args"]
     backbone = build_vit(ModelSection.model_validate(description["attnssl"]["model"]),
                          args["img_size"], args["in_chans"])
-    backbone.load_state_dict(load_file(str(weights_path)))
+    backbone.load_state_dict(weights)
     return backbone
+
+
+# what must agree between an export and the backbone it initialises (the image size may not)
+SHAPE_ARGS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+              "qkv_bias", "reg_tokens")
+LAYER_KEYS = ("attention", "block", "pos_embed")
+SAME_MATHS = {"softmax_explicit": "softmax"}  # one attention, two code paths
+
+
+def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None:
+    """Start ``backbone`` from an export's weights (``model.init_from``): continued or
+    chained pretraining, e.g. BAM from a DINO backbone.
+
+    The export's backbone must have this run's architecture (sizes, class tokens, attention,
+    block, position kind); every difference is named. A different image size is allowed:
+    learned positions are resampled bicubically to the new patch grid (timm's
+    ``resample_abs_pos_embed``), fixed sine-cosine ones are rebuilt for it.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    try:
+        description, weights = _read_export(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"model.init_from={folder}: {err}") from err
+    theirs, ours = description["model_args"], timm_model_args(backbone, model_cfg)
+    their_model = description["attnssl"]["model"]
+    differences = [f"{key}: export {theirs.get(key)!r}, this run {ours[key]!r}"
+                   for key in SHAPE_ARGS if theirs.get(key) != ours[key]]
+    for key in LAYER_KEYS:
+        export_value, run_value = their_model.get(key), getattr(model_cfg, key)
+        if SAME_MATHS.get(export_value, export_value) != SAME_MATHS.get(run_value, run_value):
+            differences.append(f"model.{key}: export {export_value!r}, this run {run_value!r}")
+    if model_cfg.attention not in TIMM_ATTENTIONS and their_model.get("cbsa_pool") != \
+            model_cfg.cbsa_pool:
+        differences.append(f"model.cbsa_pool: export {their_model.get('cbsa_pool')!r}, this run "
+                           f"{model_cfg.cbsa_pool!r}")
+    if differences:
+        raise ValueError(
+            f"model.init_from={folder}: the exported backbone differs from this run's model "
+            f"section ({'; '.join(differences)}); set these model keys to the export's values")
+    if theirs["img_size"] != ours["img_size"]:
+        if model_cfg.pos_embed == "sincos":
+            weights["pos_embed"] = backbone.pos_embed.detach().clone()
+        else:
+            patch = ours["patch_size"]
+            weights["pos_embed"] = resample_abs_pos_embed(
+                weights["pos_embed"], new_size=[ours["img_size"] // patch] * 2,
+                old_size=[theirs["img_size"] // patch] * 2,
+                num_prefix_tokens=backbone.num_prefix_tokens)
+    backbone.load_state_dict(weights)

@@ -1,6 +1,6 @@
 """Faults a long run meets, with real processes and files: kills at any moment (during a save
 too), a damaged checkpoint, a full disk, an unwritable folder, a non-finite loss, a process of a
-multi-process run dying; and the exported backbone loading in timm."""
+multi-process run dying; and the exported backbone loading in timm and starting another run."""
 
 import json
 import os
@@ -195,6 +195,84 @@ def test_export_loads_in_timm_and_back_with_the_same_features(tmp_path, capsys):
         torch.testing.assert_close(ours.forward_features(images), expected, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json",
                                                                        "model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A 2-step SimCLR run's exported backbone (synthetic 32 px images, patch 8)."""
+    out = tmp_path_factory.mktemp("exported")
+    assert main(command(out, "r", "trainer.max_steps=2")) == 0
+    assert main(["export", str(out / "r"), "--out", str(out / "export")]) == 0
+    return out / "export"
+
+
+def _pretrainer(tmp_path: Path, preset: str, *extra: str):
+    from attnssl.config import load_config
+    from attnssl.train.trainer import Pretrainer
+
+    config = load_config(preset, [*TINY, f"run.out_dir={tmp_path}", "run.name=chained", *extra])
+    trainer = Pretrainer(config, tmp_path / "chained")
+    trainer.setup()
+    return trainer
+
+
+def test_pretraining_starts_from_an_export_and_resumes_without_it(tmp_path, exported):
+    """DINO chained on a SimCLR backbone: student and EMA teacher both start from the export's
+    weights; a resumed run reads its checkpoint, not the export (which may be gone)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(exported / "model.safetensors"))
+    method = _pretrainer(tmp_path, "dino_synthetic", f"model.init_from={exported}").method.module
+    for backbone in (method.backbone, method.teacher.backbone):
+        assert_same_weights(backbone.state_dict(), weights)
+    fresh = _pretrainer(tmp_path / "fresh", "dino_synthetic").method.module.backbone
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+
+    run = ["pretrain", "-c", "dino_synthetic", f"run.out_dir={tmp_path}", "run.name=cli", *TINY]
+    assert main([*run, f"model.init_from={exported}", "trainer.max_steps=1"]) == 0
+    moved = exported.parent / "moved"
+    exported.rename(moved)
+    try:
+        assert main(["pretrain", "--resume", str(tmp_path / "cli"), "trainer.max_steps=1"]) == 0
+    finally:
+        moved.rename(exported)
+    assert safe_torch_load(list_checkpoints(tmp_path / "cli")[-1])["train"]["step"] == 2
+
+
+def test_an_export_initialises_another_image_size_with_resampled_positions(exported):
+    """32 px (4x4 patches) -> 64 px (8x8): the class position is kept, the patch grid is
+    resampled bicubically (antialiased, as timm's), everything else is copied."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from attnssl.config import load_config
+    from attnssl.export import init_from_export
+    from attnssl.nn.vit import build_vit
+
+    model_cfg = load_config("simclr_synthetic").model
+    backbone = build_vit(model_cfg, 64, 3)
+    init_from_export(backbone, exported, model_cfg)
+    weights = load_file(str(exported / "model.safetensors"))
+    state = backbone.state_dict()
+    for key, value in weights.items():
+        if key != "pos_embed":
+            assert torch.equal(state[key], value), key
+    grid = weights["pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True,
+                             align_corners=False).permute(0, 2, 3, 1).reshape(1, 64, -1)
+    torch.testing.assert_close(state["pos_embed"][:, :1], weights["pos_embed"][:, :1])
+    torch.testing.assert_close(state["pos_embed"][:, 1:], expected)
+    assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, model_cfg.embed_dim)
+
+
+def test_an_export_of_another_architecture_is_refused_by_name(tmp_path, exported):
+    with pytest.raises(ValueError, match=r"depth: export 2, this run 3.*model.attention: "
+                                         r"export 'softmax', this run 'cbsa'"):
+        _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={exported}",
+                    "model.depth=3", "model.attention=cbsa")
+    with pytest.raises(FileNotFoundError, match=r"model.init_from=.*nowhere.*config.json is "
+                                                r"missing"):
+        _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={tmp_path / 'nowhere'}")
 
 
 def test_export_of_a_cbsa_backbone_loads_back(tmp_path):

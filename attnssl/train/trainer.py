@@ -38,6 +38,7 @@ from attnssl.eval.evaluate import (
     evaluate_backbone,
     load_eval_splits,
 )
+from attnssl.export import init_from_export
 from attnssl.methods import build_method, build_views, evaluation_backbone
 from attnssl.nn.vit import build_vit, resolve_size
 from attnssl.train.checkpoint import (
@@ -261,6 +262,8 @@ class Pretrainer:
         torch.manual_seed(config.run.seed)  # same initial weights as the random-init floor
         backbone = build_vit(config.model, backbone_image_size(config, self.train_set),
                              self.train_set.channels)
+        if config.model.init_from is not None and self.resume_from is None:
+            init_from_export(backbone, config.model.init_from, config.model)
         _check_local_view_size(self.views, backbone.patch_embed.patch_size[0])
         method = build_method(config, backbone)
         if self.world > 1 and fabric.device.type == "cuda":
