@@ -280,6 +280,9 @@ class TrainerSection(_Section):
     collective_timeout_s: float = Field(
         300.0, gt=0, description="multi-process runs: how long a process waits in a collective "
         "for the others before it stops with an error")
+    compile: bool = Field(
+        False, description="torch.compile every transformer block (the first steps compile; "
+        "fp32 on a 2-core AVX2 CPU: 1.03-1.12x for DINO and SimCLR, 0.97x for MAE)")
 
 
 class FinetuneSection(_Section):
@@ -468,7 +471,7 @@ RESUME_OVERRIDABLE = (
     "trainer.max_steps", "trainer.progress_bar", "trainer.checkpoint_every_steps",
     "trainer.keep_checkpoints", "trainer.log_every_steps", "trainer.num_threads",
     "data.root", "data.num_workers", "data.skip_bad_images", "eval.", "run.resume",
-    "trainer.nonfinite_loss", "trainer.collective_timeout_s",
+    "trainer.nonfinite_loss", "trainer.collective_timeout_s", "trainer.compile",
 )
 
 

@@ -92,7 +92,8 @@ def main() -> None:
     print(table)
     machine = machine_description()
     command = ("python benchmarks/profile_step.py --methods " + " ".join(args.methods)
-               + f" --steps {args.steps} --readme")
+               + " --precisions " + " ".join(args.precisions) + f" --steps {args.steps}"
+               + (" --readme" if args.readme else f" --out {args.out}"))
     Path(args.out).write_text(json.dumps({"machine": machine, "command": command, "rows": rows},
                                          indent=2))
     if args.readme:

@@ -55,6 +55,7 @@ JOBS = [
     Job("b3", ("b3_bam_memory.py",), 4),
     Job("b2", ("b2_utilisation.py",), 6),
     Job("profile", ("profile_step.py",), 5),
+    Job("levers", ("fp32_levers.py",), 6),
     Job("b5", ("b5_distributed.py",), 6),
     Job("peers", ("b1_peers.py",), 55),
     *b1_jobs(),

@@ -80,3 +80,31 @@ def test_bf16_warning_follows_the_cpu_flags():
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == (0 if native else 2)
     assert all("set trainer.precision=32" in m for m in messages)
+
+
+def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
+    """``trainer.compile=true`` runs every block through torch.compile (dynamo captures graphs)
+    and two steps give the eager run's losses and weights up to float reordering."""
+    from attnssl.config import load_config
+    from attnssl.train.trainer import Pretrainer
+
+    def run(name: str, *extra: str) -> tuple[list[float], dict]:
+        config = load_config("simclr_synthetic", [
+            "data.synthetic_size=64", "optim.batch_size=32", "trainer.progress_bar=false",
+            "eval.at_end=false", "trainer.num_threads=1", f"run.out_dir={tmp_path}",
+            f"run.name={name}", *extra])
+        trainer = Pretrainer(config, tmp_path / name)
+        trainer.setup()
+        losses = [trainer.training_step(trainer.train_set.get_batch(torch.arange(i, i + 32))[0])
+                  ["loss"] for i in (0, 32)]
+        return losses, trainer.method.module.state_dict()
+
+    eager_losses, eager_state = run("eager")
+    torch._dynamo.reset()
+    frames_before = torch._dynamo.utils.counters["frames"]["ok"]
+    compiled_losses, compiled_state = run("compiled", "trainer.compile=true")
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames_before
+    assert compiled_state.keys() == eager_state.keys()
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for key, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-5)

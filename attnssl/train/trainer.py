@@ -40,7 +40,7 @@ from attnssl.eval.evaluate import (
 )
 from attnssl.export import init_from_export
 from attnssl.methods import build_method, build_views, evaluation_backbone
-from attnssl.nn.vit import build_vit, resolve_size
+from attnssl.nn.vit import build_vit, compile_blocks, resolve_size
 from attnssl.train.checkpoint import (
     AtomicCheckpointIO,
     latest_checkpoint,
@@ -266,6 +266,8 @@ class Pretrainer:
             init_from_export(backbone, config.model.init_from, config.model)
         _check_local_view_size(self.views, backbone.patch_embed.patch_size[0])
         method = build_method(config, backbone)
+        if config.trainer.compile:
+            compile_blocks(method)
         if self.world > 1 and fabric.device.type == "cuda":
             # torch's fused global batch norm; elsewhere GlobalBatchNorm1d all-reduces its own
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
