@@ -81,7 +81,9 @@ def export_backbone(target: str | Path, out_dir: str | Path,
 
 
 def _read_export(folder: str | Path) -> tuple[dict, dict]:
-    """``config.json`` and the safetensors weights of an ``attnssl export`` folder."""
+    """``config.json`` and the safetensors weights of an ``attnssl export`` folder; a missing,
+    damaged or foreign file is named."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -89,10 +91,20 @@ def _read_export(folder: str | Path) -> tuple[dict, dict]:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: give a folder written by attnssl export")
-    description = json.loads(config_path.read_text())
-    if "attnssl" not in description:
-        raise ValueError(f"{config_path} has no 'attnssl' section: not written by attnssl export")
-    return description, load_file(str(weights_path))
+    try:
+        description = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): export the run again") from err
+    sections = ("model_args", "attnssl")
+    if not isinstance(description, dict) or not all(k in description for k in sections) or \
+            "model" not in description["attnssl"]:
+        raise ValueError(f"{config_path} has no 'model_args' and 'attnssl.model' sections: not "
+                         f"written by attnssl export")
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise ValueError(f"{weights_path} is damaged ({err}): export the run again") from err
+    return description, weights
 
 
 def load_exported(folder: str | Path) -> nn.Module:
@@ -114,6 +126,12 @@ SHAPE_ARGS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_
               "qkv_bias", "reg_tokens")
 LAYER_KEYS = ("attention", "block", "pos_embed")
 SAME_MATHS = {"softmax_explicit": "softmax"}  # one attention, two code paths
+# how a user sets each: class tokens count timm's register token (UDI's cls+) plus the class token
+SHAPE_ARG_NAMES = {"reg_tokens": "model.class_tokens", "in_chans": "image channels (the dataset)"}
+
+
+def _shown(key: str, value):
+    return value + 1 if key == "reg_tokens" and value is not None else repr(value)
 
 
 def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None:
@@ -129,11 +147,14 @@ def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None
 
     try:
         description, weights = _read_export(folder)
-    except (FileNotFoundError, ValueError) as err:
-        raise type(err)(f"model.init_from={folder}: {err}") from err
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.init_from={folder}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"model.init_from={folder}: {err}") from err
     theirs, ours = description["model_args"], timm_model_args(backbone, model_cfg)
     their_model = description["attnssl"]["model"]
-    differences = [f"{key}: export {theirs.get(key)!r}, this run {ours[key]!r}"
+    differences = [f"{SHAPE_ARG_NAMES.get(key, 'model.' + key)}: export "
+                   f"{_shown(key, theirs.get(key))}, this run {_shown(key, ours[key])}"
                    for key in SHAPE_ARGS if theirs.get(key) != ours[key]]
     for key in LAYER_KEYS:
         export_value, run_value = their_model.get(key), getattr(model_cfg, key)
@@ -146,7 +167,7 @@ def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None
     if differences:
         raise ValueError(
             f"model.init_from={folder}: the exported backbone differs from this run's model "
-            f"section ({'; '.join(differences)}); set these model keys to the export's values")
+            f"section ({'; '.join(differences)}); use the export's values")
     if theirs["img_size"] != ours["img_size"]:
         if model_cfg.pos_embed == "sincos":
             weights["pos_embed"] = backbone.pos_embed.detach().clone()

@@ -8,8 +8,8 @@ variant by variant in rounds on the same batches:
 - ``explicit``: ``model.attention=softmax_explicit``, ``softmax(q k^T / sqrt(d)) v`` as matmuls;
 - ``compiled``: ``trainer.compile=true``, every transformer block compiled with ``torch.compile``
   (regional compilation: blocks of one shape share their code, so compiling stays short); the
-  first compiled step's time is reported apart (shorter when an earlier method in the same run
-  compiled blocks of the same shape).
+  first compiled step's time, compilation included, is reported apart (dynamo is reset before
+  each method; inductor's disk cache may still hold kernels of the same shapes).
 
 Prints images/s (median over rounds) and each variant's speed relative to ``default``; writes
 ``results/fp32_levers.json``; ``--readme`` replaces the README block LEVERS.
@@ -56,6 +56,7 @@ def compile_and_warm(trainer: Pretrainer, warm_batch: torch.Tensor) -> float:
 
 
 def measure(method: str, rounds: int, round_steps: int, out_dir: Path) -> dict:
+    torch._dynamo.reset()  # each method compiles its own blocks (inductor's disk cache stays)
     trainers = {name: build_trainer(method, extra, out_dir, f"{method}-{name}")
                 for name, extra in VARIANTS.items()}
     size = trainers["default"].batch_per_process

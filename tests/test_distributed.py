@@ -229,8 +229,8 @@ def _bn_inputs(trailing: tuple[int, ...]):
     return xs, ws
 
 
-def _bn_layer(cls):
-    layer = cls(BN_CHANNELS, momentum=0.3).double()
+def _bn_layer(cls, momentum: float | None):
+    layer = cls(BN_CHANNELS, momentum=momentum).double()
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(BN_CHANNELS, generator=g, dtype=torch.float64) + 0.5)
@@ -238,14 +238,15 @@ def _bn_layer(cls):
     return layer
 
 
-def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...], out_dir: str) -> None:
+def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...],
+               momentum: float | None, out_dir: str) -> None:
     from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         xs, ws = _bn_inputs(trailing)
-        layer = _bn_layer(GlobalBatchNorm1d).train()
+        layer = _bn_layer(GlobalBatchNorm1d, momentum).train()
         x = xs[rank].clone().requires_grad_(True)
         for _ in range(2):  # two steps: the running estimates compound
             y = layer(x)
@@ -257,16 +258,18 @@ def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...], out_
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("trailing", [(), (2,)], ids=["rows", "rows-length"])
+@pytest.mark.parametrize(("trailing", "momentum"), [((), 0.3), ((2,), 0.3), ((), None)],
+                         ids=["rows", "rows-length", "cumulative-average"])
 def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_batch(
-        tmp_path, trailing):
+        tmp_path, trailing, momentum):
     """SimCLR's global BN: outputs, every gradient and the running estimates match torch's
     ``nn.BatchNorm1d`` run once on both processes' rows (per-process weight gradients sum to
     the global one; DDP then averages them)."""
     world = len(BN_ROWS)
-    mp.spawn(_bn_worker, args=(world, _free_port(), trailing, str(tmp_path)), nprocs=world)
+    mp.spawn(_bn_worker, args=(world, _free_port(), trailing, momentum, str(tmp_path)),
+             nprocs=world)
     xs, ws = _bn_inputs(trailing)
-    reference = _bn_layer(torch.nn.BatchNorm1d).train()
+    reference = _bn_layer(torch.nn.BatchNorm1d, momentum).train()
     x = torch.cat(xs).requires_grad_(True)
     for _ in range(2):
         y = reference(x)
@@ -280,5 +283,5 @@ def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_bat
         for name, value in reference.state_dict().items():
             assert torch.allclose(out["state"][name], value, atol=1e-12), name
     # per-process statistics (plain BN on each process's rows) would differ
-    local = _bn_layer(torch.nn.BatchNorm1d).train()(xs[0])
+    local = _bn_layer(torch.nn.BatchNorm1d, momentum).train()(xs[0])
     assert not torch.allclose(local, outs[0]["y"], atol=1e-3)

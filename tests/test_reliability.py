@@ -265,14 +265,44 @@ def test_an_export_initialises_another_image_size_with_resampled_positions(expor
     assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, model_cfg.embed_dim)
 
 
+def test_an_export_with_fixed_sincos_positions_gets_the_new_size_s_table(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnssl.config import load_config
+    from attnssl.export import init_from_export
+    from attnssl.nn.vit import build_vit
+
+    assert main(command(tmp_path, "s", "trainer.max_steps=1", "model.pos_embed=sincos")) == 0
+    assert main(["export", str(tmp_path / "s"), "--out", str(tmp_path / "e")]) == 0
+    model_cfg = load_config("simclr_synthetic", ["model.pos_embed=sincos"]).model
+    backbone = build_vit(model_cfg, 64, 3)
+    table = backbone.pos_embed.detach().clone()
+    init_from_export(backbone, tmp_path / "e", model_cfg)
+    torch.testing.assert_close(backbone.pos_embed, table, rtol=0, atol=0)
+    weights = load_file(str(tmp_path / "e" / "model.safetensors"))
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, weights["blocks.1.mlp.fc2.weight"])
+
+
 def test_an_export_of_another_architecture_is_refused_by_name(tmp_path, exported):
-    with pytest.raises(ValueError, match=r"depth: export 2, this run 3.*model.attention: "
+    with pytest.raises(ValueError, match=r"model.depth: export 2, this run 3.*model.class_tokens: "
+                                         r"export 1, this run 2.*model.attention: "
                                          r"export 'softmax', this run 'cbsa'"):
         _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={exported}",
-                    "model.depth=3", "model.attention=cbsa")
+                    "model.depth=3", "model.class_tokens=2", "model.attention=cbsa")
     with pytest.raises(FileNotFoundError, match=r"model.init_from=.*nowhere.*config.json is "
                                                 r"missing"):
         _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={tmp_path / 'nowhere'}")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes((exported / "model.safetensors").read_bytes())
+    (damaged / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.init_from=.*damaged.*config.json is not valid "
+                                         r"JSON"):
+        _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={damaged}")
+    (damaged / "config.json").write_text((exported / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"model.safetensors is damaged"):
+        _pretrainer(tmp_path, "simclr_synthetic", f"model.init_from={damaged}")
 
 
 def test_export_of_a_cbsa_backbone_loads_back(tmp_path):

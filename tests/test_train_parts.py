@@ -85,6 +85,8 @@ def test_bf16_warning_follows_the_cpu_flags():
 def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
     """``trainer.compile=true`` runs every block through torch.compile (dynamo captures graphs)
     and two steps give the eager run's losses and weights up to float reordering."""
+    from timm.models.vision_transformer import Block
+
     from attnssl.config import load_config
     from attnssl.train.trainer import Pretrainer
 
@@ -97,6 +99,9 @@ def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
         trainer.setup()
         losses = [trainer.training_step(trainer.train_set.get_batch(torch.arange(i, i + 32))[0])
                   ["loss"] for i in (0, 32)]
+        blocks = [m for m in trainer.method.modules() if isinstance(m, Block)]
+        assert len(blocks) == 2 and all(
+            (b._compiled_call_impl is not None) == ("compiled" in name) for b in blocks)
         return losses, trainer.method.module.state_dict()
 
     eager_losses, eager_state = run("eager")

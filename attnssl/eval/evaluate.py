@@ -48,7 +48,8 @@ def backbone_image_size(config, dataset: ImageDataset) -> int:
 
 
 def random_init_backbone(config, image_size: int, channels: int) -> nn.Module:
-    """The backbone as the run initialised it (same seed), untrained: the floor to beat."""
+    """The backbone as the run initialised it (same seed), untrained: the floor to beat. With
+    ``model.init_from`` it is still this random backbone, not the export the run started from."""
     with torch.random.fork_rng():
         torch.manual_seed(config.run.seed)
         return build_vit(config.model, image_size, channels)

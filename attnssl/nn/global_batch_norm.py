@@ -19,23 +19,29 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     ``y = gamma (x - mu) / sqrt(sigma^2 + eps) + beta`` with ``mu``, ``sigma^2`` from
     :func:`~attnssl.functional.distributed.global_batch_statistics`; the running estimates
-    move by ``momentum`` towards ``mu`` and the unbiased ``sigma^2 n / (n - 1)``. With one
-    process, or in evaluation, it is ``nn.BatchNorm1d``; the state dict is the same.
+    move by ``momentum`` (or the cumulative average when it is ``None``) towards ``mu`` and
+    the unbiased ``sigma^2 n / (n - 1)``. Statistics are computed in fp32 and the output keeps
+    the input's dtype. With one process, or in evaluation, it is ``nn.BatchNorm1d``; the state
+    dict is the same.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
         self._check_input_dim(x)
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 or wider
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))  # statistics in fp32 or wider
         mean, variance, count = global_batch_statistics(x)
+        if count <= 1:
+            raise ValueError(f"batch norm needs more than 1 value per channel over all "
+                             f"processes, got input of shape {tuple(x.shape)} and {count} in all")
         if self.track_running_stats:
             self._update_running_statistics(mean.detach(), variance.detach(), count)
         shape = [1, -1] + [1] * (x.dim() - 2)
         normalised = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
             normalised = normalised * self.weight.view(shape) + self.bias.view(shape)
-        return normalised
+        return normalised.to(dtype)
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, variance: torch.Tensor,
