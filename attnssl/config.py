@@ -282,7 +282,7 @@ class TrainerSection(_Section):
         "for the others before it stops with an error")
     compile: bool = Field(
         False, description="torch.compile every transformer block (the first steps compile; "
-        "fp32 on a 2-core AVX2 CPU: 1.03-1.04x for DINO and SimCLR, 0.97x for MAE)")
+        "fp32 on a 2-core AVX2 CPU: 1.01-1.10x, benchmarks/fp32_levers.py)")
 
 
 class FinetuneSection(_Section):
