@@ -43,11 +43,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def build_trainer(method: str, precision: str, out_dir: Path) -> Pretrainer:
+def build_trainer(method: str, precision: str, out_dir: Path, extra: tuple[str, ...] = (),
+                  name: str | None = None) -> Pretrainer:
+    """A set-up B1 trainer of ``method``; ``extra`` overrides go after the preset's."""
     preset, overrides = PRESETS[method]
-    config = load_config(preset, [*overrides, f"trainer.precision={precision}",
+    config = load_config(preset, [*overrides, *extra, f"trainer.precision={precision}",
                                   "trainer.progress_bar=false", "eval.at_end=false",
-                                  f"run.out_dir={out_dir}", f"run.name={method}-{precision}"])
+                                  f"run.out_dir={out_dir}",
+                                  f"run.name={name or f'{method}-{precision}'}"])
     trainer = Pretrainer(config, out_dir / config.run.name)
     trainer.setup()
     return trainer

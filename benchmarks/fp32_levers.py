@@ -28,23 +28,13 @@ from pathlib import Path
 
 import torch
 from b1_pretrain import PRESETS
+from b2_utilisation import batches, build_trainer
 from readme_block import ROOT, machine_line, replace_readme_block
 
-from attnssl.config import load_config
 from attnssl.train.trainer import Pretrainer, machine_description
 
 VARIANTS = {"default": [], "explicit": ["model.attention=softmax_explicit"],
             "compiled": ["trainer.compile=true"]}
-
-
-def build_trainer(method: str, extra: list[str], out_dir: Path, name: str) -> Pretrainer:
-    preset, overrides = PRESETS[method]
-    config = load_config(preset, [*overrides, *extra, "trainer.precision=32",
-                                  "trainer.progress_bar=false", "eval.at_end=false",
-                                  f"run.out_dir={out_dir}", f"run.name={name}"])
-    trainer = Pretrainer(config, out_dir / name)
-    trainer.setup()
-    return trainer
 
 
 def compile_and_warm(trainer: Pretrainer, warm_batch: torch.Tensor) -> float:
@@ -57,18 +47,17 @@ def compile_and_warm(trainer: Pretrainer, warm_batch: torch.Tensor) -> float:
 
 def measure(method: str, rounds: int, round_steps: int, out_dir: Path) -> dict:
     torch._dynamo.reset()  # each method compiles its own blocks (inductor's disk cache stays)
-    trainers = {name: build_trainer(method, extra, out_dir, f"{method}-{name}")
+    trainers = {name: build_trainer(method, "32", out_dir, extra, f"{method}-{name}")
                 for name, extra in VARIANTS.items()}
     size = trainers["default"].batch_per_process
-    batches = [trainers["default"].train_set.get_batch(
-        torch.arange(i * size, (i + 1) * size))[0] for i in range(round_steps + 1)]
-    compile_s = compile_and_warm(trainers["compiled"], batches[0])
+    images = list(batches(trainers["default"], round_steps + 1))
+    compile_s = compile_and_warm(trainers["compiled"], images[0])
     seconds = {name: [] for name in trainers}
     for _ in range(rounds):
         for name, trainer in trainers.items():
-            trainer.training_step(batches[0])  # warm: caches and thread pools
+            trainer.training_step(images[0])  # warm: caches and thread pools
             start = time.perf_counter()
-            for batch in batches[1:]:
+            for batch in images[1:]:
                 trainer.training_step(batch)
             seconds[name].append((time.perf_counter() - start) / round_steps)
     images_per_s = {name: size / statistics.median(s) for name, s in seconds.items()}

@@ -101,14 +101,12 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
     return vit
 
 
-def compile_blocks(module: nn.Module) -> int:
+def compile_blocks(module: nn.Module) -> None:
     """``torch.compile`` every transformer block in ``module`` in place (regional compilation:
     blocks of one shape share their compiled code, so compiling costs seconds, not minutes;
-    parameter names and checkpoints are unchanged). Returns how many blocks were compiled."""
-    blocks = [m for m in module.modules() if isinstance(m, (Block, CBTBlock))]
-    for block in blocks:
+    parameter names and checkpoints are unchanged)."""
+    for block in [m for m in module.modules() if isinstance(m, (Block, CBTBlock))]:
         block.compile()
-    return len(blocks)
 
 
 @torch.no_grad()
