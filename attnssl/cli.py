@@ -60,7 +60,7 @@ def _auto_resume(preset: str, overrides: list[str]) -> str | None:
     found = newest_readable_checkpoint(make_run_dir(config))
     if found is None:
         return None
-    trained = load_training_checkpoint(found)["config"]
+    trained = load_training_checkpoint(found, lazy=True)["config"]
     changed = differing_keys(config_to_dict(config), trained)
     if changed:
         raise ConfigError(
@@ -83,9 +83,9 @@ def cmd_pretrain(args) -> int:
     else:
         args.resume = _auto_resume(args.config or DEFAULT_PRESET, overrides)
     if args.resume:
-        config = config_from_checkpoint(load_training_checkpoint(resolve_checkpoint(args.resume)),
-                                        [o for o in overrides
-                                         if resume_overridable(".".join(parse_override(o)[0]))])
+        trained = load_training_checkpoint(resolve_checkpoint(args.resume), lazy=True)
+        kept = [o for o in overrides if resume_overridable(".".join(parse_override(o)[0]))]
+        config = config_from_checkpoint(trained, kept)
     else:
         config = load_config(args.config or DEFAULT_PRESET, overrides)
     metrics = pretrain(config, resume=args.resume)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from attnssl.train.checkpoint import (
+    UNREADABLE,
     atomic_torch_save,
     latest_checkpoint,
+    load_training_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     safe_torch_load,
@@ -87,3 +89,24 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, capsys):
     (run / "checkpoints" / "step-00000004.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(FileNotFoundError, match="has no readable checkpoints"):
         resolve_checkpoint(run)
+
+
+def test_a_lazy_read_gives_the_same_checkpoint_and_refuses_the_same_damage(tmp_path):
+    path = tmp_path / "step-00000004.ckpt"
+    state = training_checkpoint(4)
+    state["method"]["big"] = torch.randn(64, 256)
+    state["config"] = {"optim": {"lr": 0.001}}
+    atomic_torch_save(state, path)
+    lazy, full = load_training_checkpoint(path, lazy=True), load_training_checkpoint(path)
+    assert lazy["config"] == full["config"] == state["config"]
+    for key in ("w", "big"):
+        assert torch.equal(lazy["method"][key], full["method"][key])
+    whole = path.read_bytes()
+    for keep in (len(whole) - 1, len(whole) // 2, 100):
+        path.write_bytes(whole[:keep])
+        for lazy_read in (True, False):
+            with pytest.raises(UNREADABLE):
+                load_training_checkpoint(path, lazy=lazy_read)
+    torch.save({"weights": torch.ones(2)}, path)  # readable, but not a training checkpoint
+    with pytest.raises(ValueError, match="not an attnssl training checkpoint"):
+        load_training_checkpoint(path, lazy=True)

@@ -84,13 +84,16 @@ def test_bf16_warning_follows_the_cpu_flags():
 
 def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
     """``trainer.compile=true`` runs every block through torch.compile (dynamo captures graphs)
-    and two steps give the eager run's losses and weights up to float reordering."""
+    and two steps give the eager run's losses and weights up to float reordering; evaluation
+    then runs the blocks eagerly, compiling nothing for its new batch sizes."""
     from timm.models.vision_transformer import Block
 
     from attnssl.config import load_config
+    from attnssl.eval.evaluate import evaluate_backbone
+    from attnssl.methods import evaluation_backbone
     from attnssl.train.trainer import Pretrainer
 
-    def run(name: str, *extra: str) -> tuple[list[float], dict]:
+    def run(name: str, *extra: str) -> tuple[list[float], dict, Pretrainer]:
         config = load_config("simclr_synthetic", [
             "data.synthetic_size=64", "optim.batch_size=32", "trainer.progress_bar=false",
             "eval.at_end=false", "trainer.num_threads=1", f"run.out_dir={tmp_path}",
@@ -102,14 +105,18 @@ def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
         blocks = [m for m in trainer.method.modules() if isinstance(m, Block)]
         assert len(blocks) == 2 and all(
             (b._compiled_call_impl is not None) == ("compiled" in name) for b in blocks)
-        return losses, trainer.method.module.state_dict()
+        return losses, trainer.method.module.state_dict(), trainer
 
-    eager_losses, eager_state = run("eager")
+    eager_losses, eager_state, _ = run("eager")
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["frames"]["ok"]
-    compiled_losses, compiled_state = run("compiled", "trainer.compile=true")
-    assert torch._dynamo.utils.counters["frames"]["ok"] > frames_before
+    compiled_losses, compiled_state, trainer = run("compiled", "trainer.compile=true")
+    frames_after_training = torch._dynamo.utils.counters["frames"]["ok"]
+    assert frames_after_training > frames_before
     assert compiled_state.keys() == eager_state.keys()
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     for key, value in eager_state.items():
         torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-5)
+    scores = evaluate_backbone(evaluation_backbone(trainer.method.module), trainer.config)
+    assert 0 <= scores["knn_top1"] <= 100
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames_after_training

@@ -14,7 +14,7 @@ from attnssl.eval.features import extract_features
 from attnssl.eval.finetune import balanced_subset, finetune_accuracy
 from attnssl.eval.knn import knn_accuracy
 from attnssl.eval.linear import linear_probe_accuracy
-from attnssl.nn.vit import build_vit
+from attnssl.nn.vit import build_vit, run_eagerly
 
 
 def dataset_spec(config) -> DatasetSpec:
@@ -135,7 +135,14 @@ def low_shot_scores(backbone: nn.Module, config, train: ImageDataset,
 
 def evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None = None,
                       test: ImageDataset | None = None) -> dict:
-    """k-NN and linear accuracy of ``backbone``, and the k-NN of a random-init one beside it."""
+    """k-NN and linear accuracy of ``backbone``, and the k-NN of a random-init one beside it.
+    Blocks compiled for training (``trainer.compile``) run eagerly here."""
+    with run_eagerly():
+        return _evaluate_backbone(backbone, config, train, test)
+
+
+def _evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None,
+                       test: ImageDataset | None) -> dict:
     if train is None or test is None:
         train, test = load_eval_splits(config)
     ev = config.eval

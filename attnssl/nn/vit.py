@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,14 @@ def compile_blocks(module: nn.Module) -> None:
     parameter names and checkpoints are unchanged)."""
     for block in [m for m in module.modules() if isinstance(m, (Block, CBTBlock))]:
         block.compile()
+
+
+def run_eagerly() -> contextlib.AbstractContextManager:
+    """A context in which compiled blocks run eagerly. Evaluation's new batch sizes and the
+    attention-recording flag would otherwise recompile them, which costs more than it saves
+    (``torch.compiler.set_stance("force_eager")``; torch < 2.6 lacks it and recompiles)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()

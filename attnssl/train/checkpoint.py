@@ -59,19 +59,24 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, write)
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, *, lazy: bool = False) -> Any:
+    """``torch.load`` with ``weights_only``. ``lazy`` memory-maps the tensors instead of reading
+    them: only the small pickle and the zip directory are read, so checking a checkpoint or
+    reading its config costs milliseconds however large it is. It refuses a truncated file just
+    as a full read does (torch checks no checksums on either path)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
 
 
 TRAINING_KEYS = ("method", "optimizer", "train", "ranks", "config")
 
 
-def load_training_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by the trainer; anything else is named and refused."""
-    state = safe_torch_load(path)
+def load_training_checkpoint(path: str | Path, *, lazy: bool = False) -> dict:
+    """A checkpoint written by the trainer; anything else is named and refused. ``lazy``: see
+    ``safe_torch_load`` (for its config, or to check it before Fabric reads it whole)."""
+    state = safe_torch_load(path, lazy=lazy)
     missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(
@@ -127,7 +132,7 @@ def newest_readable_checkpoint(run_dir: str | Path) -> Path | None:
     over."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            load_training_checkpoint(path)
+            load_training_checkpoint(path, lazy=True)
             return path
         except UNREADABLE as err:
             print(f"passing over unreadable checkpoint {path}: {err}", file=sys.stderr)
