@@ -83,7 +83,8 @@ def cmd_pretrain(args) -> int:
     else:
         args.resume = _auto_resume(args.config or DEFAULT_PRESET, overrides)
     if args.resume:
-        trained = load_training_checkpoint(resolve_checkpoint(args.resume), lazy=True)
+        args.resume = str(resolve_checkpoint(args.resume))  # pretrain then has the file itself
+        trained = load_training_checkpoint(args.resume, lazy=True)
         kept = [o for o in overrides if resume_overridable(".".join(parse_override(o)[0]))]
         config = config_from_checkpoint(trained, kept)
     else:
