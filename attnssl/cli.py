@@ -1,4 +1,4 @@
-"""``attnssl pretrain | eval | analyze | export | theory | presets``."""
+"""``attnssl pretrain | eval | sweep | analyze | export | theory | presets``."""
 
 from __future__ import annotations
 
@@ -155,6 +155,13 @@ def cmd_theory(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from attnssl.sweep import main_sweep
+
+    return main_sweep(args.config, _with_data_root(args.settings, args.data_root), args.out,
+                      args.trials, args.eval_train, args.eval_test, args.linear, args.seed)
+
+
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -179,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     e.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.knn_k=10")
     e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser(
+        "sweep", help="train a preset at many settings, rank them by k-NN",
+        description="Each key=a,b,c lists values (every combination is trained); key=low..high "
+        "(:log) is a range, sampled with --trials N; a key with one value is fixed (the budget, "
+        "e.g. data.subset=12288 optim.epochs=5). Rerunning the same command continues the sweep.")
+    w.add_argument("--config", "-c", required=True, help="preset name or YAML path")
+    w.add_argument("--out", help="sweep folder (default runs/sweep-PRESET)")
+    w.add_argument("--trials", type=int, help="sample N points with Optuna's TPE instead of "
+                   "training the whole grid")
+    w.add_argument("--eval-train", type=int, default=10_000,
+                   help="k-NN bank: the first N training images (default 10000)")
+    w.add_argument("--eval-test", type=int, default=2_000,
+                   help="scored: the first N test images (default 2000)")
+    w.add_argument("--linear", action="store_true", help="also score a linear probe")
+    w.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    w.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
+    w.add_argument("settings", nargs="*", help="key=a,b (values), key=low..high[:log] (range) "
+                   "or key=value (fixed)")
+    w.set_defaults(func=cmd_sweep)
 
     a = sub.add_parser("analyze", help="attention and collapse metrics, attention maps and an "
                        "HTML report of a run or checkpoint")

@@ -23,9 +23,10 @@ from pydantic import (
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "cifar10", "cifar100", "stl10"]
-# ``trainer.precision=32`` on the command line reads as the integer 32: accept it as "32"
+# ``trainer.precision=32`` on the command line reads as the integer 32: accept it as "32".
+# ``auto``: bf16-mixed where the device runs bf16 natively, 32 elsewhere (attnssl.precision)
 Precision = Annotated[
-    Literal["32", "bf16-mixed", "16-mixed"],
+    Literal["auto", "32", "bf16-mixed", "16-mixed"],
     BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v),
 ]
 FeatureKind = Literal["cls", "mean", "cls+mean", "cls_plus", "cls+cls_plus"]
@@ -304,6 +305,10 @@ class FinetuneSection(_Section):
 class EvalSection(_Section):
     at_end: bool = True
     features: FeatureKind = "cls"
+    blocks: int = Field(
+        1, ge=1, description="read-out from the last N blocks: eval.features of each block's "
+        "normalised tokens, concatenated (DINO's linear evaluation reads the class tokens of "
+        "the last 4); the random-init floor uses the same read-out")
     knn_k: int = Field(20, gt=0)
     knn_temperature: float = Field(0.07, gt=0)
     random_init_floor: bool = True

@@ -94,7 +94,8 @@ def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: Im
                       linear: bool = True) -> dict:
     ev = config.eval
     started = time.perf_counter()
-    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision)
+    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision,
+                  blocks=ev.blocks)
     x_train, y_train = extract_features(backbone, train, limit=ev.max_train, **common)
     x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
     result = {
@@ -116,7 +117,8 @@ def low_shot_scores(backbone: nn.Module, config, train: ImageDataset,
     on a fixed class-balanced subset of the train split (seed ``eval.low_shot_seed``, the same
     for every run, so methods are compared on the same images)."""
     ev = config.eval
-    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision)
+    common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision,
+                  blocks=ev.blocks)
     x_train, y_train = extract_features(backbone, train, **common)
     x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
     scores = {}
@@ -147,7 +149,7 @@ def _evaluate_backbone(backbone: nn.Module, config, train: ImageDataset | None,
         train, test = load_eval_splits(config)
     ev = config.eval
     result = {
-        "dataset": train.name, "features": ev.features, "knn_k": ev.knn_k,
+        "dataset": train.name, "features": ev.features, "blocks": ev.blocks, "knn_k": ev.knn_k,
         "knn_temperature": ev.knn_temperature, "train_images": min(len(train), ev.max_train or
                                                                    len(train)),
         "test_images": min(len(test), ev.max_test or len(test)),

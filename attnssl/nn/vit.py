@@ -132,6 +132,26 @@ def mae_init_(vit: VisionTransformer) -> None:
 FEATURE_KINDS = ("cls", "mean", "cls+mean", "cls_plus", "cls+cls_plus")
 
 
+def last_block_tokens(vit: VisionTransformer, images: torch.Tensor, blocks: int = 1
+                      ) -> list[torch.Tensor]:
+    """The tokens ``(B, N, D)`` after each of the last ``blocks`` blocks, each through the final
+    norm, oldest first (DINO's ``get_intermediate_layers``). ``blocks=1`` is
+    ``vit.forward_features(images)``."""
+    depth = len(vit.blocks)
+    if not 1 <= blocks <= depth:
+        raise ValueError(f"eval.blocks={blocks} must be between 1 and the backbone's depth "
+                         f"({depth})")
+    if blocks == 1:
+        return [vit.forward_features(images)]
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    outputs = []
+    for index, block in enumerate(vit.blocks):
+        x = block(x)
+        if index >= depth - blocks:
+            outputs.append(vit.norm(x))
+    return outputs
+
+
 def pool_features(tokens: torch.Tensor, kind: str, num_prefix_tokens: int = 1) -> torch.Tensor:
     """Image features from normalised tokens ``(B, N, D)``.
 

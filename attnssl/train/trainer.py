@@ -41,6 +41,7 @@ from attnssl.eval.evaluate import (
 from attnssl.export import init_from_export
 from attnssl.methods import build_method, build_views, evaluation_backbone
 from attnssl.nn.vit import build_vit, compile_blocks, resolve_size
+from attnssl.precision import accelerator_type, cpu_has_native_bf16, resolve_precision
 from attnssl.train.checkpoint import (
     AtomicCheckpointIO,
     latest_checkpoint,
@@ -61,6 +62,7 @@ class TrainState:
     images_seen: int = 0
     train_seconds: float = 0.0
     skipped_steps: int = 0  # steps whose loss was not finite (trainer.nonfinite_loss=skip)
+    precision: str = ""  # what trainer.precision resolved to when the run started (auto)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -176,15 +178,6 @@ def build_strategy(trainer):
     return trainer.strategy
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls in hardware (AVX-512 BF16 or AMX tiles).
-
-    Without them oneDNN emulates bf16, and autocast costs instead of pays: on a 2-core AMD EPYC
-    (Zen 3, AVX2 only) the B1 MAE step ran at 19 images/s under bf16-mixed against 278 in fp32.
-    """
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
     """A clear warning when a bf16 precision is asked for on a CPU that would emulate it."""
     if device.type == "cpu" and precision in ("bf16-mixed", "16-mixed") \
@@ -211,13 +204,29 @@ class Pretrainer:
         trainer = config.trainer
         if trainer.num_threads:
             torch.set_num_threads(trainer.num_threads)
+        self.precision = self._precision(trainer, resume_from)
         self.fabric = Fabric(
             accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
-            strategy=build_strategy(trainer), precision=trainer.precision,
+            strategy=build_strategy(trainer), precision=self.precision,
             plugins=[AtomicCheckpointIO()],
             loggers=self._loggers(),
         )
-        warn_if_bf16_is_emulated(trainer.precision, self.fabric.device)
+        warn_if_bf16_is_emulated(self.precision, self.fabric.device)
+
+    @staticmethod
+    def _precision(trainer, resume_from: Path | None) -> str:
+        """``trainer.precision``, with ``auto`` resolved for this machine; a resumed run keeps
+        what its start resolved to, so it continues exactly on a machine that would pick
+        otherwise."""
+        if trainer.precision != "auto":
+            return trainer.precision
+        if resume_from is not None:
+            from attnssl.train.checkpoint import load_training_checkpoint
+
+            started_with = load_training_checkpoint(resume_from, lazy=True)["train"].get("precision")
+            if started_with:
+                return started_with
+        return resolve_precision("auto", accelerator_type(trainer.accelerator))
 
     def _loggers(self) -> list:
         """TensorBoard where installed; the CSV log is :class:`MetricsLog`."""
@@ -273,7 +282,7 @@ class Pretrainer:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         optimizer = build_optimizer(method, config.optim)
         self.method, self.optimizer = fabric.setup(method, optimizer)
-        self.state = TrainState()
+        self.state = TrainState(precision=self.precision)
         torch.manual_seed(config.run.seed + 1 + self.rank)
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -522,7 +531,8 @@ def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: flo
               str(run_dir / "backbone.safetensors"))
     metrics = {
         "method": config.method.name, "dataset": config.data.dataset,
-        "precision": summary["precision"], "steps": summary["step"],
+        "precision": summary["precision"], "precision_requested": config.trainer.precision,
+        "steps": summary["step"],
         "images_per_second": summary["images_per_second"],
         "train_seconds": summary["train_seconds"], "skipped_steps": summary["skipped_steps"],
         "wall_seconds": time.perf_counter() - started, "machine": machine_description(),

@@ -1,0 +1,536 @@
+"""``attnssl sweep``: train a preset at many settings and rank them by k-NN.
+
+A sweep is a preset, fixed overrides (the budget: ``data.subset=12288 optim.epochs=5``, say)
+and swept keys:
+
+- ``key=a,b,c`` lists values (each read as YAML, so ``views.global_scale=[0.2,1],[0.4,1]`` is
+  two values): without ``--trials`` every combination is trained (a grid);
+- ``key=low..high`` (``:log`` for a log scale) is a range; with ``--trials N`` the space of
+  ranges and lists is searched by Optuna's TPE sampler for N points in all.
+
+Each point trains in its own run folder under ``OUT/points/``, named by a hash of its training
+settings, and is scored by the weighted k-NN on a fixed evaluation subset (``--eval-train``
+bank images, ``--eval-test`` scored images, the first of each split). Points that differ only
+in ``eval.*`` keys share one training run. The random-init floor on the same read-out is
+computed once per distinct model and read-out and shown beside the scores.
+
+Why Optuna: its study storage (a journal file here, safe against a kill at any moment) records
+which points are done, and its samplers search a space without a scheduler of our own. The
+journal plus the run folders make a sweep resumable: rerunning the same command skips finished
+points and continues a half-trained point from its newest checkpoint, exactly. Optuna's
+pruning is not used: it needs a score during training, and a k-NN costs as much as many steps
+at these budgets.
+
+Outputs in ``OUT``: ``study.journal`` (Optuna), ``results.json`` (every point: settings, scores,
+floor, images/s, minutes, run folder), ``results.md`` (a table, best first) and ``sweep.png``
+(k-NN against each swept key's values).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from attnssl.config import Config, ConfigError, load_config, parse_override
+
+STUDY_NAME = "attnssl-sweep"
+
+
+# ---------------------------------------------------------------- the search space
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A swept key's listed values, kept as their YAML text (Optuna stores strings)."""
+
+    key: str
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A swept key's numeric range ``low..high`` (integers when both ends are)."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+Dimension = Choice | Range
+
+
+def split_values(raw: str) -> list[str]:
+    """``a,b,[c,d]`` -> ``['a', 'b', '[c,d]']``: commas split values except inside brackets,
+    braces and quotes."""
+    values, depth, quote, current = [], 0, None, []
+    for char in raw:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current).strip())
+    if any(not v for v in values):
+        raise ConfigError(f"sweep value list {raw!r} has an empty value")
+    return values
+
+
+def _number(text: str, key: str) -> float | int:
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"sweep range of {key}: {text!r} is not a number")
+    return value
+
+
+def parse_dimension(text: str) -> Dimension:
+    """``key=a,b`` -> :class:`Choice`; ``key=low..high[:log]`` -> :class:`Range`."""
+    path, _ = parse_override(text)  # names the malformed ones
+    key = ".".join(path)
+    raw = text.partition("=")[2].strip()
+    if ".." in raw and not raw.startswith(("[", "{", "'", '"')):
+        bounds, _, scale = raw.partition(":")
+        if scale not in ("", "log"):
+            raise ConfigError(f"sweep range {text!r}: the scale after ':' must be 'log'")
+        low_text, _, high_text = bounds.partition("..")
+        low, high = _number(low_text, key), _number(high_text, key)
+        if not low < high:
+            raise ConfigError(f"sweep range {text!r} needs low < high")
+        if scale == "log" and low <= 0:
+            raise ConfigError(f"sweep range {text!r}: a log scale needs low > 0")
+        integer = isinstance(low, int) and isinstance(high, int)
+        return Range(key, low, high, scale == "log", integer)
+    return Choice(key, tuple(split_values(raw)))
+
+
+@dataclass
+class SweepSpec:
+    """What to train: preset, fixed overrides and the space of swept ones."""
+
+    preset: str
+    fixed: list[str]
+    dimensions: list[Dimension]
+    trials: int | None = None  # None: the full grid
+    eval_train: int = 10_000
+    eval_test: int = 2_000
+    linear: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arguments(cls, preset: str, settings: list[str], **kwargs) -> SweepSpec:
+        """Split ``key=value`` arguments into fixed ones (one value) and swept ones."""
+        fixed, dimensions, seen = [], [], set()
+        for text in settings:
+            dimension = parse_dimension(text)
+            if dimension.key in seen:
+                raise ConfigError(f"sweep key {dimension.key} is given twice")
+            seen.add(dimension.key)
+            if isinstance(dimension, Choice) and len(dimension.texts) == 1:
+                fixed.append(f"{dimension.key}={dimension.texts[0]}")
+            else:
+                dimensions.append(dimension)
+        spec = cls(preset, fixed, dimensions, **kwargs)
+        spec.validate()
+        return spec
+
+    def grid(self) -> list[dict[str, str]]:
+        """Every combination of the listed values (ranges need ``--trials``)."""
+        ranges = [d.key for d in self.dimensions if isinstance(d, Range)]
+        if ranges:
+            raise ConfigError(f"ranges ({', '.join(ranges)}) are sampled, not gridded: give "
+                              f"--trials N, or list values as key=a,b,c")
+        keys = [d.key for d in self.dimensions]
+        return [dict(zip(keys, combo, strict=True))
+                for combo in itertools.product(*(d.texts for d in self.dimensions))]
+
+    def overrides(self, point: dict[str, str]) -> list[str]:
+        return [*self.fixed, *(f"{k}={v}" for k, v in point.items()), *self._eval_budget()]
+
+    def _eval_budget(self) -> list[str]:
+        return [f"eval.max_train={self.eval_train}", f"eval.max_test={self.eval_test}",
+                "eval.at_end=false"]
+
+    def config(self, point: dict[str, str]) -> Config:
+        return load_config(self.preset, self.overrides(point))
+
+    def validate(self) -> None:
+        """Every key and value is checked before any training: each grid point, or each range's
+        two ends with every listed value."""
+        if self.trials is None:
+            points = self.grid()
+        else:
+            points = []
+            for dimension in self.dimensions:
+                if isinstance(dimension, Choice):
+                    points += [{dimension.key: t} for t in dimension.texts]
+                else:
+                    for end in (dimension.low, dimension.high):
+                        points.append({dimension.key: str(end)})
+            points = points or [{}]
+        for point in points:
+            try:
+                self.config(point)
+            except ConfigError as err:
+                where = ", ".join(f"{k}={v}" for k, v in point.items()) or "the fixed settings"
+                raise ConfigError(f"sweep point {where}: {err}") from None
+
+
+# ---------------------------------------------------------------- one point
+
+
+def training_key(config: Config) -> str:
+    """A short hash of everything but ``eval.*`` (and run bookkeeping): points with equal keys
+    share one training run."""
+    from attnssl.config import config_to_dict
+
+    tree = config_to_dict(config)
+    tree.pop("eval")
+    tree["run"] = {"seed": tree["run"]["seed"]}
+    tree["trainer"] = {k: v for k, v in tree["trainer"].items()
+                       if k not in ("progress_bar", "log_every_steps", "checkpoint_every_steps",
+                                    "num_threads", "keep_checkpoints", "max_steps")}
+    text = json.dumps(tree, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def floor_key(config: Config) -> str:
+    from attnssl.config import config_to_dict
+
+    tree = config_to_dict(config)
+    wanted = {"model": tree["model"], "seed": tree["run"]["seed"], "data": tree["data"],
+              "views_global_size": tree["views"]["global_size"], "method": tree["method"]["name"],
+              "eval": {k: tree["eval"][k] for k in ("features", "blocks", "knn_k",
+                                                   "knn_temperature", "max_train", "max_test")}}
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
+
+
+TRAINED = "sweep-trained.json"
+
+
+def train_point(config: Config, run_dir: Path) -> dict:
+    """Pretrain one point in ``run_dir`` to the end of its schedule, continuing from its newest
+    checkpoint if it has one; returns the run summary (``metrics.json``). A finished point
+    leaves ``sweep-trained.json`` and is not trained again."""
+    from attnssl.train.checkpoint import atomic_write, newest_readable_checkpoint
+    from attnssl.train.trainer import pretrain
+
+    marker = run_dir / TRAINED
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    config = config.model_copy(deep=True)
+    config.run.out_dir, config.run.name = str(run_dir.parent), run_dir.name
+    config.trainer.max_steps = None
+    resume = newest_readable_checkpoint(run_dir)
+    metrics = pretrain(config, resume=str(resume) if resume else None)
+    if not metrics["finished"]:
+        raise RuntimeError(f"{run_dir} stopped before the end of its schedule")
+    atomic_write(marker, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    return metrics
+
+
+def score_point(config: Config, run_dir: Path, linear: bool) -> dict:
+    """k-NN (and the linear probe with ``linear``) of a trained point's evaluated backbone on
+    the sweep's evaluation subset (``config.eval``)."""
+    from attnssl.eval.evaluate import evaluate_features, load_trained_backbone
+    from attnssl.nn.vit import run_eagerly
+
+    loaded = load_trained_backbone(run_dir)
+    with run_eagerly():
+        return evaluate_features(loaded.backbone, config, loaded.train, loaded.test,
+                                 linear=linear)
+
+
+def random_init_score(config: Config) -> float:
+    from attnssl.eval.evaluate import (
+        backbone_image_size,
+        evaluate_features,
+        load_eval_splits,
+        random_init_backbone,
+    )
+
+    train, test = load_eval_splits(config)
+    untrained = random_init_backbone(config, backbone_image_size(config, train), train.channels)
+    return evaluate_features(untrained, config, train, test, linear=False)["knn_top1"]
+
+
+# ---------------------------------------------------------------- the study
+
+
+@contextmanager
+def sweep_lock(out: Path):
+    """One sweep at a time in a folder: a second one stops, naming the folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the whole sweep
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another sweep is running in {out}; wait for it, or choose "
+                              f"another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as err:
+        raise ConfigError("attnssl sweep needs Optuna: pip install -e '.[sweep]' "
+                          "(or pip install optuna)") from err
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_study(out: Path, spec: SweepSpec):
+    optuna = _optuna()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    sampler = optuna.samplers.TPESampler(seed=spec.seed) if spec.trials else None
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+                                sampler=sampler, load_if_exists=True)
+    recorded = study.user_attrs.get("spec")
+    described = describe(spec)
+    if recorded is not None and recorded != described:
+        raise ConfigError(
+            f"{out} holds a sweep of other settings ({recorded['preset']} "
+            f"{' '.join(recorded['settings'])}); rerun that command to continue it, or choose "
+            f"another --out")
+    study.set_user_attr("spec", described)
+    return study
+
+
+def describe(spec: SweepSpec) -> dict:
+    settings = list(spec.fixed)
+    for d in spec.dimensions:
+        if isinstance(d, Choice):
+            settings.append(f"{d.key}={','.join(d.texts)}")
+        else:
+            settings.append(f"{d.key}={d.low}..{d.high}{':log' if d.log else ''}")
+    return {"preset": spec.preset, "settings": settings, "trials": spec.trials,
+            "eval_train": spec.eval_train, "eval_test": spec.eval_test, "linear": spec.linear}
+
+
+def _suggest(trial, dimension: Dimension) -> str:
+    if isinstance(dimension, Choice):
+        return trial.suggest_categorical(dimension.key, list(dimension.texts))
+    if dimension.integer:
+        return str(trial.suggest_int(dimension.key, int(dimension.low), int(dimension.high),
+                                     log=dimension.log))
+    value = trial.suggest_float(dimension.key, dimension.low, dimension.high, log=dimension.log)
+    return f"{value:.4g}"
+
+
+def _requeue_interrupted(study) -> None:
+    """Trials left running by a sweep that was stopped are failed and queued again with the
+    same settings, so their run folders continue from their checkpoints."""
+    optuna = _optuna()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(_params(trial), user_attrs={"requeued": True})
+
+
+def _params(trial) -> dict:
+    """A trial's settings, also before it ran (a queued trial holds them as fixed params)."""
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def _done_points(study) -> list[dict]:
+    optuna = _optuna()
+    return [_params(t) for t in study.get_trials(deepcopy=False)
+            if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+            or (t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs)]
+
+
+def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
+    """Train and score every point not yet done; returns all results (also written to
+    ``out``)."""
+    optuna = _optuna()
+    with sweep_lock(out):
+        study = open_study(out, spec)
+        _requeue_interrupted(study)
+        if spec.trials is None:
+            done = _done_points(study)
+            for point in spec.grid():
+                if point not in done:
+                    study.enqueue_trial(point)
+            total = len(spec.grid())
+        else:
+            total = spec.trials
+        floors = _load_floors(out)
+        while True:
+            finished = [t for t in study.get_trials(deepcopy=False)
+                        if t.state == optuna.trial.TrialState.COMPLETE
+                        or (t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs)]
+            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            if len(finished) >= total and not waiting:
+                break
+            if spec.trials is None and not waiting:
+                break
+            trial = study.ask()
+            point = {d.key: _suggest(trial, d) for d in spec.dimensions}
+            label = ", ".join(f"{k}={v}" for k, v in point.items()) or "(fixed settings)"
+            log(f"sweep: point {len(finished) + 1}/{total}: {label}")
+            try:
+                row = _run_point(spec, out, point, floors)
+            except (ConfigError, ValueError, RuntimeError) as err:
+                trial.set_user_attr("error", str(err).splitlines()[0][:300])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log(f"sweep: point failed: {err}")
+                continue
+            for key, value in row.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, row["knn_top1"])
+            log(f"sweep: k-NN {row['knn_top1']:.2f} % (random init {row['knn_floor']:.2f} %)")
+        results = collect_results(study, spec)
+        write_outputs(out, spec, results)
+        return results
+
+
+def _load_floors(out: Path) -> dict[str, float]:
+    path = out / "floors.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) -> dict:
+    config = spec.config(point)
+    run_dir = out / "points" / training_key(config)
+    started = time.perf_counter()
+    metrics = train_point(config, run_dir)
+    scores = score_point(config, run_dir, spec.linear)
+    key = floor_key(config)
+    if key not in floors:
+        floors[key] = random_init_score(config)
+        from attnssl.train.checkpoint import atomic_write
+
+        atomic_write(out / "floors.json", lambda p: p.write_text(json.dumps(floors, indent=2)))
+    row = {"knn_top1": scores["knn_top1"], "knn_floor": floors[key],
+           "images_per_second": metrics["images_per_second"],
+           "train_minutes": metrics["train_seconds"] / 60, "steps": metrics["steps"],
+           "precision": metrics["precision"], "run_dir": str(run_dir),
+           "point_seconds": time.perf_counter() - started}
+    if "linear_top1" in scores:
+        row["linear_top1"] = scores["linear_top1"]
+    return row
+
+
+def collect_results(study, spec: SweepSpec) -> list[dict]:
+    optuna = _optuna()
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            rows.append({"point": dict(trial.params), **trial.user_attrs})
+        elif trial.state == optuna.trial.TrialState.FAIL and "error" in trial.user_attrs:
+            rows.append({"point": dict(trial.params), "error": trial.user_attrs["error"]})
+    return rows
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def markdown_table(spec: SweepSpec, results: list[dict]) -> str:
+    keys = [d.key for d in spec.dimensions]
+    scored = sorted((r for r in results if "knn_top1" in r), key=lambda r: -r["knn_top1"])
+    failed = [r for r in results if "error" in r]
+    header = [*keys, "k-NN", *(["linear"] if spec.linear else []), "random init", "images/s",
+              "min", "precision"]
+    lines = ["| " + " | ".join(f"`{h}`" if h in keys else h for h in header) + " |",
+             "| " + " | ".join("---" for _ in header) + " |"]
+    for r in scored:
+        cells = [str(r["point"].get(k, "")) for k in keys]
+        cells.append(f"{r['knn_top1']:.2f}")
+        if spec.linear:
+            cells.append(f"{r.get('linear_top1', float('nan')):.2f}")
+        cells += [f"{r['knn_floor']:.2f}", f"{r['images_per_second']:.0f}",
+                  f"{r['train_minutes']:.1f}", r["precision"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in failed:
+        cells = [str(r["point"].get(k, "")) for k in keys] + [f"failed: {r['error']}"]
+        cells += [""] * (len(header) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    budget = " ".join(spec.fixed) or "the preset's"
+    return (f"Sweep of `{spec.preset}`; fixed: `{budget}`; k-NN (weighted, the preset's "
+            f"read-out) with the first {spec.eval_train} training images as the bank and the "
+            f"first {spec.eval_test} test images scored.\n\n" + "\n".join(lines) + "\n")
+
+
+def plot_sweep(spec: SweepSpec, results: list[dict], path: Path) -> Path | None:
+    """k-NN against each swept key (one panel per key), the random-init floor dashed."""
+    scored = [r for r in results if "knn_top1" in r]
+    if not scored or not spec.dimensions:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(spec.dimensions)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for axis, dimension in zip(axes[0], spec.dimensions, strict=True):
+        if isinstance(dimension, Choice):
+            order = list(dimension.texts)
+            xs = [order.index(r["point"][dimension.key]) for r in scored]
+            axis.set_xticks(range(len(order)), order, rotation=30, fontsize=8)
+        else:
+            xs = [float(r["point"][dimension.key]) for r in scored]
+            if dimension.log:
+                axis.set_xscale("log")
+        axis.scatter(xs, [r["knn_top1"] for r in scored], label="trained")
+        floors = sorted({r["knn_floor"] for r in scored})
+        for i, floor in enumerate(floors):
+            axis.axhline(floor, linestyle="--", color="gray",
+                         label="random init" if i == 0 else None)
+        axis.set_xlabel(dimension.key)
+        axis.set_ylabel("k-NN top-1 (%)")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, spec: SweepSpec, results: list[dict]) -> None:
+    from attnssl.train.checkpoint import atomic_write
+
+    payload = {"sweep": describe(spec), "results": results}
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(payload, indent=2)))
+    table = markdown_table(spec, results)
+    atomic_write(out / "results.md", lambda p: p.write_text(table))
+    plot_sweep(spec, results, out / "sweep.png")
+
+
+def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | None,
+               eval_train: int, eval_test: int, linear: bool, seed: int) -> int:
+    spec = SweepSpec.from_arguments(preset, settings, trials=trials, eval_train=eval_train,
+                                    eval_test=eval_test, linear=linear, seed=seed)
+    folder = Path(out) if out else Path("runs") / f"sweep-{Path(preset).stem}"
+    points = spec.trials or len(spec.grid())
+    print(f"sweep: {points} point{'s' * (points != 1)} of {preset} into {folder}")
+    results = run_sweep(spec, folder)
+    print(markdown_table(spec, results), end="")
+    print(f"wrote {folder}/results.json, results.md, sweep.png")
+    if any("error" in r for r in results):
+        print("some points failed; their errors are in the table", file=sys.stderr)
+    return 0
+
