@@ -38,8 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from attnssl.config import Config, ConfigError, load_config, parse_override
 
 STUDY_NAME = "attnssl-sweep"
@@ -95,17 +93,21 @@ def split_values(raw: str) -> list[str]:
 
 
 def _number(text: str, key: str) -> float | int:
-    value = yaml.safe_load(text)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"sweep range of {key}: {text!r} is not a number")
-    return value
+    for kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"sweep range of {key}: {text!r} is not a number")
 
 
 def parse_dimension(text: str) -> Dimension:
     """``key=a,b`` -> :class:`Choice`; ``key=low..high[:log]`` -> :class:`Range`."""
-    path, _ = parse_override(text)  # names the malformed ones
-    key = ".".join(path)
-    raw = text.partition("=")[2].strip()
+    if "=" not in text:
+        raise ConfigError(f"sweep setting {text!r} must look like key=a,b (values), "
+                          f"key=low..high[:log] (a range) or key=value (fixed)")
+    key_text, _, raw = text.partition("=")
+    key, raw = ".".join(parse_override(f"{key_text}=")[0]), raw.strip()
     if ".." in raw and not raw.startswith(("[", "{", "'", '"')):
         bounds, _, scale = raw.partition(":")
         if scale not in ("", "log"):
@@ -206,8 +208,8 @@ def training_key(config: Config) -> str:
     tree.pop("eval")
     tree["run"] = {"seed": tree["run"]["seed"]}
     tree["trainer"] = {k: v for k, v in tree["trainer"].items()
-                       if k not in ("progress_bar", "log_every_steps", "checkpoint_every_steps",
-                                    "num_threads", "keep_checkpoints", "max_steps")}
+                       if f"trainer.{k}" not in BOOKKEEPING and k != "max_steps"}
+    tree["data"] = {k: v for k, v in tree["data"].items() if f"data.{k}" not in BOOKKEEPING}
     text = json.dumps(tree, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -321,8 +323,15 @@ def open_study(out: Path, spec: SweepSpec):
     return study
 
 
+# settings that cannot change a point's result: a sweep may be continued with others
+BOOKKEEPING = ("trainer.progress_bar", "trainer.num_threads", "trainer.log_every_steps",
+               "trainer.checkpoint_every_steps", "trainer.keep_checkpoints", "data.root",
+               "data.num_workers")
+
+
 def describe(spec: SweepSpec) -> dict:
-    settings = list(spec.fixed)
+    """What identifies a sweep: its preset, settings that change results, and its scoring."""
+    settings = [s for s in spec.fixed if s.partition("=")[0] not in BOOKKEEPING]
     for d in spec.dimensions:
         if isinstance(d, Choice):
             settings.append(f"{d.key}={','.join(d.texts)}")

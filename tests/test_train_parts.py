@@ -1,3 +1,4 @@
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from attnssl.config import ModelSection
 from attnssl.data.loader import epoch_batches
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.vit import build_vit
+from attnssl.precision import resolve_precision
 from attnssl.train.trainer import (
     clip_each_parameter,
     cpu_has_native_bf16,
@@ -80,6 +82,29 @@ def test_bf16_warning_follows_the_cpu_flags():
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == (0 if native else 2)
     assert all("set trainer.precision=32" in m for m in messages)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_auto_precision_is_bf16_only_where_it_is_native(tmp_path):
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32")
+    assert resolve_precision("auto", "mps") == "32"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") == "32"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values stay
+    # a run records what auto resolved to, in metrics.json and in its checkpoints
+    from attnssl.cli import main
+    from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+
+    assert main(["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path}", "run.name=a",
+                 "data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1",
+                 "model.depth=1", "trainer.precision=auto", "trainer.progress_bar=false",
+                 "eval.at_end=false"]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["precision_requested"] == "auto"
+    assert metrics["precision"] == ("bf16-mixed" if native else "32-true")
+    state = safe_torch_load(list_checkpoints(tmp_path / "a")[-1])
+    assert state["train"]["precision"] == ("bf16-mixed" if native else "32")
 
 
 def test_compiled_blocks_train_as_the_eager_ones(tmp_path):

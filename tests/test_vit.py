@@ -98,3 +98,30 @@ def test_cpu_autocast_takes_the_explicit_path_with_the_same_result(generator):
     out_bf16.float().pow(2).sum().backward()
     out_fp32.pow(2).sum().backward()
     torch.testing.assert_close(x_bf16.grad, x_fp32.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_last_block_tokens_are_each_blocks_normalised_output(generator):
+    from attnssl.data.datasets import DatasetSpec, load_dataset
+    from attnssl.eval.features import extract_features
+    from attnssl.nn.vit import last_block_tokens
+
+    vit = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1).eval()
+    images = torch.randn(3, 1, 28, 28, generator=generator)
+    with torch.no_grad():
+        expected, x = [], vit._pos_embed(vit.patch_embed(images))
+        for block in vit.blocks:  # the loop of the equations: z_l = block_l(z_{l-1}), LN(z_l)
+            x = block(x)
+            expected.append(vit.norm(x))
+        got = last_block_tokens(vit, images, 3)
+        assert len(got) == 3
+        for g, e in zip(got, expected[-3:], strict=True):
+            assert torch.allclose(g, e, atol=1e-6)
+        assert torch.allclose(last_block_tokens(vit, images, 1)[0], vit.forward_features(images))
+    with pytest.raises(ValueError, match="eval.blocks=5 must be between 1 and .* depth \\(4\\)"):
+        last_block_tokens(vit, images, 5)
+    data = load_dataset(DatasetSpec("synthetic", synthetic_size=16), "train")
+    vit = build_vit(ModelSection(preset="vit_tiny_p4"), data.image_size, data.channels)
+    one, _ = extract_features(vit, data, kind="cls+mean", blocks=1)
+    two, _ = extract_features(vit, data, kind="cls+mean", blocks=2)
+    assert one.shape == (16, 256) and two.shape == (16, 512)
+    assert torch.allclose(two[:, 256:], one, atol=1e-5)  # the last block's part is blocks=1

@@ -274,6 +274,9 @@ class Pretrainer:
         if config.model.init_from is not None and self.resume_from is None:
             init_from_export(backbone, config.model.init_from, config.model)
         _check_local_view_size(self.views, backbone.patch_embed.patch_size[0])
+        if config.eval.blocks > len(backbone.blocks):
+            raise ConfigError(f"eval.blocks={config.eval.blocks} reads more blocks than the "
+                              f"backbone has ({len(backbone.blocks)}); set at most that")
         method = build_method(config, backbone)
         if config.trainer.compile:
             compile_blocks(method)

@@ -1,0 +1,140 @@
+"""attnssl sweep: parsing, grid expansion, checks before training, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnssl.cli import main
+from attnssl.config import ConfigError
+from attnssl.sweep import Choice, Range, SweepSpec, parse_dimension, run_sweep, split_values
+
+TINY = ["data.synthetic_size=128", "optim.batch_size=32", "optim.epochs=1", "model.depth=1",
+        "trainer.progress_bar=false", "trainer.num_threads=1"]
+SCORE = dict(eval_train=96, eval_test=64)
+
+
+def test_values_split_on_top_level_commas_only():
+    assert split_values("0.1,0.2") == ["0.1", "0.2"]
+    assert split_values("[0.2,1.0],[0.4,1.0]") == ["[0.2,1.0]", "[0.4,1.0]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    with pytest.raises(ConfigError, match="empty value"):
+        split_values("0.1,,0.2")
+
+
+def test_dimensions_are_lists_or_ranges():
+    assert parse_dimension("views.brightness=0.2,0.4") == Choice("views.brightness",
+                                                                 ("0.2", "0.4"))
+    assert parse_dimension("optim.lr=1e-4..3e-3:log") == Range("optim.lr", 1e-4, 3e-3, True,
+                                                               False)
+    assert parse_dimension("views.local_crops=0..6") == Range("views.local_crops", 0, 6, False,
+                                                              True)
+    with pytest.raises(ConfigError, match="low < high"):
+        parse_dimension("optim.lr=3e-3..1e-4")
+    with pytest.raises(ConfigError, match="log scale needs low > 0"):
+        parse_dimension("optim.weight_decay=0..0.1:log")
+
+
+def test_grid_is_every_combination_and_single_values_are_fixed():
+    spec = SweepSpec.from_arguments("simclr_synthetic", [
+        *TINY, "views.global_scale=[0.2,1.0],[0.4,1.0]", "method.temperature=0.1,0.2,0.5"])
+    assert "optim.epochs=1" in spec.fixed and len(spec.dimensions) == 2
+    grid = spec.grid()
+    assert len(grid) == 6
+    assert {(p["views.global_scale"], p["method.temperature"]) for p in grid} == {
+        (s, t) for s in ("[0.2,1.0]", "[0.4,1.0]") for t in ("0.1", "0.2", "0.5")}
+    assert spec.config(grid[0]).views.global_scale == (0.2, 1.0)
+
+
+def test_a_bad_key_or_value_is_named_before_any_training(tmp_path):
+    with pytest.raises(ConfigError, match="views.'brightnes'.*did you mean 'brightness'"):
+        SweepSpec.from_arguments("simclr_synthetic", [*TINY, "views.brightnes=0.1,0.2"])
+    with pytest.raises(ConfigError,
+                       match="(?s)sweep point optim.lr=-1: .*optim.lr: Input should be greater"):
+        SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,-1"])
+    with pytest.raises(ConfigError, match="optim.lr=0.0"):  # a range's ends are checked
+        SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=0.0..1e-3"], trials=3)
+    with pytest.raises(ConfigError, match="--trials"):
+        SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-4..1e-3"])
+    # from the command line: exit code 2, the key named, nothing written
+    out = tmp_path / "sweep"
+    assert main(["sweep", "-c", "simclr_synthetic", "--out", str(out), *TINY,
+                 "method.temprature=0.1,0.2"]) == 2
+    assert not out.exists()
+
+
+def _sweep_command(out: Path) -> list[str]:
+    return ["sweep", "-c", "simclr_synthetic", "--out", str(out), "--eval-train", "96",
+            "--eval-test", "64", *TINY, "optim.lr=1e-3,2e-3"]
+
+
+def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
+    out = tmp_path / "sweep"
+    child = subprocess.Popen([sys.executable, "-m", "attnssl", *_sweep_command(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # kill it once the first point is trained and scored and the second has begun
+    deadline = time.time() + 300
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if "point 2/2" in line:
+            break
+        assert time.time() < deadline, "".join(lines)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    first = [p for p in (out / "points").iterdir() if (p / "sweep-trained.json").is_file()]
+    assert len(first) == 1, "".join(lines)
+    first_mtime = (first[0] / "sweep-trained.json").stat().st_mtime
+
+    logged = []  # continued with another thread count: a setting that cannot change results
+    more_threads = [t.replace("num_threads=1", "num_threads=2") for t in TINY]
+    spec = SweepSpec.from_arguments("simclr_synthetic", [*more_threads, "optim.lr=1e-3,2e-3"],
+                                    **SCORE)
+    results = run_sweep(spec, out, log=logged.append)
+    trained = [m for m in logged if m.startswith("sweep: point")]
+    assert trained == ["sweep: point 2/2: optim.lr=2e-3"], logged  # only the unfinished one
+    assert (first[0] / "sweep-trained.json").stat().st_mtime == first_mtime
+    assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
+    assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["knn_floor"] <= 100 for r in results)
+
+    # a third run has nothing left to do, and says so in the same files
+    logged.clear()
+    again = run_sweep(spec, out, log=logged.append)
+    assert not [m for m in logged if m.startswith("sweep: point")]
+    assert [r["knn_top1"] for r in again] == [r["knn_top1"] for r in results]
+    table = (out / "results.md").read_text()
+    assert "| `optim.lr` | k-NN | random init |" in table and table.count("\n| 2e-3 |") == 1
+    assert json.loads((out / "results.json").read_text())["results"] == again
+    assert (out / "sweep.png").stat().st_size > 0
+
+    # other settings in the same folder are refused by name
+    other = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,5e-3"], **SCORE)
+    with pytest.raises(ConfigError, match="holds a sweep of other settings"):
+        run_sweep(other, out)
+
+
+def test_points_that_differ_only_in_evaluation_share_one_training_run(tmp_path):
+    spec = SweepSpec.from_arguments(
+        "simclr_synthetic", [*TINY, "eval.features=cls,mean", "eval.blocks=1"], **SCORE)
+    results = run_sweep(spec, tmp_path / "sweep", log=lambda _: None)
+    assert len(results) == 2 and len(list((tmp_path / "sweep" / "points").iterdir())) == 1
+    assert results[0]["run_dir"] == results[1]["run_dir"]
+    assert results[0]["knn_top1"] != results[1]["knn_top1"] or \
+        results[0]["knn_floor"] != results[1]["knn_floor"]
+
+
+def test_sampled_sweep_runs_the_asked_number_of_trials(tmp_path):
+    spec = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-4..1e-2:log",
+                                                         "method.temperature=0.1,0.5"],
+                                    trials=2, **SCORE)
+    results = run_sweep(spec, tmp_path / "sweep", log=lambda _: None)
+    assert len(results) == 2
+    for row in results:
+        assert 1e-4 <= float(row["point"]["optim.lr"]) <= 1e-2
+        assert row["point"]["method.temperature"] in ("0.1", "0.5")
