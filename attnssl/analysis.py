@@ -300,7 +300,8 @@ def analyze_run(target: str | Path, out: Path | None = None, overrides: list[str
 
 def _latest_evaluation(run_dir: Path) -> dict | None:
     """The run's evaluation scores: the newest ``eval-step-*.json``, else ``metrics.json``."""
-    evals = sorted(run_dir.glob("eval-step-*.json"))
+    evals = sorted((p for p in run_dir.glob("eval-step-*.json") if p.stat().st_size),
+                   key=lambda p: p.stat().st_mtime_ns)
     if evals:
         return json.loads(evals[-1].read_text())
     metrics = run_dir / "metrics.json"

@@ -110,8 +110,11 @@ def cmd_eval(args) -> int:
     result["checkpoint"] = str(loaded.checkpoint)
     result["step"] = loaded.step
     _print_eval(result)
-    out = loaded.run_dir / f"eval-step-{result['step']:08d}.json"
-    out.write_text(json.dumps(result, indent=2))
+    from attnssl.train.checkpoint import atomic_write
+    from attnssl.train.run_folder import unused_result_path
+
+    out = unused_result_path(loaded.run_dir, f"eval-step-{result['step']:08d}")
+    atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2)))
     print(f"wrote {out}")
     return 0
 

@@ -7,6 +7,7 @@ that names the key and lists the accepted ones.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -40,13 +42,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
+
+
 class RunSection(_Section):
     out_dir: str = "runs"
-    name: str | None = None
+    name: str | None = Field(
+        None, description="the run folder's name under out_dir (null: METHOD-DATASET-TIMESTAMP)")
     seed: int = 0
     resume: Literal["never", "auto"] = Field(
         "never", description="auto: if out_dir/name holds checkpoints, continue from its newest "
         "readable one (the same command can be rerun after any stop); needs run.name")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str | None) -> str | None:
+        if name is not None and (not RUN_NAME.fullmatch(name) or name in (".", "..")):
+            raise ValueError("must be one folder name under run.out_dir: letters, digits and "
+                             "._+=,- starting with a letter or digit (no '/', '..' or leading '.')")
+        return name
 
 
 class DataSection(_Section):

@@ -30,8 +30,8 @@ def test_unknown_section_and_method():
 
 @pytest.mark.parametrize("override, expected", [
     ("optim.lr=-1", r"optim\.lr: Input should be greater than 0 \(got -1\)"),
-    ("trainer.precision=fp8", r"trainer\.precision: Input should be '32', 'bf16-mixed' or "
-                              r"'16-mixed' \(got 'fp8'\)"),
+    ("trainer.precision=fp8", r"trainer\.precision: Input should be 'auto', '32', 'bf16-mixed' "
+                              r"or '16-mixed' \(got 'fp8'\)"),
     ("data.dataset=mnist", r"data\.dataset: Input should be 'fashion-mnist'"),
     ("views.global_scale=[0.9, 0.1]", r"global_scale must be \(low, high\) with 0 < low <= high"),
     ("method.temperature=abc", r"method\.temperature: Input should be a valid number"),

@@ -327,7 +327,11 @@ class ImageFolderDataset(ImageDataset):
 
     in_memory = False
 
-    def __init__(self, root: str | Path, image_size: int, skip_bad_images: bool = False):
+    def __init__(self, root: str | Path, image_size: int, skip_bad_images: bool = False,
+                 classes: tuple[str, ...] | None = None):
+        """``classes``: the class names that number the labels (the training split's, for an
+        evaluation split); a class folder outside them is refused by name. ``None``: this
+        folder's own sub-folders, sorted."""
         self.name = "imagefolder"
         self.root = Path(root)
         self.image_size = image_size
@@ -336,18 +340,21 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetNotFoundError(f"imagefolder: {self.root} is not a directory")
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
         if class_dirs:
-            self.classes = tuple(p.name for p in class_dirs)
+            self.classes = tuple(p.name for p in class_dirs) if classes is None else classes
+            unknown = [d.name for d in class_dirs if d.name not in self.classes]
+            if unknown:
+                raise ValueError(
+                    f"imagefolder: {self.root} has class folders the training split lacks: "
+                    f"{', '.join(unknown)}; its classes must be among the training split's "
+                    f"({', '.join(self.classes)})")
+            index = {name: i for i, name in enumerate(self.classes)}
             self.samples = [
-                (f, label)
-                for label, d in enumerate(class_dirs)
-                for f in sorted(d.rglob("*"))
-                if f.suffix.lower() in IMAGE_EXTENSIONS
+                (f, index[d.name]) for d in class_dirs for f in sorted(d.rglob("*"))
+                if is_image_file(f)
             ]
         else:
             self.classes = ()
-            self.samples = [
-                (f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS
-            ]
+            self.samples = [(f, -1) for f in sorted(self.root.iterdir()) if is_image_file(f)]
         if skip_bad_images:
             self.samples = self._readable(self.samples)
         if not self.samples:
@@ -376,6 +383,12 @@ class ImageFolderDataset(ImageDataset):
         return decode_image(path, self.image_size), label
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, leaving out macOS's ``._name`` metadata files (AppleDouble),
+    which carry an image's extension but hold no image."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("._")
+
+
 def load_imagefolder(root: str | None, split: str, image_size: int,
                      skip_bad_images: bool = False) -> ImageFolderDataset:
     """``root/train`` and ``root/test`` (or ``root/val``) where present, else ``root`` is train."""
@@ -384,9 +397,12 @@ def load_imagefolder(root: str | None, split: str, image_size: int,
     base = Path(root)
     if (base / "train").is_dir():
         names = {"train": ["train"], "test": ["test", "val"]}.get(split, [split])
+        # every split numbers its labels by the training split's classes
+        train_classes = tuple(sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))
         for name in names:
             if (base / name).is_dir():
-                return ImageFolderDataset(base / name, image_size, skip_bad_images)
+                return ImageFolderDataset(base / name, image_size, skip_bad_images,
+                                          classes=train_classes if split != "train" else None)
         raise DatasetNotFoundError(f"imagefolder: no {split!r} split under {base} (looked for "
                                    f"{', '.join(str(base / n) for n in names)})")
     if split == "train":

@@ -69,7 +69,10 @@ class TrainedBackbone:
 
     @property
     def run_dir(self) -> Path:
-        return self.checkpoint.parent.parent
+        """The run folder of the checkpoint, or the folder holding a checkpoint kept elsewhere."""
+        from attnssl.train.run_folder import run_folder_of_checkpoint
+
+        return run_folder_of_checkpoint(self.checkpoint) or self.checkpoint.parent
 
 
 def load_trained_backbone(target: str | Path, overrides: list[str] | None = None

@@ -49,6 +49,7 @@ from attnssl.train.checkpoint import (
     resolve_checkpoint,
 )
 from attnssl.train.metrics_log import MetricsLog
+from attnssl.train.run_folder import RunFolderLock, new_run_folder, run_folder_of_checkpoint
 from attnssl.train.schedules import cosine, warmup_cosine
 
 
@@ -190,8 +191,11 @@ def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
 
 
 def make_run_dir(config: Config) -> Path:
-    name = config.run.name or f"{config.method.name}-{config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.run.out_dir) / name
+    """``run.out_dir/run.name``; without a name, a new folder ``METHOD-DATASET-TIMESTAMP``
+    (created here, so two runs started in the same second get two folders)."""
+    if config.run.name:
+        return Path(config.run.out_dir) / config.run.name
+    return new_run_folder(config.run.out_dir, f"{config.method.name}-{config.data.dataset}")
 
 
 class Pretrainer:
@@ -289,7 +293,8 @@ class Pretrainer:
         torch.manual_seed(config.run.seed + 1 + self.rank)
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        elif fabric.is_global_zero:
+        if fabric.is_global_zero and (self.resume_from is None
+                                      or not (self.run_dir / "config.yaml").is_file()):
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "config.yaml").write_text(
@@ -550,21 +555,36 @@ def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: flo
 def pretrain(config: Config, resume: str | None = None) -> dict:
     """Run pretraining (new or resumed) and, at the end, evaluation; returns ``metrics.json``."""
     started = time.perf_counter()
-    resume_from = None
-    if resume is not None:
-        resume_from = resolve_checkpoint(resume)
-        run_dir = resume_from.parent.parent
-    elif RUN_DIR_ENV in os.environ:  # a process Fabric launched: use rank 0's folder
+    launched_here = RUN_DIR_ENV not in os.environ
+    resume_from = None if resume is None else resolve_checkpoint(resume)
+    if not launched_here:  # a process Fabric launched: use rank 0's folder
         run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif resume_from is not None:
+        run_dir = run_folder_of_checkpoint(resume_from)
+        if run_dir is None:  # a checkpoint kept outside its run folder: continue in a new one
+            run_dir = new_run_folder(config.run.out_dir,
+                                     config.run.name or f"{config.method.name}-"
+                                     f"{config.data.dataset}")
+            print(f"{resume_from} is not inside a run folder's checkpoints/; the run continues "
+                  f"in {run_dir}")
     else:
         run_dir = make_run_dir(config)
-        if latest_checkpoint(run_dir) is not None:
+    lock = RunFolderLock(run_dir).acquire() if launched_here else None
+    try:
+        if launched_here and resume_from is None and latest_checkpoint(run_dir) is not None:
             raise FileExistsError(
                 f"run folder {run_dir} already has checkpoints; resume it with --resume {run_dir} "
                 f"or choose another run.name"
             )
+        return _pretrain(config, run_dir, resume_from, started, launched_here)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(config: Config, run_dir: Path, resume_from: Path | None, started: float,
+              launched_here: bool) -> dict:
     trainer = Pretrainer(config, run_dir, resume_from)
-    launched_here = RUN_DIR_ENV not in os.environ
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes Fabric starts
     try:
         trainer.setup()

@@ -1,0 +1,143 @@
+"""What a trial as a demanding new user broke, case by case: each test is named after its case
+and failed before its fix."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from attnssl.cli import main
+from attnssl.config import ConfigError, load_config
+from attnssl.data.datasets import DatasetSpec, load_dataset
+from attnssl.train.checkpoint import list_checkpoints
+from attnssl.train.run_folder import RunFolderLock, new_run_folder
+
+pytestmark = pytest.mark.integration
+
+TINY = ["data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1", "model.depth=1",
+        "trainer.progress_bar=false", "trainer.num_threads=1", "eval.at_end=false"]
+
+
+def pretrain_args(out: Path, name: str, *extra: str) -> list[str]:
+    return ["pretrain", "-c", "simclr_synthetic", f"run.out_dir={out}", f"run.name={name}",
+            *TINY, *extra]
+
+
+def _image_folder(root: Path, split: str, classes: dict[str, int]) -> None:
+    for name, level in classes.items():
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), level + i).save(folder / f"{i}.png")
+
+
+# ------------------------------------------------ 1. silently wrong scores
+
+
+def test_case_test_split_with_a_subset_of_train_classes_keeps_train_numbering(tmp_path):
+    _image_folder(tmp_path, "train", {"ankle": 0, "bag": 100, "coat": 200})
+    _image_folder(tmp_path, "test", {"bag": 100, "coat": 200})  # a subset: two of three
+    spec = DatasetSpec("imagefolder", str(tmp_path), image_size=8)
+    train, test = load_dataset(spec, "train"), load_dataset(spec, "test")
+    assert test.classes == train.classes == ("ankle", "bag", "coat")
+    labels = {path.parent.name: label for path, label in test.samples}
+    assert labels == {"bag": 1, "coat": 2}  # as in train, not 0 and 1
+
+
+def test_case_test_split_with_a_class_train_lacks_is_refused_by_name(tmp_path):
+    _image_folder(tmp_path, "train", {"bag": 100, "coat": 200})
+    _image_folder(tmp_path, "test", {"bag": 100, "dress": 50})
+    with pytest.raises(ValueError, match="class folders the training split lacks: dress"):
+        load_dataset(DatasetSpec("imagefolder", str(tmp_path), image_size=8), "test")
+
+
+# ------------------------------------------------ 2. lost work
+
+
+def test_case_second_run_into_a_folder_in_use_stops_naming_the_holder(tmp_path, capsys):
+    child = subprocess.Popen(
+        [sys.executable, "-m", "attnssl", *pretrain_args(tmp_path, "shared", "optim.epochs=50")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "shared" / ".lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and lock.read_text().strip()):
+            assert time.time() < deadline and child.poll() is None
+            time.sleep(0.1)
+        assert main(pretrain_args(tmp_path, "shared")) == 2
+        err = capsys.readouterr().err
+        assert "run folder" in err and f"in use by process {child.pid}" in err
+    finally:
+        child.kill()
+        child.wait()
+    # the holder is gone (killed): the lock is free again
+    with RunFolderLock(tmp_path / "shared"):
+        pass
+
+
+def test_case_run_name_cannot_escape_the_run_root(tmp_path):
+    for name in ("../../x", "a/b", ".", "..", ".hidden"):
+        with pytest.raises(ConfigError, match="run.name.*one folder name under run.out_dir"):
+            load_config("simclr_synthetic", [f"run.name={name}"])
+    assert main(pretrain_args(tmp_path / "root", "../escaped")) == 2
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_case_automatic_run_names_started_in_one_second_do_not_collide(tmp_path):
+    folders = {new_run_folder(tmp_path, "simclr-synthetic") for _ in range(3)}
+    assert len(folders) == 3 and all(f.is_dir() for f in folders)
+
+
+def test_case_evaluating_twice_keeps_both_results_and_loose_checkpoints_resume_elsewhere(
+        tmp_path, capsys):
+    assert main(pretrain_args(tmp_path, "r", "trainer.max_steps=1")) == 0
+    run = tmp_path / "r"
+    for _ in range(2):
+        assert main(["eval", str(run), "eval.linear_probe=false", "eval.knn_k=5"]) == 0
+    results = sorted(run.glob("eval-step-*.json"))
+    assert [p.name for p in results] == ["eval-step-00000001-2.json", "eval-step-00000001.json"]
+    assert all(json.loads(p.read_text())["knn_top1"] >= 0 for p in results)
+
+    # a checkpoint copied out of its run folder: resuming it writes nothing beside its parent
+    loose = tmp_path / "kept" / "deep"
+    loose.mkdir(parents=True)
+    shutil.copy(list_checkpoints(run)[-1], loose / "file.ckpt")
+    before = set((tmp_path / "kept").rglob("*"))
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(loose / "file.ckpt")]) == 0
+    assert set((tmp_path / "kept").rglob("*")) == before
+    out = capsys.readouterr().out
+    assert "is not inside a run folder's checkpoints/" in out
+    new_folder = Path(out.split("the run continues in ")[1].split()[0])
+    assert new_folder.parent == tmp_path and list_checkpoints(new_folder)
+
+
+# ------------------------------------------------ 4. raw tracebacks
+
+
+def test_case_macos_appledouble_files_are_not_read_as_images(tmp_path):
+    _image_folder(tmp_path, "train", {"bag": 100})
+    (tmp_path / "train" / "bag" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = load_dataset(DatasetSpec("imagefolder", str(tmp_path), image_size=8), "train")
+    assert len(data) == 3 and data.get_batch(torch.arange(3))[0].shape == (3, 3, 8, 8)
+
+
+# ------------------------------------------------ 8. smaller
+
+
+def test_case_checkpoints_are_created_with_the_usual_file_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert main(pretrain_args(tmp_path, "m", "trainer.max_steps=1")) == 0
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(list_checkpoints(tmp_path / "m")[-1].stat().st_mode)
+    assert mode == 0o644
