@@ -103,14 +103,20 @@ class ViewsSection(_Section):
     local_blur_prob: float = Field(0.5, ge=0, le=1)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: tuple[float, float] = (0.0, 0.2)
+    gamma_prob: float = Field(0.0, ge=0, le=1, description="probability of a gamma change")
+    gamma: tuple[float, float] = Field((0.7, 1.5), description="gamma g ~ U(low, high), x -> x^g")
+    erasing_prob: float = Field(0.0, ge=0, le=1, description="probability of random erasing "
+                                "(a rectangle set to black, after every other change)")
+    erasing_scale: tuple[float, float] = Field(
+        (0.02, 0.33), description="erased area as a share of the view (torchvision's default)")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> ViewsSection:
-        for name in ("global_scale", "local_scale", "blur_sigma"):
+        for name in ("global_scale", "local_scale", "blur_sigma", "gamma", "erasing_scale"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {low, high}")
-        for name in ("global_scale", "local_scale"):
+        for name in ("global_scale", "local_scale", "erasing_scale"):
             if getattr(self, name)[1] > 1:
                 raise ValueError(f"{name} upper bound must be <= 1, got {getattr(self, name)[1]}")
         for name in ("blur_prob", "solarize_prob"):

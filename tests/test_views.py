@@ -5,12 +5,15 @@ from attnssl.config import ViewsSection
 from attnssl.data.views import (
     MultiCropViews,
     adjust_contrast,
+    adjust_gamma,
     adjust_saturation,
     crop_resize,
+    erase_rectangles,
     gaussian_blur,
     grayscale,
     rotate_hue,
     sample_crop_boxes,
+    sample_erasing_boxes,
 )
 
 
@@ -125,3 +128,46 @@ def test_grayscale_images_get_brightness_and_contrast_only():
 def test_bad_image_shape_is_named():
     with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
         make_views()(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_gamma_is_a_per_image_power_that_keeps_black_and_white(generator):
+    images = torch.rand(4, 1, 6, 6, generator=generator)
+    images[:, :, 0, 0], images[:, :, 0, 1] = 0.0, 1.0
+    gamma = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    out = adjust_gamma(images, gamma)
+    for i in range(4):  # the loop of the equation: y = x ** g_i
+        assert torch.allclose(out[i], images[i] ** gamma[i].item())
+    assert (out[:, :, 0, 0] == 0).all() and (out[:, :, 0, 1] == 1).all()
+    assert (out[0] >= images[0]).all() and (out[3] <= images[3]).all()
+
+
+def test_random_erasing_blanks_one_rectangle_of_the_asked_size(generator):
+    height = width = 28
+    boxes = sample_erasing_boxes(2000, height, width, (0.02, 0.33), generator)
+    sides = boxes[:, 2:] - boxes[:, :2]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    share = sides.prod(1) / (height * width)
+    assert share.min() > 0.005 and share.max() < 0.45  # the scale, give or take rounding and clips
+    images = torch.rand(3, 1, height, width, generator=generator) + 0.1  # no black pixel yet
+    box = torch.tensor([[2.0, 3.0, 10.0, 7.0]]).repeat(3, 1)
+    out = erase_rectangles(images, box, torch.tensor([True, False, True]))
+    expected = images.clone()
+    for i in (0, 2):
+        expected[i, :, 3:7, 2:10] = 0.0  # rows y0..y1-1, columns x0..x1-1
+    assert torch.equal(out, expected)
+
+
+def test_gamma_and_erasing_in_the_views_follow_their_probabilities():
+    images = (torch.rand(512, 1, 28, 28) * 200 + 40).to(torch.uint8)  # no pixel is black
+    plain = ViewsSection(global_crops=1, color_jitter_prob=0.0, blur_prob=(0.0, 0.0),
+                         solarize_prob=(0.0, 0.0), hflip_prob=0.0, global_scale=(1.0, 1.0))
+    erasing = plain.model_copy(update={"erasing_prob": 0.5})
+    view = MultiCropViews(erasing, 28, 1, (0.0,), (1.0,), seed=0)(images)[0]
+    erased = (view == 0).flatten(1).any(1).float().mean().item()
+    assert 0.4 < erased < 0.6
+    gamma = plain.model_copy(update={"gamma_prob": 1.0, "gamma": (2.0, 2.0)})
+    view = MultiCropViews(gamma, 28, 1, (0.0,), (1.0,), seed=0)(images)[0]
+    cropped = MultiCropViews(plain, 28, 1, (0.0,), (1.0,), seed=0)(images)[0]  # same crops
+    assert torch.allclose(view, cropped ** 2, atol=1e-6)
+    with pytest.raises(ValueError, match="erasing_scale upper bound must be <= 1"):
+        ViewsSection(erasing_scale=(0.1, 1.5))

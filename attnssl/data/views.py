@@ -11,7 +11,8 @@ each operation is one tensor call over the batch:
   sides longer than the image are clipped to it instead of torchvision's ten retries);
 - colour jitter (SimCLR/DINO: brightness, contrast, saturation, hue, with probability
   ``color_jitter_prob``), random grayscale, Gaussian blur and solarisation, with DINO's
-  per-view probabilities. Hue is rotated in YIQ space, a linear stand-in for torchvision's HSV
+  per-view probabilities; gamma (``x ** g``) and random erasing (a rectangle set to black), which
+  suit grayscale images too. Hue is rotated in YIQ space, a linear stand-in for torchvision's HSV
   shift; the four jitters are applied in a fixed order rather than a random one. Grayscale
   datasets get brightness and contrast only.
 
@@ -141,6 +142,41 @@ def solarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(images >= threshold, 1 - images, images)
 
 
+def adjust_gamma(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``x ** gamma`` per image (torchvision's ``adjust_gamma`` with gain 1) on [0, 1] pixels:
+    gamma < 1 lifts the dark tones, > 1 deepens them; black and white stay."""
+    return images.clamp(0, 1).pow(_per_sample(gamma))
+
+
+def erase_rectangles(images: torch.Tensor, boxes: torch.Tensor, erase: torch.Tensor,
+                     value: float = 0.0) -> torch.Tensor:
+    """Set the pixels inside each image's box ``(x0, y0, x1, y1)`` (half-open, in pixels) to
+    ``value`` where ``erase``; other images are returned unchanged."""
+    height, width = images.shape[-2:]
+    ys = torch.arange(height, dtype=boxes.dtype).view(1, height, 1)
+    xs = torch.arange(width, dtype=boxes.dtype).view(1, 1, width)
+    x0, y0, x1, y1 = (b.view(-1, 1, 1) for b in boxes.unbind(1))
+    inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1) & erase.view(-1, 1, 1)
+    return images.masked_fill(inside.unsqueeze(1), value)
+
+
+def sample_erasing_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
+                         generator: torch.Generator, ratio: tuple[float, float] = (0.3, 3.3),
+                         ) -> torch.Tensor:
+    """Random erasing boxes ``(B, 4)`` in whole pixels (Zhong et al. 2020, torchvision's
+    ``RandomErasing``): area ``s * H * W`` with ``s ~ U(scale)``, log aspect ratio
+    ``~ U(log ratio)``, sides rounded and clipped to the image, position uniform. torchvision
+    retries up to ten times when a box does not fit; here its sides are clipped instead."""
+    area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
+    aspect = torch.exp(torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                   generator=generator))
+    h = torch.sqrt(area * aspect).round().clamp(1, height)
+    w = torch.sqrt(area / aspect).round().clamp(1, width)
+    y0 = (torch.rand(batch, generator=generator) * (height - h + 1)).floor()
+    x0 = (torch.rand(batch, generator=generator) * (width - w + 1)).floor()
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
 def _where(apply: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     return torch.where(_per_sample(apply), changed, original)
 
@@ -215,6 +251,9 @@ class MultiCropViews:
             if self.channels == 3 and cfg.hue > 0:
                 y = rotate_hue(y, self._uniform(batch, -cfg.hue, cfg.hue))
             x = _where(jitter, y, x)
+        if cfg.gamma_prob > 0:
+            gamma = self._bernoulli(batch, cfg.gamma_prob)
+            x = _where(gamma, adjust_gamma(x, self._uniform(batch, *cfg.gamma)), x)
         if self.channels == 3 and cfg.grayscale_prob > 0:
             gray = self._bernoulli(batch, cfg.grayscale_prob)
             x = _where(gray, grayscale(x).expand_as(x), x)
@@ -225,6 +264,10 @@ class MultiCropViews:
             x = _where(blur, gaussian_blur(x, sigma, kernel), x)
         if spec.solarize_prob > 0:
             x = _where(self._bernoulli(batch, spec.solarize_prob), solarize(x), x)
+        if cfg.erasing_prob > 0:
+            erase = self._bernoulli(batch, cfg.erasing_prob)
+            boxes = sample_erasing_boxes(batch, *x.shape[-2:], cfg.erasing_scale, self.generator)
+            x = erase_rectangles(x, boxes, erase)
         return x
 
     def _crop_boxes(self, index: int, batch: int, image_size: int, spec: ViewSpec) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""Protocol B1 v2 (docs/benchmarks.md): every method with its own preset on Fashion-MNIST.
+
+The same backbone (timm ViT 28 px, patch 4, width 128, depth 4, 4 heads), the 60,000 training
+images, batch 256, 5 epochs; each method's preset (``configs/METHOD_fashion_mnist.yaml``) sets
+its views, schedule, head, precision (``auto``) and read-out. Rows:
+
+- ``METHOD``: the preset as it is;
+- ``METHOD-crops-flips``: the preset with every photometric change off (crops and flips only,
+  B1 v1's views rule), to show what the views buy;
+- ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``).
+
+Each row is scored by the weighted k-NN (k=20, T=0.07) and the linear probe on the preset's
+read-out, beside the same k-NN of the same backbone untrained (same seed, same read-out) and of
+raw pixels. Every row trains in ``runs/b1v2/ROW`` and continues from its newest checkpoint when
+rerun, so ``--max-steps N`` trains at most N more steps per row and call.
+
+    python benchmarks/b1v2.py --readme                          # every 5-epoch row
+    python benchmarks/b1v2.py --rows bam-20ep --max-steps 1000  # a long row, one piece
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from b1_pretrain import raw_pixel_knn
+from readme_block import ROOT, machine_line, replace_readme_block
+
+from attnssl.config import load_config
+from attnssl.train.checkpoint import load_training_checkpoint, newest_readable_checkpoint
+from attnssl.train.trainer import config_from_checkpoint, machine_description, pretrain
+
+METHODS = ("bam", "simclr", "mae", "dino", "udi")
+CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
+                   "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
+                   "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
+LONG = ("bam", "simclr")
+
+
+def rows_known() -> dict[str, tuple[str, list[str]]]:
+    rows = {}
+    for method in METHODS:
+        preset = f"{method}_fashion_mnist"
+        rows[method] = (preset, [])
+        rows[f"{method}-crops-flips"] = (preset, CROPS_AND_FLIPS)
+        if method in LONG:
+            rows[f"{method}-20ep"] = (preset, ["optim.epochs=20"])
+    return rows
+
+
+def train_row(name: str, args) -> dict:
+    preset, overrides = rows_known()[name]
+    overrides = [*overrides, f"run.out_dir={args.runs_dir}", f"run.name={name}",
+                 "trainer.progress_bar=false"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    config = load_config(preset, overrides)
+    run_dir = Path(args.runs_dir) / name
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and "eval" in json.loads(metrics_file.read_text()):
+        return row_from(name, config, json.loads(metrics_file.read_text()))
+    found = newest_readable_checkpoint(run_dir)
+    if found is not None:  # continue the row exactly, with its own settings
+        pieces = ["trainer.progress_bar=false"]
+        if args.max_steps:
+            pieces.append(f"trainer.max_steps={args.max_steps}")
+        config = config_from_checkpoint(load_training_checkpoint(found, lazy=True), pieces)
+    elif args.max_steps:
+        config.trainer.max_steps = args.max_steps
+    metrics = pretrain(config, resume=str(found) if found else None)
+    if not metrics["finished"]:
+        return {"row": name, "in_progress": f"step {metrics['step']} of {metrics['total_steps']}"}
+    return row_from(name, config, json.loads(metrics_file.read_text()))
+
+
+def row_from(name: str, config, metrics: dict) -> dict:
+    ev = metrics["eval"]
+    readout = ev["features"] + (f", last {ev['blocks']} blocks" if ev.get("blocks", 1) > 1 else "")
+    return {"row": name, "readout": readout, "precision": metrics["precision"],
+            "epochs": config.optim.epochs, "knn_top1": ev["knn_top1"],
+            "linear_top1": ev.get("linear_top1"), "knn_top1_random_init": ev["knn_top1_random_init"],
+            "images_per_second": metrics["images_per_second"],
+            "train_minutes": metrics["train_seconds"] / 60, "machine": metrics["machine"]}
+
+
+def verdict(row: dict, raw: float) -> str:
+    gain = row["knn_top1"] - row["knn_top1_random_init"]
+    if row["knn_top1"] >= raw:
+        return "learned, at or above raw pixels"
+    if gain >= 10:
+        return f"learned (+{gain:.1f} over random init), below raw pixels"
+    if gain > 1:
+        return f"learned little (+{gain:.1f} over random init)"
+    return "did not learn"
+
+
+def table(rows: list[dict], raw: float) -> str:
+    lines = ["| row | read-out | precision | epochs | k-NN | linear | random-init k-NN | "
+             "images/s | train min | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "in_progress" in r:
+            lines.append(f"| {r['row']} | in progress: {r['in_progress']} |" + " |" * 8)
+            continue
+        linear = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.2f}"
+        lines.append(
+            f"| {r['row']} | {r['readout']} | {r['precision']} | {r['epochs']} | "
+            f"{r['knn_top1']:.2f} | {linear} | {r['knn_top1_random_init']:.2f} | "
+            f"{r['images_per_second']:.0f} | {r['train_minutes']:.1f} | {verdict(r, raw)} |")
+    lines.append(f"| raw pixels (floor) | 784 pixels | - | - | {raw:.2f} | - | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    known = rows_known()
+    parser.add_argument("--rows", nargs="+", default=list(METHODS), choices=list(known))
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="train at most N more steps per unfinished row in this call")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "b1v2"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1v2.json"))
+    parser.add_argument("--readme", action="store_true", help="replace the B1 v2 table in README.md")
+    args = parser.parse_args()
+
+    raw = raw_pixel_knn(data_root=args.data_root)
+    out = Path(args.out)
+    previous = json.loads(out.read_text())["rows"] if out.is_file() else []
+    new = [train_row(name, args) for name in args.rows]
+    measured = {r["row"] for r in new}
+    rows = [r for r in previous if r["row"] not in measured] + new
+    rows.sort(key=lambda r: list(known).index(r["row"]) if r["row"] in known else len(known))
+    machines = {r["machine"]["cpu"] for r in rows if "machine" in r}
+    if len(machines) > 1:
+        raise SystemExit(f"rows from several machines ({', '.join(sorted(machines))}) cannot share "
+                         f"one table; use another --out")
+    markdown = table(rows, raw)
+    print(markdown)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"raw_pixel_knn_top1": raw, "rows": rows}, indent=2))
+    if args.readme:
+        machine = next((r["machine"] for r in rows if "machine" in r), machine_description())
+        command = "python benchmarks/b1v2.py --rows " + " ".join(r["row"] for r in rows)
+        replace_readme_block("B1V2", machine_line(machine, command) + "\n\n" + markdown)
+
+
+if __name__ == "__main__":
+    main()
