@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -38,8 +38,28 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be accepted; the message says what would be."""
 
 
+def _mentions_bool(annotation) -> bool:
+    if annotation is bool:
+        return True
+    return any(_mentions_bool(a) for a in get_args(annotation) if not isinstance(a, (str, int)))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused: optim.lr=.inf would pass `gt=0` and blow up at the first step
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        """YAML reads ``true`` as a boolean and pydantic would take it as the number 1
+        (``optim.batch_size=true`` trained at batch 1): refuse it where a number is expected."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None \
+                        and not _mentions_bool(field.annotation):
+                    raise ValueError(f"{key} must be a number, not the boolean {value!r}")
+        return data
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
@@ -282,7 +302,8 @@ class OptimSection(_Section):
 
 class TrainerSection(_Section):
     accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "auto"
-    devices: int | str = 1
+    devices: int | str = Field(
+        1, description="processes per node: a number, 'auto', or device indices such as '0,1'")
     num_nodes: int = Field(1, gt=0)
     strategy: str = "auto"
     precision: Precision = "32"
@@ -301,9 +322,23 @@ class TrainerSection(_Section):
     collective_timeout_s: float = Field(
         300.0, gt=0, description="multi-process runs: how long a process waits in a collective "
         "for the others before it stops with an error")
+    _devices = field_validator("devices")(classmethod(lambda cls, v: _check_devices(v)))
     compile: bool = Field(
         False, description="torch.compile every transformer block (the first steps compile; "
         "fp32 on a 2-core AVX2 CPU: 1.01-1.10x, benchmarks/fp32_levers.py)")
+
+
+def _check_devices(devices: int | str) -> int | str:
+    if isinstance(devices, int):
+        if devices < 1 and devices != -1:
+            raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices "
+                             "such as '0,1'")
+        return devices
+    text = devices.strip()
+    if text == "auto" or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text) or text == "-1":
+        return devices
+    raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices such "
+                     "as '0,1'")
 
 
 class FinetuneSection(_Section):
@@ -467,7 +502,9 @@ def _format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in METHODS)
         got = err.get("input")
-        lines.append(f"{loc}: {err['msg']} (got {got!r})")
+        # a check of a whole section gets the section as input: naming it again says nothing
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -538,8 +575,16 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     raw: dict = {}
     if preset is not None:
         path = resolve_preset(preset)
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            tabs = " (YAML does not allow tabs for indentation: use spaces)" \
+                if "\t" in path.read_text(errors="replace") else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}{tabs}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         raw = loaded

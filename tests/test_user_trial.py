@@ -141,3 +141,73 @@ def test_case_checkpoints_are_created_with_the_usual_file_mode(tmp_path):
         os.umask(previous)
     mode = stat.S_IMODE(list_checkpoints(tmp_path / "m")[-1].stat().st_mode)
     assert mode == 0o644
+
+
+def test_case_yaml_with_a_tab_is_named_with_its_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n\tlr: 0.001\n")
+    assert main(["pretrain", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not valid YAML at line 2" in err and "tabs" in err
+
+
+def test_case_garbage_checkpoint_on_resume_is_named(tmp_path, capsys):
+    garbage = tmp_path / "old.ckpt"
+    garbage.write_bytes(b"not a checkpoint" * 8)
+    assert main(["pretrain", "--resume", str(garbage)]) == 2
+    assert f"{garbage} is not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_case_crafted_cifar_file_is_refused_with_its_path(tmp_path):
+    import pickle
+
+    from attnssl.data.datasets import _load_pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w').write('ran')",))
+
+    crafted = tmp_path / "data_batch_1"
+    crafted.write_bytes(pickle.dumps({"data": Payload()}))
+    with pytest.raises(pickle.UnpicklingError, match=f"{crafted}: refusing to load builtins.exec"):
+        _load_pickle(crafted)
+    assert not Path("PWNED").exists()
+
+
+def test_case_decompression_bomb_is_named_and_skippable(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    _image_folder(tmp_path, "train", {"bag": 100})
+    PILImage.new("L", (64, 64), 30).save(tmp_path / "train" / "bag" / "huge.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is over twice the limit
+    spec = DatasetSpec("imagefolder", str(tmp_path), image_size=8)
+    data = load_dataset(spec, "train")
+    with pytest.raises(Exception, match="huge.png cannot be decoded as an image: it has more "
+                                        "pixels than Pillow's limit"):
+        data.get_batch(torch.arange(len(data)))
+    skipped = load_dataset(DatasetSpec("imagefolder", str(tmp_path), image_size=8,
+                                       skip_bad_images=True), "train")
+    assert len(skipped) == 3
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("trainer.devices=banana", "trainer.devices: must be a positive number of devices"),
+    ("optim.batch_size=true", "batch_size must be a number, not the boolean True"),
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+])
+def test_case_values_that_would_train_wrongly_are_refused(tmp_path, capsys, override, message):
+    assert main(pretrain_args(tmp_path, "v", override)) == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path).rglob("*.ckpt"))
+
+
+def test_case_simclr_with_batch_one_is_refused(tmp_path, capsys):
+    assert main(pretrain_args(tmp_path, "b", "optim.batch_size=1")) == 2
+    assert "optim.batch_size must be at least 2, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_case_cuda_accelerator_without_a_gpu_is_named(tmp_path, capsys):
+    assert main(pretrain_args(tmp_path, "c", "trainer.accelerator=cuda")) == 2
+    assert "trainer.accelerator=cuda, but this machine has no such device" in \
+        capsys.readouterr().err

@@ -188,8 +188,12 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        obj = _ArrayUnpickler(handle, encoding="latin1").load()
+    try:
+        with open(path, "rb") as handle:
+            obj = _ArrayUnpickler(handle, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(f"{path}: {err}; it holds code or objects a CIFAR file "
+                                     f"does not, so it was not loaded") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -306,6 +310,12 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             rgb = _to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise BadImageError(
+            f"{path} cannot be decoded as an image: it has more pixels than Pillow's limit of "
+            f"{Image.MAX_IMAGE_PIXELS} ({err}); shrink it, remove it, or set "
+            f"data.skip_bad_images=true to leave such files out"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImageError(
             f"{path} cannot be decoded as an image ({err}); remove or replace it, or set "

@@ -29,6 +29,9 @@ def build_method(config, backbone: nn.Module) -> nn.Module:
             )
         if views.global_crops < 2:
             raise ValueError(f"simclr needs views.global_crops >= 2, got {views.global_crops}")
+        if config.optim.batch_size < 2:
+            raise ValueError(f"simclr contrasts each image with the others of its batch: "
+                             f"optim.batch_size must be at least 2, got {config.optim.batch_size}")
         return SimCLR(backbone, method_cfg, n_views=views.global_crops)
     if method_cfg.name == "bam":
         if views.global_crops + views.local_crops < 2:

@@ -71,7 +71,19 @@ def safe_torch_load(path: str | Path, *, lazy: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+    except pickle.UnpicklingError as err:
+        # torch's own text advises weights_only=False, which would run the file's code
+        raise pickle.UnpicklingError(
+            f"{path} holds pickled objects other than tensors and plain data (code could run "
+            f"when it is loaded), so it was not loaded. attnssl reads only weights; use a "
+            f"checkpoint written by attnssl") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (damaged, truncated, or not written by "
+            f"torch.save's zip format: {str(err).splitlines()[0][:160]}); give a run folder or "
+            f"one of its checkpoints/step-N.ckpt files") from err
 
 
 TRAINING_KEYS = ("method", "optimizer", "train", "ranks", "config")

@@ -179,6 +179,17 @@ def build_strategy(trainer):
     return trainer.strategy
 
 
+def check_accelerator(accelerator: str) -> None:
+    """``trainer.accelerator`` names hardware this machine has, or a clear error says what it
+    has instead of Lightning's traceback."""
+    missing = {"cuda": not torch.cuda.is_available(), "gpu": not torch.cuda.is_available(),
+               "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if missing.get(accelerator, False):
+        have = ["cpu", "auto"] + (["cuda"] if torch.cuda.is_available() else [])
+        raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no such "
+                          f"device; accepted here: {', '.join(have)}")
+
+
 def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
     """A clear warning when a bf16 precision is asked for on a CPU that would emulate it."""
     if device.type == "cpu" and precision in ("bf16-mixed", "16-mixed") \
@@ -208,6 +219,7 @@ class Pretrainer:
         trainer = config.trainer
         if trainer.num_threads:
             torch.set_num_threads(trainer.num_threads)
+        check_accelerator(trainer.accelerator)
         self.precision = self._precision(trainer, resume_from)
         self.fabric = Fabric(
             accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
