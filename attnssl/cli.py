@@ -94,9 +94,14 @@ def cmd_pretrain(args) -> int:
         print(f"run folder: {metrics['run_dir']}")
         print(f"steps {metrics['step']}/{metrics['total_steps']}, "
               f"{metrics['images_per_second']:.1f} images/s")
+        if metrics.get("stopped_by"):
+            print(f"stopped by {metrics['stopped_by']} at step {metrics['step']}, checkpoint "
+                  f"saved; continue with: attnssl pretrain --resume {metrics['run_dir']}")
+            return 130 if metrics["stopped_by"] == "SIGINT" else 143
         if not metrics["finished"]:
-            print(f"stopped before the end; continue with: attnssl pretrain --resume "
-                  f"{metrics['run_dir']}")
+            limit = " trainer.max_steps=null" if config.trainer.max_steps else ""
+            print(f"stopped before the end (trainer.max_steps); continue to the end with: "
+                  f"attnssl pretrain --resume {metrics['run_dir']}{limit}")
         if "eval" in metrics:
             _print_eval(metrics["eval"])
     return 0

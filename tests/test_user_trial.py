@@ -211,3 +211,67 @@ def test_case_cuda_accelerator_without_a_gpu_is_named(tmp_path, capsys):
     assert main(pretrain_args(tmp_path, "c", "trainer.accelerator=cuda")) == 2
     assert "trainer.accelerator=cuda, but this machine has no such device" in \
         capsys.readouterr().err
+
+
+# ------------------------------------------------ 6. stops that lose steps
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_case_sigterm_and_sigint_save_a_checkpoint_and_print_the_resume(tmp_path, signal_name,
+                                                                        code):
+    import signal
+
+    args = pretrain_args(tmp_path, "s", "optim.epochs=40", "trainer.checkpoint_every_steps=1000",
+                         "trainer.log_every_steps=1")
+    child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = tmp_path / "s" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) > 3):
+        assert time.time() < deadline and child.poll() is None
+        time.sleep(0.05)
+    child.send_signal(getattr(signal, signal_name))
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    assert "Traceback" not in err
+    assert f"stopped by {signal_name} at step" in out
+    step = int(out.split(f"stopped by {signal_name} at step ")[1].split(",")[0])
+    assert step < 80 and f"continue with: attnssl pretrain --resume {tmp_path / 's'}" in out
+    assert list_checkpoints(tmp_path / "s")[-1].name == f"step-{step:08d}.ckpt"
+
+
+def test_case_continue_command_after_max_steps_finishes_the_run(tmp_path, capsys):
+    assert main(pretrain_args(tmp_path, "m", "trainer.max_steps=1")) == 0
+    out = capsys.readouterr().out
+    command = out.split("continue to the end with: attnssl ")[1].split()
+    assert command == ["pretrain", "--resume", str(tmp_path / "m"), "trainer.max_steps=null"]
+    assert main(command) == 0
+    assert "steps 2/2" in capsys.readouterr().out
+
+
+def test_case_bad_image_met_mid_run_names_the_checkpoint_to_resume_from(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("L", (16, 16), 5 * i).save(folder / f"{i:02d}.png")
+    (folder / "39.png").write_bytes(b"not a png")
+    from attnssl.data.loader import epoch_batches
+
+    def step_meeting_it(seed: int) -> int:  # the batch that holds image 39 (files are sorted)
+        batches = epoch_batches(40, 8, 0, seed, 0, 1)
+        return next(i for i, b in enumerate(batches) if 39 in b.tolist())
+
+    seed = next(s for s in range(20) if step_meeting_it(s) >= 2)  # after two saved steps
+    args = ["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path}", "run.name=bad",
+            f"run.seed={seed}",
+            "data.dataset=imagefolder", f"data.root={folder}", "data.image_size=16",
+            "optim.batch_size=8", "optim.epochs=1", "model.depth=1", "trainer.progress_bar=false",
+            "trainer.num_threads=1", "trainer.checkpoint_every_steps=1", "eval.at_end=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "39.png cannot be decoded as an image" in err
+    step = step_meeting_it(seed)
+    assert f"stopped at step {step}; last checkpoint: {tmp_path / 'bad'}/checkpoints/" \
+           f"step-{step:08d}.ckpt" in err
+    assert f"continue with: attnssl pretrain --resume {tmp_path / 'bad'}" in err

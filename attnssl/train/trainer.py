@@ -28,7 +28,7 @@ from lightning_fabric import Fabric
 from torch.profiler import record_function
 
 from attnssl.config import Config, ConfigError, build_config, config_to_dict, merge_overrides
-from attnssl.data.datasets import load_dataset
+from attnssl.data.datasets import BadImageError, load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
 from attnssl.errors import RunStopped
@@ -456,7 +456,14 @@ class Pretrainer:
         In a multi-process run, a collective that fails (a process died, or did not answer
         within ``trainer.collective_timeout_s``) stops this one with :class:`RunStopped`."""
         try:
-            return self._fit()
+            with StopSignals() as stop:
+                self.stop_signals = stop
+                return self._fit()
+        except BadImageError as err:
+            raise RunStopped(
+                f"{err} The run stopped at step {self.state.step}; last checkpoint: "
+                f"{latest_checkpoint(self.run_dir) or 'none yet'}. After fixing the data, "
+                f"continue with: attnssl pretrain --resume {self.run_dir}") from err
         except RuntimeError as err:
             if self.world == 1 or isinstance(err, RunStopped) or not _is_collective_failure(err):
                 raise
@@ -467,6 +474,16 @@ class Pretrainer:
                 f"{latest_checkpoint(self.run_dir) or 'none yet'}; continue with --resume "
                 f"{self.run_dir}"
             ) from err
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGINT or SIGTERM arrived, on any process (all of them stop together)."""
+        received = self.stop_signals.received is not None
+        if self.world > 1:
+            flag = self.fabric.all_reduce(torch.tensor(float(received)), reduce_op="max")
+            if flag.item() and not received:
+                self.stop_signals.received = "a signal to another process"
+            received = bool(flag.item())
+        return received
 
     def _fit(self) -> dict:
         config, fabric, state = self.config, self.fabric, self.state
@@ -513,8 +530,10 @@ class Pretrainer:
                 elif state.step % trainer.checkpoint_every_steps == 0:
                     self.save_checkpoint()
                     last_saved = state.step
-                if state.step >= stop_at:
+                if state.step >= stop_at or self._stop_requested():
                     break
+            if self.stop_signals.received is not None:
+                break
         if last_saved != state.step:
             self.save_checkpoint()
         if progress is not None:
@@ -527,10 +546,46 @@ class Pretrainer:
             "precision": str(getattr(fabric.strategy.precision, "precision",
                                      config.trainer.precision)),
             "finished": state.step >= self.total_steps,
+            "stopped_by": self.stop_signals.received,
             "images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
             "train_seconds": state.train_seconds,
             "skipped_steps": state.skipped_steps,
         }
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before they
+    kill) ask the loop to stop after the current step; it then saves a checkpoint and returns,
+    so no finished step is lost. A second signal acts as usual. Only in the main thread."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+        for name, handler in self._previous.items():  # a second signal is not caught
+            signal.signal(getattr(signal, name), handler)
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous.clear()
 
 
 def backbone_from_method_state(method_state: dict, prefix: str = "backbone.") -> dict:
