@@ -275,3 +275,19 @@ def test_case_bad_image_met_mid_run_names_the_checkpoint_to_resume_from(tmp_path
     assert f"stopped at step {step}; last checkpoint: {tmp_path / 'bad'}/checkpoints/" \
            f"step-{step:08d}.ckpt" in err
     assert f"continue with: attnssl pretrain --resume {tmp_path / 'bad'}" in err
+
+
+# ------------------------------------------------ 3. resume promises
+
+
+def test_case_resume_with_another_thread_count_says_it_is_not_bit_exact(tmp_path):
+    import warnings
+
+    assert main(pretrain_args(tmp_path, "t", "optim.epochs=3", "trainer.max_steps=1")) == 0
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        assert main(["pretrain", "--resume", str(tmp_path / "t"), "trainer.num_threads=1"]) == 0
+    assert not [w for w in same if "last bits" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match=r"resuming with 2 threads \(the checkpoint was "
+                                            r"written with 1\).*only to the last bits"):
+        assert main(["pretrain", "--resume", str(tmp_path / "t"), "trainer.num_threads=2"]) == 0

@@ -64,6 +64,7 @@ class TrainState:
     train_seconds: float = 0.0
     skipped_steps: int = 0  # steps whose loss was not finite (trainer.nonfinite_loss=skip)
     precision: str = ""  # what trainer.precision resolved to when the run started (auto)
+    threads: int = 0  # torch's intra-op threads when the last checkpoint was written
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -338,16 +339,35 @@ class Pretrainer:
                 f"{path} was written by {len(remainder['ranks'])} processes; resume it with the "
                 f"same number (now {self.world}: trainer.devices x trainer.num_nodes)"
             )
+        self._warn_if_not_bit_exact(remainder.get("config", {}).get("trainer", {}))
         rank_state = remainder["ranks"][self.rank]
         _set_rng_state(rank_state["rng"])
         self.views.load_state_dict(rank_state["views"])
         self.fabric.print(f"resumed from {path} at step {self.state.step} "
                           f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
 
+    def _warn_if_not_bit_exact(self, trained: dict) -> None:
+        """Another thread count or ``trainer.compile`` changes the order of float sums: the
+        resumed run then agrees with an uninterrupted one to the last bits (about 1e-6), not
+        bit for bit. Say so when it happens."""
+        changes = []
+        if self.state.threads and self.state.threads != torch.get_num_threads():
+            changes.append(f"{torch.get_num_threads()} threads (the checkpoint was written with "
+                           f"{self.state.threads})")
+        if "compile" in trained and bool(trained["compile"]) != self.config.trainer.compile:
+            changes.append(f"trainer.compile={str(self.config.trainer.compile).lower()} (trained "
+                           f"with {str(bool(trained['compile'])).lower()})")
+        if changes:
+            warnings.warn(
+                f"resuming with {' and '.join(changes)}: the run continues, but its weights will "
+                f"match an uninterrupted run only to the last bits (float sums in another "
+                f"order), not bit for bit", RuntimeWarning, stacklevel=2)
+
     def save_checkpoint(self) -> Path:
         ranks = _gather_rank_states(
             self.fabric, {"rng": _rng_state(), "views": self.views.state_dict()}
         )
+        self.state.threads = torch.get_num_threads()
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.ckpt"
         state = self._checkpoint_state()
         state.update(ranks=ranks, config=config_to_dict(self.config))
