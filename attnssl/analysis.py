@@ -223,6 +223,23 @@ def analyze_backbone(backbone: nn.Module, dataset: ImageDataset, feature_kind: s
     return result, attn
 
 
+UNIFORM_WITHIN = 0.01  # class-token entropy within 1 % of log P reads as uniform
+
+
+def uniform_layers_sentence(result: dict) -> str:
+    """A plain sentence naming the layers whose class-token attention is indistinguishable from
+    uniform (mean entropy within 1 % of log P), or ``""`` when there are none."""
+    uniform = result["uniform_entropy"]
+    layers = [i + 1 for i, h in enumerate(result["per_layer"]["cls_entropy"])
+              if h >= (1 - UNIFORM_WITHIN) * uniform]
+    if not layers:
+        return ""
+    which = ", ".join(map(str, layers))
+    return (f"The class token's attention in layer{'s' * (len(layers) > 1)} {which} is "
+            f"indistinguishable from uniform: its entropy is within {UNIFORM_WITHIN:.0%} of "
+            f"log P = {uniform:.3f} nats, so its maps show noise, not structure.")
+
+
 def summary_table(result: dict) -> str:
     """Markdown: one row per layer, each metric averaged over heads."""
     layer = result["per_layer"]
@@ -238,6 +255,8 @@ def summary_table(result: dict) -> str:
         lines.append(row)
     c = result["collapse"]
     lines.append("")
+    if result.get("uniform_layers"):
+        lines.append(result["uniform_layers"])
     lines.append(f"uniform entropy log P = {result['uniform_entropy']:.3f}; features "
                  f"'{result['features']}': effective rank {c['effective_rank']:.1f} of "
                  f"{c['feature_dim']}, std {c['embedding_std']:.4f}, alignment "
@@ -271,6 +290,15 @@ def analyze_run(target: str | Path, out: Path | None = None, overrides: list[str
         "model": {"preset": config.model.preset, "attention": config.model.attention,
                   "block": config.model.block},
     })
+    from attnssl.eval.evaluate import backbone_image_size, random_init_backbone
+
+    untrained = random_init_backbone(config, backbone_image_size(config, loaded.train),
+                                     loaded.train.channels)
+    reference, _ = analyze_backbone(untrained, loaded.test, config.eval.features, images,
+                                    seed=config.run.seed)
+    result["untrained"] = {"per_layer": reference["per_layer"],
+                           "collapse": reference["collapse"]}
+    result["uniform_layers"] = uniform_layers_sentence(result)
     figures: list[tuple[str, Path]] = []
     curves = plot_training_curves(loaded.run_dir, figures_dir / "training_curves.png")
     if curves is not None:

@@ -50,46 +50,74 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
 
 
 def plot_training_curves(run_dir: str | Path, path: Path) -> Path | None:
-    """Every logged column of ``metrics.csv`` (loss, diagnostics, schedules) against the step."""
+    """Every logged column of ``metrics.csv`` that changes (loss, diagnostics, schedules)
+    against the step; constant columns are listed in the title instead of drawn."""
     rows = MetricsLog(Path(run_dir) / "metrics.csv").read()
     if not rows:
         return None
-    columns = [c for c in rows[0] if c not in SKIPPED_COLUMNS]
     steps = [int(float(r["step"])) for r in rows]
-    cols = min(4, len(columns))
-    rows_of_panels = -(-len(columns) // cols)
-    fig, axes = _pyplot().subplots(rows_of_panels, cols, figsize=(3.4 * cols, 2.4 * rows_of_panels),
-                                   dpi=100, squeeze=False)
-    for axis, column in zip(axes.flat, columns, strict=False):
+    series = {}
+    for column in (c for c in rows[0] if c not in SKIPPED_COLUMNS):
         values = [float(r[column]) if r.get(column) not in (None, "") else float("nan")
                   for r in rows]
+        series[column] = values
+    changing = {c: v for c, v in series.items()
+                if len({x for x in v if x == x}) > 1}  # x == x leaves out nan
+    constant = sorted(set(series) - set(changing))
+    cols = max(1, min(4, len(changing)))
+    rows_of_panels = max(1, -(-len(changing) // cols))
+    fig, axes = _pyplot().subplots(rows_of_panels, cols, figsize=(3.4 * cols, 2.5 * rows_of_panels),
+                                   dpi=100, squeeze=False)
+    for axis, (column, values) in zip(axes.flat, changing.items(), strict=False):
         axis.plot(steps, values, lw=1)
         axis.set_title(column, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.set_ylabel(column, fontsize=8)
+        axis.ticklabel_format(axis="y", useOffset=False, style="plain")
         axis.tick_params(labelsize=7)
-    for axis in list(axes.flat)[len(columns):]:
+    for axis in list(axes.flat)[len(changing):]:
         axis.axis("off")
+    if constant:
+        fig.suptitle("constant, not drawn: " + ", ".join(constant), fontsize=8)
     return _save(fig, path)
 
 
-def plot_layer_metrics(result: dict, path: Path) -> Path:
-    """One panel per attention metric: each head as a dot and the head mean as a line, by layer."""
-    titles = {"entropy": "patch attention entropy (nats)", "distance": "mean attention "
-              "distance (px)", "diversity": "diversity across queries", "cls_entropy":
-              "class-token attention entropy (nats)", "jaccard": "segmentation Jaccard"}
-    metrics = [m for m in titles if m in result["per_head"]]
-    fig, axes = _pyplot().subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3), dpi=100)
-    for axis, name in zip(axes, metrics, strict=True):
+LAYER_TITLES = {"entropy": "patch attention entropy (nats)", "distance": "mean attention "
+                "distance (px)", "diversity": "diversity across queries", "cls_entropy":
+                "class-token attention entropy (nats)", "jaccard": "segmentation Jaccard"}
+
+
+def layer_metrics_figure(result: dict):
+    """One panel per attention metric by layer: each head a dot, the mean over heads a line,
+    the untrained backbone's mean (``result['untrained']``) dashed, and the uniform
+    attention's entropy dotted; a legend in every panel, no offset on the axes."""
+    metrics = [m for m in LAYER_TITLES if m in result["per_head"]]
+    fig, axes = _pyplot().subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), dpi=100,
+                                   squeeze=False)
+    untrained = result.get("untrained", {}).get("per_layer", {})
+    for axis, name in zip(axes[0], metrics, strict=True):
         per_head = torch.tensor(result["per_head"][name])  # (layers, heads)
         layers = torch.arange(1, per_head.shape[0] + 1)
         for head in range(per_head.shape[1]):
-            axis.scatter(layers, per_head[:, head], s=12, alpha=0.6)
-        axis.plot(layers, per_head.mean(1), color="black", lw=1)
+            axis.scatter(layers, per_head[:, head], s=12, alpha=0.6,
+                         label="one head" if head == 0 else None, color="tab:blue")
+        axis.plot(layers, per_head.mean(1), color="black", lw=1, label="mean over heads")
+        if name in untrained:
+            axis.plot(layers, untrained[name], color="tab:orange", ls="--", lw=1,
+                      label="untrained backbone")
         if name in ("entropy", "cls_entropy"):
-            axis.axhline(result["uniform_entropy"], ls="--", color="grey", lw=0.8)
-        axis.set_title(titles[name], fontsize=9)
+            axis.axhline(result["uniform_entropy"], ls=":", color="grey", lw=1,
+                         label="uniform attention")
+        axis.ticklabel_format(axis="y", useOffset=False, style="plain")
+        axis.set_title(LAYER_TITLES[name], fontsize=9)
         axis.set_xlabel("layer")
         axis.set_xticks(layers.tolist())
-    return _save(fig, path)
+        axis.legend(fontsize=6)
+    return fig
+
+
+def plot_layer_metrics(result: dict, path: Path) -> Path:
+    return _save(layer_metrics_figure(result), path)
 
 
 def _upsample(maps: torch.Tensor, grid: list[int], size: int) -> torch.Tensor:
@@ -106,24 +134,41 @@ def _show_image(axis, image: torch.Tensor) -> None:
     axis.set_yticks([])
 
 
-def plot_class_token_attention(images: torch.Tensor, cls: torch.Tensor, grid: list[int],
-                               path: Path) -> Path:
+def class_token_attention_figure(images: torch.Tensor, cls: torch.Tensor, grid: list[int]):
     """Rows: images; columns: the input, then each head's class-token attention over it, then
-    the heads' mean. ``images (S, C, H, W)`` uint8, ``cls (S, heads, P)``."""
+    the heads' mean. ``images (S, C, H, W)`` uint8, ``cls (S, heads, P)``. Every map shares one
+    colour scale from 0 to the largest value in the figure, with a colour bar on which the
+    uniform level 1/P is marked, so a map that is nearly uniform looks it."""
     shown, heads = cls.shape[:2]
     maps = _upsample(torch.cat([cls, cls.mean(1, keepdim=True)], dim=1), grid, images.shape[-1])
-    fig, axes = _pyplot().subplots(shown, heads + 2, figsize=(1.5 * (heads + 2), 1.5 * shown),
+    uniform = 1.0 / cls.shape[-1]
+    top = max(float(cls.max()), 2 * uniform)
+    fig, axes = _pyplot().subplots(shown, heads + 2, figsize=(1.5 * (heads + 2) + 1, 1.5 * shown),
                                    dpi=100, squeeze=False)
+    picture = None
     for row in range(shown):
         _show_image(axes[row, 0], images[row])
         for col in range(heads + 1):
             axis = axes[row, col + 1]
             _show_image(axis, images[row])
-            axis.imshow(maps[row, col].numpy(), cmap="inferno", alpha=0.65)
+            picture = axis.imshow(maps[row, col].numpy(), cmap="inferno", alpha=0.65, vmin=0.0,
+                                  vmax=top)
             if row == 0:
                 axis.set_title("mean" if col == heads else f"head {col + 1}", fontsize=8)
     axes[0, 0].set_title("input", fontsize=8)
-    return _save(fig, path)
+    bar = fig.colorbar(picture, ax=axes.ravel().tolist(), shrink=0.8)
+    bar.ax.axhline(uniform, color="cyan", lw=1.5)
+    bar.set_label(f"attention weight (cyan: uniform 1/{cls.shape[-1]} = {uniform:.4f})",
+                  fontsize=7)
+    return fig
+
+
+def plot_class_token_attention(images: torch.Tensor, cls: torch.Tensor, grid: list[int],
+                               path: Path) -> Path:
+    fig = class_token_attention_figure(images, cls, grid)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
 
 
 def plot_segmentation(images: torch.Tensor, foreground: torch.Tensor, cls: torch.Tensor,
@@ -180,9 +225,16 @@ def write_html_report(path: Path, result: dict, figures: list[tuple[str, Path]])
                ["run", ""]),
     ]
     if result.get("evaluation"):
-        scores = {k: v for k, v in result["evaluation"].items() if k.endswith("top1")}
-        sections += ["<h2>Evaluation</h2>",
-                     _table([[k, _fmt(v)] for k, v in scores.items()], ["score", "%"])]
+        ev = result["evaluation"]
+        names = {"knn_top1": "k-NN top-1", "linear_top1": "linear probe top-1",
+                 "finetune_top1": "fine-tuned top-1"}
+        rows = [[label, _fmt(ev[k])] for k, label in names.items() if k in ev]
+        floor = ev.get("knn_top1_random_init")
+        rows.append(["k-NN top-1 of the untrained backbone (random-init floor)",
+                     _fmt(floor) if floor is not None else "not measured"])
+        sections += ["<h2>Evaluation</h2>", _table(rows, ["score", "%"])]
+    if result.get("uniform_layers"):
+        sections.append("<p><b>" + html.escape(result["uniform_layers"]) + "</b></p>")
     sections += ["<h2>Collapse metrics of the features</h2>",
                  _table([[k, _fmt(v)] for k, v in result["collapse"].items()], ["metric", ""])]
     if "segmentation" in result:

@@ -291,3 +291,46 @@ def test_case_resume_with_another_thread_count_says_it_is_not_bit_exact(tmp_path
     with pytest.warns(RuntimeWarning, match=r"resuming with 2 threads \(the checkpoint was "
                                             r"written with 1\).*only to the last bits"):
         assert main(["pretrain", "--resume", str(tmp_path / "t"), "trainer.num_threads=2"]) == 0
+
+
+# ------------------------------------------------ 7. pictures that mislead
+
+
+def test_case_report_figures_carry_one_colour_scale_legends_and_the_floor(tmp_path, capsys):
+    from matplotlib.colorbar import Colorbar  # noqa: F401 - the figure's colour bar class
+
+    from attnssl.report import class_token_attention_figure, layer_metrics_figure
+
+    assert main(["pretrain", "-c", "dino_synthetic", f"run.out_dir={tmp_path}", "run.name=r",
+                 "data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1",
+                 "trainer.progress_bar=false", "trainer.num_threads=1",
+                 "eval.linear_probe=false", "eval.knn_k=5"]) == 0
+    assert main(["analyze", str(tmp_path / "r"), "--images", "8"]) == 0
+    result = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    # the untrained backbone's values sit beside the trained ones
+    assert set(result["untrained"]["per_layer"]) >= {"entropy", "cls_entropy", "distance"}
+    figure = layer_metrics_figure(result)
+    for axis in figure.axes:
+        labels = [t.get_text() for t in axis.get_legend().get_texts()]
+        assert {"one head", "mean over heads", "untrained backbone"} <= set(labels)
+        assert not axis.yaxis.get_major_formatter().get_useOffset()
+    entropy_axis = figure.axes[0]
+    assert "uniform attention" in [t.get_text() for t in entropy_axis.get_legend().get_texts()]
+
+    # class-token maps: one scale for the whole figure, from 0, with a colour bar at 1/P marked
+    cls = torch.softmax(torch.randn(2, 2, 16), dim=-1)
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    figure = class_token_attention_figure(images, cls, [4, 4])
+    maps = [im for axis in figure.axes for im in axis.get_images() if im.get_cmap().name == "inferno"]
+    assert len(maps) == 2 * 3 and {im.get_clim() for im in maps} == {(0.0, float(cls.max()))}
+    bars = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and "uniform 1/16" in bars[0].get_ylabel()
+
+    # the report's evaluation table has the random-init floor, and a uniform map is said so
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert "random-init floor" in report
+    uniform = dict(result, per_layer={**result["per_layer"],
+                                      "cls_entropy": [result["uniform_entropy"]] * 2})
+    from attnssl.analysis import uniform_layers_sentence
+
+    assert "layers 1, 2 is indistinguishable from uniform" in uniform_layers_sentence(uniform)
