@@ -171,8 +171,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    for name in preset_names():
-        print(name)
+    from attnssl.config import preset_summary
+
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_summary(name)}")
     return 0
 
 

@@ -431,6 +431,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def preset_summary(name: str) -> str:
+    """The first comment line of a preset's YAML file: what it is."""
+    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def resolve_preset(name_or_path: str) -> Path:
     """A preset name (``simclr_fashion_mnist``) or a path to a YAML file."""
     path = Path(name_or_path)

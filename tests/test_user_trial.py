@@ -334,3 +334,34 @@ def test_case_report_figures_carry_one_colour_scale_legends_and_the_floor(tmp_pa
     from attnssl.analysis import uniform_layers_sentence
 
     assert "layers 1, 2 is indistinguishable from uniform" in uniform_layers_sentence(uniform)
+
+
+# ------------------------------------------------ 8. smaller
+
+
+def test_case_presets_are_listed_with_what_each_is(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("bam_fashion_mnist ") and "BAM" in line for line in lines)
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every name has a line
+
+
+def test_case_skip_bad_images_lists_each_bad_file_once(tmp_path, capsys):
+    _image_folder(tmp_path, "train", {"bag": 100, "coat": 200})
+    _image_folder(tmp_path, "test", {"bag": 100, "coat": 200})
+    (tmp_path / "train" / "bag" / "broken.png").write_bytes(b"broken")
+    args = ["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path / 'runs'}",
+            "run.name=s", "data.dataset=imagefolder", f"data.root={tmp_path}",
+            "data.image_size=8", "data.skip_bad_images=true", "model.patch_size=4",
+            "optim.batch_size=2", "optim.epochs=1", "model.depth=1",
+            "trainer.progress_bar=false", "eval.linear_probe=false", "eval.knn_k=2"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("leaving out") == 1
+
+
+def test_case_relative_data_root_from_another_folder_suggests_an_absolute_one(tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "-c", "bam_fashion_mnist", "data.root=data/fmnist"]) == 2
+    err = capsys.readouterr().err
+    assert "is a relative path" in err and f"--data-root {tmp_path / 'data' / 'fmnist'}" in err

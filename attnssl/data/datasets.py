@@ -325,6 +325,9 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     return pil_to_tensor(rgb)
 
 
+_READABLE: dict[tuple, list] = {}  # ImageFolderDataset._readable's results, by files and mtimes
+
+
 class ImageFolderDataset(ImageDataset):
     """Any folder of images: labelled by sub-folder (``root/<class>/*.png``) or flat (unlabelled).
 
@@ -373,8 +376,14 @@ class ImageFolderDataset(ImageDataset):
             )
 
     def _readable(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """The samples that decode; each file is checked (and a bad one listed) once per
+        process, though a run opens its training split twice (to train, and as the k-NN
+        bank)."""
         import sys
 
+        key = tuple((str(path), path.stat().st_mtime_ns) for path, _ in samples)
+        if key in _READABLE:
+            return _READABLE[key]
         kept = []
         for path, label in samples:
             try:
@@ -383,6 +392,7 @@ class ImageFolderDataset(ImageDataset):
             except BadImageError as err:
                 print(f"imagefolder: leaving out {err.args[0].split(' cannot')[0]}: "
                       f"{err.__cause__}", file=sys.stderr)
+        _READABLE[key] = kept
         return kept
 
     def __len__(self) -> int:
@@ -508,6 +518,18 @@ class DatasetSpec:
 
 def load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
     """Load one split of a dataset by name; see the module docstring for the sources."""
+    try:
+        return _load_dataset(spec, split)
+    except DatasetNotFoundError as err:
+        if spec.root is None or Path(spec.root).is_absolute():
+            raise
+        raise DatasetNotFoundError(
+            f"{err} (data.root={spec.root} is a relative path, read from the current folder "
+            f"{Path.cwd()}; give an absolute one, e.g. --data-root "
+            f"{Path(spec.root).resolve()} if that is where the data is)") from None
+
+
+def _load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
     name = spec.name
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(spec.root, split)
