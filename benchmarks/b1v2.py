@@ -55,6 +55,8 @@ def train_row(name: str, args) -> dict:
                  "trainer.progress_bar=false"]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    if args.threads:
+        overrides.append(f"trainer.num_threads={args.threads}")
     config = load_config(preset, overrides)
     run_dir = Path(args.runs_dir) / name
     metrics_file = run_dir / "metrics.json"
@@ -63,6 +65,8 @@ def train_row(name: str, args) -> dict:
     found = newest_readable_checkpoint(run_dir)
     if found is not None:  # continue the row exactly, with its own settings
         pieces = ["trainer.progress_bar=false"]
+        if args.threads:
+            pieces.append(f"trainer.num_threads={args.threads}")
         if args.max_steps:
             pieces.append(f"trainer.max_steps={args.max_steps}")
         config = config_from_checkpoint(load_training_checkpoint(found, lazy=True), pieces)
@@ -78,6 +82,7 @@ def row_from(name: str, config, metrics: dict) -> dict:
     ev = metrics["eval"]
     readout = ev["features"] + (f", last {ev['blocks']} blocks" if ev.get("blocks", 1) > 1 else "")
     return {"row": name, "readout": readout, "precision": metrics["precision"],
+            "threads": metrics["machine"]["threads"],
             "epochs": config.optim.epochs, "knn_top1": ev["knn_top1"],
             "linear_top1": ev.get("linear_top1"), "knn_top1_random_init": ev["knn_top1_random_init"],
             "images_per_second": metrics["images_per_second"],
@@ -118,6 +123,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(METHODS), choices=list(known))
     parser.add_argument("--max-steps", type=int, default=None,
                         help="train at most N more steps per unfinished row in this call")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per row (trainer.num_threads; default: all cores)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "b1v2"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1v2.json"))
