@@ -61,7 +61,12 @@ def train_row(name: str, args) -> dict:
     run_dir = Path(args.runs_dir) / name
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file() and "eval" in json.loads(metrics_file.read_text()):
-        return row_from(name, config, json.loads(metrics_file.read_text()))
+        metrics = json.loads(metrics_file.read_text())
+        ev = metrics["eval"]
+        if (ev["features"], ev.get("blocks", 1)) != (config.eval.features, config.eval.blocks):
+            metrics["eval"] = rescore(run_dir, config)  # the preset's read-out changed since
+            metrics_file.write_text(json.dumps(metrics, indent=2))
+        return row_from(name, config, metrics)
     found = newest_readable_checkpoint(run_dir)
     if found is not None:  # continue the row exactly, with its own settings
         pieces = ["trainer.progress_bar=false"]
@@ -76,6 +81,16 @@ def train_row(name: str, args) -> dict:
     if not metrics["finished"]:
         return {"row": name, "in_progress": f"step {metrics['step']} of {metrics['total_steps']}"}
     return row_from(name, config, json.loads(metrics_file.read_text()))
+
+
+def rescore(run_dir: Path, config) -> dict:
+    """The evaluation of a trained row with the preset's current ``eval`` settings."""
+    from attnssl.eval.evaluate import evaluate_backbone, load_trained_backbone
+
+    eval_settings = [f"eval.{k}={json.dumps(v)}" for k, v in
+                     config.eval.model_dump(mode="json").items() if k != "finetune"]
+    loaded = load_trained_backbone(run_dir, eval_settings)
+    return evaluate_backbone(loaded.backbone, loaded.config, loaded.train, loaded.test)
 
 
 def row_from(name: str, config, metrics: dict) -> dict:
