@@ -412,6 +412,7 @@ def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
                 trial.set_user_attr(key, value)
             study.tell(trial, row["knn_top1"])
             log(f"sweep: k-NN {row['knn_top1']:.2f} % (random init {row['knn_floor']:.2f} %)")
+            write_outputs(out, spec, collect_results(study, spec))  # a stop keeps the tables
         results = collect_results(study, spec)
         write_outputs(out, spec, results)
         return results
@@ -479,9 +480,11 @@ def markdown_table(spec: SweepSpec, results: list[dict]) -> str:
         cells += [""] * (len(header) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     budget = " ".join(spec.fixed) or "the preset's"
-    return (f"Sweep of `{spec.preset}`; fixed: `{budget}`; k-NN (weighted, the preset's "
-            f"read-out) with the first {spec.eval_train} training images as the bank and the "
-            f"first {spec.eval_test} test images scored.\n\n" + "\n".join(lines) + "\n")
+    readout = "the read-out in each row" if any(k.startswith("eval.") for k in keys) \
+        else "the preset's read-out"
+    return (f"Sweep of `{spec.preset}`; fixed: `{budget}`; weighted k-NN on {readout}, with "
+            f"the first {spec.eval_train} training images as the bank and the first "
+            f"{spec.eval_test} test images scored.\n\n" + "\n".join(lines) + "\n")
 
 
 def plot_sweep(spec: SweepSpec, results: list[dict], path: Path) -> Path | None:
