@@ -1,8 +1,7 @@
 """The theory paper's synthetic experiment: masked modelling against contrastive learning on a
 one-layer softmax attention (Huang, Wen, Chi & Liang, ICLR 2025).
 
-The paper has no official code; this is our reconstruction of its data model and measurements
-(``ALGORITHMS.md``):
+The paper has no official code; this is our reconstruction of its data model and measurements:
 
 * Images are ``P`` patches on a grid; each belongs to one of ``K`` clusters. Cluster ``k``
   splits the patches into one **global area** and ``n_local`` **local areas** of ``C`` patches

@@ -1,4 +1,4 @@
-"""Protocol B1 of BENCHMARKS.md: Fashion-MNIST, small ViT, CPU.
+"""Protocol B1 (v1, docs/benchmarks.md): Fashion-MNIST, small ViT, CPU, crops and flips only.
 
 Pretrains each method in each precision on the same protocol (timm ViT img 28 / patch 4 /
 width 128 / depth 4 / 4 heads, 2 global crops of 28 px at scale (0.4, 1), flips, batch 256,

@@ -1,4 +1,4 @@
-"""Protocol B2 of BENCHMARKS.md: how close each method's training step comes to the machine's
+"""Protocol B2 (docs/benchmarks.md): how close each method's training step comes to the machine's
 matmul peak.
 
 In one run: the peak of a 2048^3 matmul in fp32 and in bf16 (median of ``--repeats``, FLOPs

@@ -1,4 +1,4 @@
-"""Protocol B3 of BENCHMARKS.md: the BAM loss's time and peak memory against batch size.
+"""Protocol B3 (docs/benchmarks.md): the BAM loss's time and peak memory against batch size.
 
 Forward + backward of the BAM loss alone (no backbone), full matrices against the blockwise
 computation, for B images per step and V views (2 global). Each measurement runs in a fresh

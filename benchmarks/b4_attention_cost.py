@@ -1,4 +1,4 @@
-"""Protocol B4 of BENCHMARKS.md: one attention layer's time and peak memory against tokens.
+"""Protocol B4 (docs/benchmarks.md): one attention layer's time and peak memory against tokens.
 
 Forward + backward of one layer (width 192, 3 heads, batch 1) on N = 64 .. 16384 tokens (a
 square patch grid, no class token) for every attention of the registry: ``softmax`` (fused

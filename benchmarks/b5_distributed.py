@@ -1,4 +1,4 @@
-"""Protocol B5 of BENCHMARKS.md: distributed scaling on CPU over gloo, 1 against 2 processes.
+"""Protocol B5 (docs/benchmarks.md): distributed scaling on CPU over gloo, 1 against 2 processes.
 
 Two measurements for one method (BAM by default: its Sinkhorn balances the whole global batch,
 so it is the method whose distributed maths is most at stake):
