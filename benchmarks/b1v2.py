@@ -106,13 +106,8 @@ def row_from(name: str, config, metrics: dict) -> dict:
 
 def verdict(row: dict, raw: float) -> str:
     gain = row["knn_top1"] - row["knn_top1_random_init"]
-    if row["knn_top1"] >= raw:
-        return "learned, at or above raw pixels"
-    if gain >= 10:
-        return f"learned (+{gain:.1f} over random init), below raw pixels"
-    if gain > 1:
-        return f"learned little (+{gain:.1f} over random init)"
-    return "did not learn"
+    where = "at or above raw pixels" if row["knn_top1"] >= raw else "below raw pixels"
+    return f"{where} ({gain:+.1f} over random init)"
 
 
 def table(rows: list[dict], raw: float) -> str:

@@ -54,7 +54,8 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
                  "eval.low_shot=[0.1]", "eval.finetune.enabled=true", "eval.finetune.epochs=1",
                  "eval.finetune.batch_size=64"]) == 0
     out = capsys.readouterr().out
-    written = json.loads((run / "eval-step-00000016.json").read_text())
+    assert "knn_top1" in json.loads((run / "eval-step-00000016.json").read_text())  # kept
+    written = json.loads((run / "eval-step-00000016-2.json").read_text())  # the second eval
     assert 0 <= written["finetune_top1"] <= 100 and "fine-tuned top-1" in out
     low = written["low_shot"]["10%"]
     assert low["train_images"] == 26  # synthetic_size=256, about 32 per class
