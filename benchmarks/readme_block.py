@@ -19,5 +19,6 @@ def replace_readme_block(name: str, body: str, readme: Path = ROOT / "README.md"
 
 
 def machine_line(machine: dict, command: str) -> str:
-    return (f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}. "
+    bf16 = f" (bf16 {machine['cpu_bf16']})" if machine.get("cpu_bf16") else ""
+    return (f"Machine: {machine['cpu']}{bf16}, {machine['threads']} threads, torch {machine['torch']}. "
             f"Command: `{command}`")

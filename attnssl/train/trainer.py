@@ -130,6 +130,7 @@ def machine_description() -> dict:
         "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        "cpu_bf16": "native" if cpu_has_native_bf16() else "emulated",
     }
 
 
