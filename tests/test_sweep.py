@@ -88,6 +88,7 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
         assert time.time() < deadline, "".join(lines)
     child.send_signal(signal.SIGKILL)
     child.wait()
+    child.stdout.close()
     first = [p for p in (out / "points").iterdir() if (p / "sweep-trained.json").is_file()]
     assert len(first) == 1, "".join(lines)
     first_mtime = (first[0] / "sweep-trained.json").stat().st_mtime
