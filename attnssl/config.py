@@ -300,6 +300,19 @@ class OptimSection(_Section):
         "clip_grad_norm_, BAM's code); per_parameter: each parameter's own (DINO's and UDI's)")
 
 
+def _check_devices(devices: int | str) -> int | str:
+    if isinstance(devices, int):
+        if devices < 1 and devices != -1:
+            raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices "
+                             "such as '0,1'")
+        return devices
+    text = devices.strip()
+    if text == "auto" or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text) or text == "-1":
+        return devices
+    raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices such "
+                     "as '0,1'")
+
+
 class TrainerSection(_Section):
     accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "auto"
     devices: int | str = Field(
@@ -322,23 +335,14 @@ class TrainerSection(_Section):
     collective_timeout_s: float = Field(
         300.0, gt=0, description="multi-process runs: how long a process waits in a collective "
         "for the others before it stops with an error")
-    _devices = field_validator("devices")(classmethod(lambda cls, v: _check_devices(v)))
     compile: bool = Field(
         False, description="torch.compile every transformer block (the first steps compile; "
         "fp32 on a 2-core AVX2 CPU: 1.01-1.10x, benchmarks/fp32_levers.py)")
 
-
-def _check_devices(devices: int | str) -> int | str:
-    if isinstance(devices, int):
-        if devices < 1 and devices != -1:
-            raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices "
-                             "such as '0,1'")
-        return devices
-    text = devices.strip()
-    if text == "auto" or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text) or text == "-1":
-        return devices
-    raise ValueError("must be a positive number of devices, -1 (all), 'auto' or indices such "
-                     "as '0,1'")
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, devices: int | str) -> int | str:
+        return _check_devices(devices)
 
 
 class FinetuneSection(_Section):
