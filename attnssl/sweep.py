@@ -21,20 +21,19 @@ points and continues a half-trained point from its newest checkpoint, exactly. O
 pruning is not used: it needs a score during training, and a k-NN costs as much as many steps
 at these budgets.
 
-Outputs in ``OUT``: ``study.journal`` (Optuna), ``results.json`` (every point: settings, scores,
+One sweep runs in a folder at a time (``OUT/.lock``, the run-folder lock). Outputs in ``OUT``:
+``study.journal`` (Optuna), ``results.json`` (every point: settings, scores,
 floor, images/s, minutes, run folder), ``results.md`` (a table, best first) and ``sweep.png``
 (k-NN against each swept key's values).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +198,10 @@ class SweepSpec:
 # ---------------------------------------------------------------- one point
 
 
+def _short_hash(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def training_key(config: Config) -> str:
     """A short hash of everything but ``eval.*`` (and run bookkeeping): points with equal keys
     share one training run."""
@@ -210,8 +213,7 @@ def training_key(config: Config) -> str:
     tree["trainer"] = {k: v for k, v in tree["trainer"].items()
                        if f"trainer.{k}" not in BOOKKEEPING and k != "max_steps"}
     tree["data"] = {k: v for k, v in tree["data"].items() if f"data.{k}" not in BOOKKEEPING}
-    text = json.dumps(tree, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _short_hash(tree)
 
 
 def floor_key(config: Config) -> str:
@@ -222,7 +224,7 @@ def floor_key(config: Config) -> str:
               "views_global_size": tree["views"]["global_size"], "method": tree["method"]["name"],
               "eval": {k: tree["eval"][k] for k in ("features", "blocks", "knn_k",
                                                    "knn_temperature", "max_train", "max_test")}}
-    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
+    return _short_hash(wanted)
 
 
 TRAINED = "sweep-trained.json"
@@ -275,22 +277,6 @@ def random_init_score(config: Config) -> float:
 
 
 # ---------------------------------------------------------------- the study
-
-
-@contextmanager
-def sweep_lock(out: Path):
-    """One sweep at a time in a folder: a second one stops, naming the folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".lock", "w")  # noqa: SIM115 - held for the whole sweep
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another sweep is running in {out}; wait for it, or choose "
-                              f"another --out") from None
-        yield
-    finally:
-        handle.close()
 
 
 def _optuna():
@@ -365,18 +351,27 @@ def _params(trial) -> dict:
     return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
 
 
+def _is_done(trial) -> bool:
+    """Trained and scored, or failed for a reason of its own (recorded as ``error``); a trial
+    failed only because its sweep was stopped is queued again instead."""
+    state = _optuna().trial.TrialState
+    return trial.state == state.COMPLETE or (trial.state == state.FAIL
+                                             and "error" in trial.user_attrs)
+
+
 def _done_points(study) -> list[dict]:
-    optuna = _optuna()
+    waiting = _optuna().trial.TrialState.WAITING
     return [_params(t) for t in study.get_trials(deepcopy=False)
-            if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
-            or (t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs)]
+            if _is_done(t) or t.state == waiting]
 
 
 def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
     """Train and score every point not yet done; returns all results (also written to
     ``out``)."""
     optuna = _optuna()
-    with sweep_lock(out):
+    from attnssl.train.run_folder import RunFolderLock
+
+    with RunFolderLock(out):  # one sweep at a time in a folder; a second names the holder
         study = open_study(out, spec)
         _requeue_interrupted(study)
         if spec.trials is None:
@@ -389,9 +384,7 @@ def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
             total = spec.trials
         floors = _load_floors(out)
         while True:
-            finished = [t for t in study.get_trials(deepcopy=False)
-                        if t.state == optuna.trial.TrialState.COMPLETE
-                        or (t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs)]
+            finished = [t for t in study.get_trials(deepcopy=False) if _is_done(t)]
             waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
             if len(finished) >= total and not waiting:
                 break
@@ -446,13 +439,13 @@ def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) 
 
 
 def collect_results(study, spec: SweepSpec) -> list[dict]:
-    optuna = _optuna()
+    """Every done trial: its point and scores, or its point and error."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            rows.append({"point": dict(trial.params), **trial.user_attrs})
-        elif trial.state == optuna.trial.TrialState.FAIL and "error" in trial.user_attrs:
-            rows.append({"point": dict(trial.params), "error": trial.user_attrs["error"]})
+        if _is_done(trial):
+            attrs = trial.user_attrs if "error" not in trial.user_attrs else \
+                {"error": trial.user_attrs["error"]}
+            rows.append({"point": dict(trial.params), **attrs})
     return rows
 
 

@@ -16,6 +16,8 @@ import json
 import os
 import platform
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -586,24 +588,17 @@ class StopSignals:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         self.received = signal.Signals(signum).name
         for name, handler in self._previous.items():  # a second signal is not caught
             signal.signal(getattr(signal, name), handler)
 
     def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 self._previous[name] = signal.signal(getattr(signal, name), self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler)
         self._previous.clear()
