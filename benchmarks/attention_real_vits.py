@@ -6,7 +6,7 @@ folders) and for the untrained backbones those runs started from (softmax and CB
 attention entropy, mean attention distance (px) and diversity across queries, per layer; the
 class-token attention's segmentation Jaccard against the garments' silhouettes (non-zero pixels)
 in the last layer; the effective rank of the evaluation features. Writes
-``results/attention.json`` and, with ``--readme``, the README block ``ATTENTION``.
+``results/attention.json`` and, with ``--readme``, its block ``ATTENTION`` (docs/results.md).
 
     python benchmarks/attention_real_vits.py --readme
 """

@@ -5,7 +5,7 @@ width 128 / depth 4 / 4 heads, 2 global crops of 28 px at scale (0.4, 1), flips,
 AdamW lr 1e-3, wd 0.05, 1 warm-up epoch then cosine, 5 epochs), then scores the backbone's CLS
 token with weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a table beside the
 two floors (raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and,
-with ``--readme``, replaces the B1 table in README.md.
+with ``--readme``, replaces the B1 table in docs/results.md.
 
     python benchmarks/b1_pretrain.py                       # the published protocol
     python benchmarks/b1_pretrain.py --epochs 1 --subset 15360   # a quick look
@@ -36,8 +36,8 @@ PRESETS = {
     "mae": ("mae_fashion_mnist", []),
     "bam-cbsa": ("bam_fashion_mnist", ["model.attention=cbsa", "model.cbsa_pool=4"]),
 }
-# rows of the README's studies, run on request only: MAE with the decoder's input and output
-# linears at torch's default init (lightly 1.6's choice; README, "MAE against lightly")
+# rows of the studies in docs/results.md, run on request only: MAE with the decoder's input and output
+# linears at torch's default init (lightly 1.6's choice; docs/results.md, "MAE against lightly")
 STUDIES = {"mae-torch-io": ("mae_fashion_mnist", ["method.decoder_io_init=torch"])}
 # UDI has two class tokens: which one to evaluate is a choice (its official k-NN takes cls);
 # MAE's official linear probe reads the class token, its fine-tuning the mean patch token
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "benchmarks"))
-    parser.add_argument("--readme", action="store_true", help="replace the B1 table in README.md")
+    parser.add_argument("--readme", action="store_true", help="replace the B1 table in docs/results.md")
     parser.add_argument("--fresh", action="store_true",
                         help="drop the rows of earlier runs instead of keeping the unmeasured ones")
     args = parser.parse_args()

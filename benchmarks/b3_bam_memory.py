@@ -6,7 +6,7 @@ subprocess (``peak_memory.py``): the peak above the resident memory after a warm
 (inputs and gradient buffer) is the loss's peak. A
 computation whose peak, extrapolated from the previous batch size (quadratic), would pass
 ``--memory-gb`` is not run and is reported as not fitting. Prints a table, writes
-``benchmarks/results/b3.json`` and, with ``--readme``, replaces the B3 block of README.md.
+``benchmarks/results/b3.json`` and, with ``--readme``, replaces the B3 block (docs/results.md).
 
     python benchmarks/b3_bam_memory.py --readme
     python benchmarks/b3_bam_memory.py --batches 256 1024 --views 2   # a quick look

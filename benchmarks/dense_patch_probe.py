@@ -16,7 +16,7 @@ of the first ``--test-images`` test images; each method is compared with the unt
 of its own initialisation.
 
     python benchmarks/dense_patch_probe.py                 # udi, dino, bam; writes results/dense.json
-    python benchmarks/dense_patch_probe.py --readme        # and replaces the DENSE block in README.md
+    python benchmarks/dense_patch_probe.py --readme        # and replaces the DENSE block (docs/results.md)
     python benchmarks/dense_patch_probe.py --b1 --readme   # B1 checkpoints; block DENSE-B1
 """
 

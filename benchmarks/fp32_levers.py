@@ -12,7 +12,7 @@ variant by variant in rounds on the same batches:
   each method; inductor's disk cache may still hold kernels of the same shapes).
 
 Prints images/s (median over rounds) and each variant's speed relative to ``default``; writes
-``results/fp32_levers.json``; ``--readme`` replaces the README block LEVERS.
+``results/fp32_levers.json``; ``--readme`` replaces the block LEVERS (docs/results.md).
 
     python benchmarks/fp32_levers.py --readme
 """

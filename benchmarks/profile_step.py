@@ -5,7 +5,7 @@ and reads the phases the trainer marks with ``record_function``: ``step/views`` 
 colour on the batch), ``step/forward_and_loss``, ``step/backward``, ``step/optimizer``
 (clipping and AdamW) and ``step/after_step`` (the EMA teacher); ``data`` is reading the batch.
 Prints each phase's share of the step and the operators with the most self time; writes
-``results/profile.json``; ``--readme`` replaces the README block PROFILE.
+``results/profile.json``; ``--readme`` replaces the block PROFILE (docs/results.md).
 
     python benchmarks/profile_step.py --readme
 """

@@ -1,4 +1,5 @@
-"""Replace a generated block (``<!-- NAME:START -->`` ... ``<!-- NAME:END -->``) in README.md."""
+"""Replace a generated block (``<!-- NAME:START -->`` ... ``<!-- NAME:END -->``) in the one
+document that holds it: README.md or a page under docs/."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def replace_readme_block(name: str, body: str, readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+
+
+def replace_readme_block(name: str, body: str, documents=DOCUMENTS) -> None:
+    pattern = re.compile(rf"<!-- {name}:START -->.*?<!-- {name}:END -->", flags=re.S)
+    holders = [path for path in documents if pattern.search(path.read_text())]
+    if len(holders) != 1:
+        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "no document"
+        raise SystemExit(f"<!-- {name}:START --> ... <!-- {name}:END --> must be in exactly one of "
+                         f"README.md and docs/*.md; found in {where}")
     block = f"<!-- {name}:START -->\n{body}\n<!-- {name}:END -->"
-    new, count = re.subn(rf"<!-- {name}:START -->.*?<!-- {name}:END -->", lambda _: block, text,
-                         flags=re.S)
-    if count != 1:
-        raise SystemExit(f"README.md has no <!-- {name}:START --> ... <!-- {name}:END --> block")
-    readme.write_text(new)
+    holders[0].write_text(pattern.sub(lambda _: block, holders[0].read_text(), count=1))
 
 
 def machine_line(machine: dict, command: str) -> str:
