@@ -9,18 +9,28 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from attnssl.methods import method_class, method_names
+from attnssl.methods.bam import BAMSection
+
+# each method's section lives beside the method; these names stay importable from here
+from attnssl.methods.dino import DINOSection  # noqa: F401
+from attnssl.methods.mae import MAESection  # noqa: F401
+from attnssl.methods.simclr import SimCLRSection  # noqa: F401
+from attnssl.methods.udi import UDISection  # noqa: F401
+from attnssl.settings import MethodSection, Section
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -38,34 +48,10 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be accepted; the message says what would be."""
 
 
-def _mentions_bool(annotation) -> bool:
-    if annotation is bool:
-        return True
-    return any(_mentions_bool(a) for a in get_args(annotation) if not isinstance(a, (str, int)))
-
-
-class _Section(BaseModel):
-    # inf and nan are refused: optim.lr=.inf would pass `gt=0` and blow up at the first step
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, data):
-        """YAML reads ``true`` as a boolean and pydantic would take it as the number 1
-        (``optim.batch_size=true`` trained at batch 1): refuse it where a number is expected."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None \
-                        and not _mentions_bool(field.annotation):
-                    raise ValueError(f"{key} must be a number, not the boolean {value!r}")
-        return data
-
-
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*")
 
 
-class RunSection(_Section):
+class RunSection(Section):
     out_dir: str = "runs"
     name: str | None = Field(
         None, description="the run folder's name under out_dir (null: METHOD-DATASET-TIMESTAMP)")
@@ -83,7 +69,7 @@ class RunSection(_Section):
         return name
 
 
-class DataSection(_Section):
+class DataSection(Section):
     dataset: DatasetName = "fashion-mnist"
     root: str | None = None
     train_split: str = "train"
@@ -99,7 +85,7 @@ class DataSection(_Section):
     num_workers: int = Field(0, ge=0)
 
 
-class ViewsSection(_Section):
+class ViewsSection(Section):
     """Multi-crop views; sizes default to the dataset's image size (global) and 3/7 of it (local)."""
 
     global_crops: int = Field(2, ge=1)
@@ -145,7 +131,7 @@ class ViewsSection(_Section):
         return self
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     """ViT backbone. ``preset`` fills the size; explicit keys below override it."""
 
     preset: str | None = "vit_tiny_p4"
@@ -174,116 +160,7 @@ class ModelSection(_Section):
         "architecture must match this section; the image size may differ)")
 
 
-class SimCLRSection(_Section):
-    name: Literal["simclr"] = "simclr"
-    temperature: float = Field(0.2, gt=0)
-    projector_hidden: int = Field(512, gt=0)
-    projector_out: int = Field(128, gt=0)
-    projector_layers: int = Field(2, ge=1)
-    projector_batchnorm: bool = True
-
-
-class BAMSection(_Section):
-    """BAM (Shalam & Korman 2024). Defaults are the official code's (DanielShalam/BAM): its
-    ViT scripts' settings, except ``top_k`` (off here and in its code's defaults; 128 in its
-    scripts)."""
-
-    name: Literal["bam"] = "bam"
-    temperature: float = Field(0.1, gt=0, description="source attention softmax temperature")
-    sinkhorn_eps: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation")
-    sinkhorn_eps_end: float | None = Field(
-        None, gt=0, description="eps reached linearly after sinkhorn_eps_warmup_epochs (null: constant)")
-    sinkhorn_eps_warmup_epochs: float = Field(30.0, gt=0)
-    sinkhorn_iters: int = Field(3, ge=1)
-    positive_masking: bool = True
-    top_k: int = Field(0, ge=0, description="keep the top-k target columns per image (0: off)")
-    teacher: bool = Field(True, description="EMA teacher gives the targets (false: self-targets)")
-    teacher_momentum: float = Field(0.995, ge=0, le=1, description="EMA momentum, cosine to 1")
-    normalization: Literal["global", "local"] = "global"
-    blockwise: bool | Literal["auto"] = "auto"
-    block_images: int | None = Field(None, gt=0)
-    projector_hidden: int = Field(4096, gt=0)
-    projector_out: int = Field(4096, gt=0)
-    projector_layers: int = Field(3, ge=1)
-    eval_backbone: Literal["teacher", "student"] | None = Field(
-        None, description="backbone evaluated and exported (null: the teacher when there is one)")
-
-    @model_validator(mode="after")
-    def _check_teacher(self) -> BAMSection:
-        if self.eval_backbone == "teacher" and not self.teacher:
-            raise ValueError("eval_backbone=teacher needs teacher=true")
-        return self
-
-
-class _DistillationSection(_Section):
-    """What DINO and UDI share. Defaults are the official UDI code's (QingSuML/udi), which
-    are DINO's ViT-S/16 recipe; DINO's own code defaults to a constant teacher temperature of
-    0.04 (``warmup_teacher_temp_epochs=0``)."""
-
-    out_dim: int = Field(65536, gt=0, description="head outputs K (prototypes)")
-    head_hidden: int = Field(2048, gt=0)
-    head_bottleneck: int = Field(256, gt=0)
-    head_layers: int = Field(3, ge=1)
-    head_batchnorm: bool = False
-    norm_last_layer: bool = Field(True, description="fix the last layer's weight-norm scales at 1")
-    freeze_last_layer_epochs: int = Field(1, ge=0, description="drop its gradients meanwhile")
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.07, gt=0, description="teacher temperature after the warm-up")
-    warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_epochs: int = Field(30, ge=0)
-    center_momentum: float = Field(0.9, ge=0, le=1)
-    teacher_momentum: float = Field(0.996, ge=0, le=1, description="EMA momentum, cosine to 1")
-
-
-class DINOSection(_DistillationSection):
-    """DINO (Caron et al. 2021, facebookresearch/dino)."""
-
-    name: Literal["dino"] = "dino"
-
-
-class UDISection(_DistillationSection):
-    """UDI (Su & Ji 2024, QingSuML/udi): two class tokens, stratified patch sampling,
-    multimodal targets. Windows of stratified sampling: ``sampling_window_global`` on the
-    global views' patch grid (3 on 14x14), ``sampling_window_local`` on the local views' (2 on
-    6x6)."""
-
-    name: Literal["udi"] = "udi"
-    alpha: float = Field(0.5, ge=0, le=1, description="patch share of the multimodal target")
-    sampling_window_global: int = Field(3, gt=0)
-    sampling_window_local: int = Field(2, gt=0)
-    patch_attention_heads: int | None = Field(
-        None, gt=0, description="heads of the patch-representation layer (null: the backbone's)")
-
-
-class MAESection(_Section):
-    """MAE (He et al. 2022). Defaults are the official recipe's (facebookresearch/mae; its
-    argparse default for ``norm_pix_loss`` is off, its published recipe turns it on) except the
-    decoder, scaled to our small backbones (official: width 512, depth 8, 16 heads for ViT-B)."""
-
-    name: Literal["mae"] = "mae"
-    mask_ratio: float = Field(0.75, ge=0, lt=1, description="share of patches masked per image")
-    norm_pix_loss: bool = Field(True, description="standardise each target patch's pixels")
-    decoder_dim: int = Field(128, gt=0)
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(4, gt=0)
-    decoder_io_init: Literal["xavier", "torch"] = Field(
-        "xavier", description="initialisation of the decoder's input embedding and pixel "
-        "prediction linears: xavier-uniform as the official code, or torch's nn.Linear default "
-        "(uniform +-1/sqrt(fan_in)), which lightly 1.6's MAE example leaves them at")
-
-    @model_validator(mode="after")
-    def _check_decoder(self) -> MAESection:
-        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            raise ValueError(f"decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
-                             f"{self.decoder_heads} and by 4 (sine-cosine positions)")
-        return self
-
-
-MethodSection = Annotated[SimCLRSection | BAMSection | DINOSection | UDISection | MAESection,
-                          Field(discriminator="name")]
-
-
-class OptimSection(_Section):
+class OptimSection(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     batch_size: int = Field(256, gt=0, description="images per step over all processes")
     epochs: int = Field(5, gt=0)
@@ -313,7 +190,7 @@ def _check_devices(devices: int | str) -> int | str:
                      "as '0,1'")
 
 
-class TrainerSection(_Section):
+class TrainerSection(Section):
     accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "auto"
     devices: int | str = Field(
         1, description="processes per node: a number, 'auto', or device indices such as '0,1'")
@@ -345,7 +222,7 @@ class TrainerSection(_Section):
         return _check_devices(devices)
 
 
-class FinetuneSection(_Section):
+class FinetuneSection(Section):
     """Full fine-tuning (MAE's recipe: layer-wise lr decay, label smoothing, AdamW, warm-up then
     cosine), at the end of pretraining and in ``attnssl eval`` when ``enabled``."""
 
@@ -361,7 +238,7 @@ class FinetuneSection(_Section):
         None, description="pooled features under the classifier (null: eval.features)")
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     at_end: bool = True
     features: FeatureKind = "cls"
     blocks: int = Field(
@@ -393,23 +270,31 @@ class EvalSection(_Section):
         return self
 
 
-class Config(_Section):
+class Config(Section):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
     views: ViewsSection = ViewsSection()
     model: ModelSection = ModelSection()
-    method: MethodSection = BAMSection()
+    method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: BAMSection())
     optim: OptimSection = OptimSection()
     trainer: TrainerSection = TrainerSection()
     eval: EvalSection = EvalSection()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _registered_section(cls, value):
+        """``method:`` is validated by the section of the registered method it names."""
+        if isinstance(value, dict):
+            return method_class(value.get("name", "bam")).Section.model_validate(value)
+        return value
+
     @model_validator(mode="after")
     def _check_class_tokens(self) -> Config:
-        needed = 2 if self.method.name == "udi" else 1
+        needed = method_class(self.method.name).class_tokens
         if self.model.class_tokens is None:
             self.model.class_tokens = needed
-        elif self.method.name == "udi" and self.model.class_tokens != 2:
-            raise ValueError("method udi needs model.class_tokens=2 (cls and cls+)")
+        elif needed > 1 and self.model.class_tokens != needed:
+            raise ValueError(f"method {self.method.name} needs model.class_tokens={needed}")
         if self.eval.features in ("cls_plus", "cls+cls_plus") and self.model.class_tokens < 2:
             raise ValueError(f"eval.features={self.eval.features} needs a second class token "
                              f"(model.class_tokens=2, as method udi has)")
@@ -424,10 +309,6 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "optim": OptimSection,
     "trainer": TrainerSection,
     "eval": EvalSection,
-}
-METHODS: dict[str, type[BaseModel]] = {
-    "simclr": SimCLRSection, "bam": BAMSection, "dino": DINOSection, "udi": UDISection,
-    "mae": MAESection,
 }
 
 
@@ -478,7 +359,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _section_class(raw: dict, section: str) -> type[BaseModel] | None:
     if section == "method":
         name = (raw.get("method") or {}).get("name", "bam")
-        return METHODS.get(name)
+        return method_class(name).Section if name in method_names() else None
     return SECTIONS.get(section)
 
 
@@ -498,9 +379,9 @@ def _check_keys(raw: dict) -> None:
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys to values")
-        if section == "method" and body.get("name", "bam") not in METHODS:
+        if section == "method" and body.get("name", "bam") not in method_names():
             raise ConfigError(
-                f"unknown method.name {body.get('name')!r}; accepted: {', '.join(METHODS)}"
+                f"unknown method.name {body.get('name')!r}; accepted: {', '.join(method_names())}"
             )
         cls = _section_class(raw, section)
         accepted = list(cls.model_fields)
@@ -512,7 +393,7 @@ def _check_keys(raw: dict) -> None:
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in METHODS)
+        loc = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
         # a check of a whole section gets the section as input: naming it again says nothing
         shown = "" if isinstance(got, dict) else f" (got {got!r})"

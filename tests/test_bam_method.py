@@ -6,11 +6,10 @@ import torch
 from attnssl.config import ConfigError, load_config
 from attnssl.data.datasets import make_synthetic
 from attnssl.data.views import MultiCropViews
+from attnssl.functional.schedules import cosine, linear_ramp
 from attnssl.methods import build_method, evaluation_backbone, evaluation_backbone_prefix
-from attnssl.methods.bam import linear_ramp
 from attnssl.methods.multicrop import multicrop_forward
 from attnssl.nn.vit import build_vit
-from attnssl.train.schedules import cosine
 from attnssl.train.trainer import backbone_from_method_state
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from attnssl.eval.knn import knn_accuracy, weighted_knn_predict
 from attnssl.eval.linear import linear_probe_accuracy
-from attnssl.train.schedules import cosine, warmup_cosine
+from attnssl.functional.schedules import cosine, warmup_cosine
 
 
 def knn_loop(train, labels, query, num_classes, k, temperature):

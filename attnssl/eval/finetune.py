@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from attnssl.config import ViewsSection
 from attnssl.data.datasets import ImageDataset
 from attnssl.data.views import MultiCropViews, normalise
+from attnssl.functional.schedules import warmup_cosine
 from attnssl.nn.udi import vit_tokens
 from attnssl.nn.vit import pool_features
-from attnssl.train.schedules import warmup_cosine
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from attnssl.functional.schedules import teacher_temperature  # noqa: F401  (its old place)
+
 
 def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor,
                           temperature: float) -> torch.Tensor:
@@ -84,15 +86,3 @@ def batch_center(values: torch.Tensor, weights: torch.Tensor | None = None,
 def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
     """``c <- m c + (1 - m) mean``."""
     return center * momentum + batch_mean * (1 - momentum)
-
-
-def teacher_temperature(epoch: int, warmup_epochs: int, start: float, end: float) -> float:
-    """DINO's schedule: ``linspace(start, end, warmup_epochs)[epoch]``, then ``end``.
-
-    Stepped per epoch, as the official code indexes its schedule by epoch.
-    """
-    if epoch >= warmup_epochs:
-        return end
-    if warmup_epochs == 1:
-        return start
-    return start + (end - start) * epoch / (warmup_epochs - 1)

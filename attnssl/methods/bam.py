@@ -6,15 +6,52 @@ Follows the official code, github.com/DanielShalam/BAM (``main_pretrain.py``,
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
+from pydantic import Field, model_validator
 
 from attnssl.functional.collapse import effective_rank, embedding_std
+from attnssl.functional.schedules import cosine, linear_ramp
 from attnssl.losses import BAMLoss
+from attnssl.methods.base import Method, register_method
 from attnssl.methods.multicrop import multicrop_forward
-from attnssl.nn.ema import ema_update, make_teacher
+from attnssl.nn.ema import EMATeacher
 from attnssl.nn.heads import MLPProjector
-from attnssl.train.schedules import cosine
+from attnssl.settings import MethodSection
+
+
+class BAMSection(MethodSection):
+    """BAM (Shalam & Korman 2024). Defaults are the official code's (DanielShalam/BAM): its
+    ViT scripts' settings, except ``top_k`` (off here and in its code's defaults; 128 in its
+    scripts)."""
+
+    name: Literal["bam"] = "bam"
+    temperature: float = Field(0.1, gt=0, description="source attention softmax temperature")
+    sinkhorn_eps: float = Field(0.05, gt=0, description="Sinkhorn entropy regularisation")
+    sinkhorn_eps_end: float | None = Field(
+        None, gt=0, description="eps reached linearly after sinkhorn_eps_warmup_epochs (null: constant)")
+    sinkhorn_eps_warmup_epochs: float = Field(30.0, gt=0)
+    sinkhorn_iters: int = Field(3, ge=1)
+    positive_masking: bool = True
+    top_k: int = Field(0, ge=0, description="keep the top-k target columns per image (0: off)")
+    teacher: bool = Field(True, description="EMA teacher gives the targets (false: self-targets)")
+    teacher_momentum: float = Field(0.995, ge=0, le=1, description="EMA momentum, cosine to 1")
+    normalization: Literal["global", "local"] = "global"
+    blockwise: bool | Literal["auto"] = "auto"
+    block_images: int | None = Field(None, gt=0)
+    projector_hidden: int = Field(4096, gt=0)
+    projector_out: int = Field(4096, gt=0)
+    projector_layers: int = Field(3, ge=1)
+    eval_backbone: Literal["teacher", "student"] | None = Field(
+        None, description="backbone evaluated and exported (null: the teacher when there is one)")
+
+    @model_validator(mode="after")
+    def _check_teacher(self) -> BAMSection:
+        if self.eval_backbone == "teacher" and not self.teacher:
+            raise ValueError("eval_backbone=teacher needs teacher=true")
+        return self
 
 
 def evaluates_teacher(cfg) -> bool:
@@ -22,12 +59,8 @@ def evaluates_teacher(cfg) -> bool:
     return cfg.teacher and cfg.eval_backbone != "student"
 
 
-def linear_ramp(step: int, ramp_steps: int, start: float, end: float) -> float:
-    """``start`` at step 0 moving linearly to ``end`` at ``ramp_steps``, then constant."""
-    return end if step >= ramp_steps else start + (end - start) * step / ramp_steps
-
-
-class BAM(nn.Module):
+@register_method
+class BAM(Method):
     """``z = g(f(x))`` for all V views; ``loss = BAMLoss(z, z_teacher)``; EMA teacher update.
 
     * The teacher (official ``StudentTeacherWrapper``) is a copy of backbone and projector,
@@ -42,6 +75,13 @@ class BAM(nn.Module):
       k-NN evaluation does.
     """
 
+    name = "bam"
+    Section = BAMSection
+
+    @classmethod
+    def evaluation_prefix(cls, section: BAMSection) -> str:
+        return "teacher.backbone." if evaluates_teacher(section) else "backbone."
+
     def __init__(self, backbone: nn.Module, cfg, n_global: int, n_local: int):
         super().__init__()
         self.cfg = cfg
@@ -55,9 +95,12 @@ class BAM(nn.Module):
             normalization=cfg.normalization, blockwise=cfg.blockwise,
             block_images=cfg.block_images,
         )
-        self.teacher = (make_teacher(nn.ModuleDict({"backbone": backbone, "projector": self.projector}))
+        self.teacher = (EMATeacher(self._student_modules(), cfg.teacher_momentum)
                         if cfg.teacher else None)
         self.momentum = cfg.teacher_momentum
+
+    def _student_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
 
     @property
     def evaluation_backbone(self) -> nn.Module:
@@ -73,9 +116,8 @@ class BAM(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         if self.teacher is None:
             return
-        self.momentum = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
-        online = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
-        ema_update(self.teacher, online, self.momentum)
+        self.teacher.update_from(self._student_modules(), step, total_steps)
+        self.momentum = self.teacher.momentum
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z = multicrop_forward(self.backbone, self.projector, views)

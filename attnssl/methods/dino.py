@@ -6,16 +6,46 @@ Follows the official code, github.com/facebookresearch/dino (``main_dino.py``,
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from attnssl.functional.collapse import embedding_std
-from attnssl.functional.dino import teacher_temperature
+from attnssl.functional.schedules import teacher_temperature
 from attnssl.losses.dino import DINOLoss
+from attnssl.methods.base import Method, register_method
 from attnssl.methods.multicrop import multicrop_features, multicrop_forward
-from attnssl.nn.ema import ema_update, make_teacher
+from attnssl.nn.ema import EMATeacher
 from attnssl.nn.heads import DINOHead
-from attnssl.train.schedules import cosine
+from attnssl.settings import MethodSection
+
+
+class _DistillationSection(MethodSection):
+    """What DINO and UDI share. Defaults are the official UDI code's (QingSuML/udi), which
+    are DINO's ViT-S/16 recipe; DINO's own code defaults to a constant teacher temperature of
+    0.04 (``warmup_teacher_temp_epochs=0``)."""
+
+    out_dim: int = Field(65536, gt=0, description="head outputs K (prototypes)")
+    head_hidden: int = Field(2048, gt=0)
+    head_bottleneck: int = Field(256, gt=0)
+    head_layers: int = Field(3, ge=1)
+    head_batchnorm: bool = False
+    norm_last_layer: bool = Field(True, description="fix the last layer's weight-norm scales at 1")
+    freeze_last_layer_epochs: int = Field(1, ge=0, description="drop its gradients meanwhile")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.07, gt=0, description="teacher temperature after the warm-up")
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    teacher_momentum: float = Field(0.996, ge=0, le=1, description="EMA momentum, cosine to 1")
+
+
+class DINOSection(_DistillationSection):
+    """DINO (Caron et al. 2021, facebookresearch/dino)."""
+
+    name: Literal["dino"] = "dino"
 
 
 def build_head(embed_dim: int, cfg) -> DINOHead:
@@ -23,7 +53,7 @@ def build_head(embed_dim: int, cfg) -> DINOHead:
                     cfg.norm_last_layer, cfg.head_batchnorm)
 
 
-class SelfDistillation(nn.Module):
+class SelfDistillation(Method):
     """What DINO and UDI share: an EMA teacher of the student's modules, its schedules, and
     the last head layer held still during the first ``freeze_last_layer_epochs``.
 
@@ -40,8 +70,12 @@ class SelfDistillation(nn.Module):
 
     student_keys: tuple[str, ...] = ("backbone", "head")
 
+    @classmethod
+    def evaluation_prefix(cls, section) -> str:
+        return "teacher.backbone."
+
     def _make_teacher(self) -> None:
-        self.teacher = make_teacher(self._student_modules())
+        self.teacher = EMATeacher(self._student_modules(), self.cfg.teacher_momentum)
         self.momentum = self.cfg.teacher_momentum
         self.epoch = 0
 
@@ -55,7 +89,7 @@ class SelfDistillation(nn.Module):
     def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         cfg = self.cfg
         self.epoch = step // steps_per_epoch
-        self.momentum = cosine(step, total_steps, cfg.teacher_momentum, 1.0)
+        self.momentum = self.teacher.set_step(step, total_steps)
         self.criterion.teacher_temp = teacher_temperature(
             self.epoch, cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp)
 
@@ -65,8 +99,8 @@ class SelfDistillation(nn.Module):
                 p.grad = None
 
     def after_step(self, step: int, total_steps: int) -> None:
-        self.momentum = cosine(step, total_steps, self.cfg.teacher_momentum, 1.0)
-        ema_update(self.teacher, self._student_modules(), self.momentum)
+        self.teacher.update_from(self._student_modules(), step, total_steps)
+        self.momentum = self.teacher.momentum
 
     def _schedule_logs(self) -> dict[str, torch.Tensor]:
         out = self.criterion.last_output
@@ -77,12 +111,16 @@ class SelfDistillation(nn.Module):
         }
 
 
+@register_method
 class DINO(SelfDistillation):
     """``s = h(f(x))`` for all V views, ``t = h_t(f_t(x))`` for the G global views;
     ``loss = DINOLoss(s, t)``; EMA teacher update after each optimiser step.
 
     The official code updates the teacher after the optimiser step with ``m[t]`` as we do.
     """
+
+    name = "dino"
+    Section = DINOSection
 
     def __init__(self, backbone: nn.Module, cfg, n_global: int, n_local: int):
         super().__init__()

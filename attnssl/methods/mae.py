@@ -14,14 +14,60 @@ reconstructs the normalised tensor as well).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
+from pydantic import Field, model_validator
 
 from attnssl.functional.mae import patchify, random_masking, reconstruction_loss, visible_count
+from attnssl.methods.base import Method, register_method
 from attnssl.nn.mae import MAEDecoder, encode_visible
+from attnssl.settings import MethodSection
 
 
-class MAE(nn.Module):
+class MAESection(MethodSection):
+    """MAE (He et al. 2022). Defaults are the official recipe's (facebookresearch/mae; its
+    argparse default for ``norm_pix_loss`` is off, its published recipe turns it on) except the
+    decoder, scaled to our small backbones (official: width 512, depth 8, 16 heads for ViT-B)."""
+
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="share of patches masked per image")
+    norm_pix_loss: bool = Field(True, description="standardise each target patch's pixels")
+    decoder_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, ge=1)
+    decoder_heads: int = Field(4, gt=0)
+    decoder_io_init: Literal["xavier", "torch"] = Field(
+        "xavier", description="initialisation of the decoder's input embedding and pixel "
+        "prediction linears: xavier-uniform as the official code, or torch's nn.Linear default "
+        "(uniform +-1/sqrt(fan_in)), which lightly 1.6's MAE example leaves them at")
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> MAESection:
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ValueError(f"decoder_dim={self.decoder_dim} must be divisible by decoder_heads="
+                             f"{self.decoder_heads} and by 4 (sine-cosine positions)")
+        return self
+
+
+@register_method
+class MAE(Method):
+    name = "mae"
+    Section = MAESection
+
+    @classmethod
+    def check_views(cls, config) -> None:
+        views = config.views
+        if views.global_crops != 1 or views.local_crops:
+            raise ValueError(
+                f"mae reconstructs one view per image; set views.global_crops=1 and "
+                f"views.local_crops=0 (got {views.global_crops} and {views.local_crops})"
+            )
+
+    @classmethod
+    def build(cls, config, backbone: nn.Module) -> MAE:
+        return cls(backbone, config.method)
+
     def __init__(self, backbone: nn.Module, cfg):
         super().__init__()
         self.backbone = backbone

@@ -7,17 +7,36 @@ Follows the official code, github.com/QingSuML/udi (``main_udi.py``, ``utils.UDI
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from attnssl.data.udi_views import UDISampling
+from attnssl.data.udi_views import UDISampling, UDIViews
 from attnssl.functional.collapse import embedding_std
 from attnssl.losses.udi import UDILoss
-from attnssl.methods.dino import SelfDistillation, build_head
+from attnssl.methods.base import register_method
+from attnssl.methods.dino import SelfDistillation, _DistillationSection, build_head
 from attnssl.methods.multicrop import same_size_runs
 from attnssl.nn.udi import SampledPatchAttention, vit_tokens
 
 
+class UDISection(_DistillationSection):
+    """UDI (Su & Ji 2024, QingSuML/udi): two class tokens, stratified patch sampling,
+    multimodal targets. Windows of stratified sampling: ``sampling_window_global`` on the
+    global views' patch grid (3 on 14x14), ``sampling_window_local`` on the local views' (2 on
+    6x6)."""
+
+    name: Literal["udi"] = "udi"
+    alpha: float = Field(0.5, ge=0, le=1, description="patch share of the multimodal target")
+    sampling_window_global: int = Field(3, gt=0)
+    sampling_window_local: int = Field(2, gt=0)
+    patch_attention_heads: int | None = Field(
+        None, gt=0, description="heads of the patch-representation layer (null: the backbone's)")
+
+
+@register_method
 class UDI(SelfDistillation):
     """Student: the backbone (two class tokens) on all views, the sampled-patch attention on
     the global views; teacher (EMA of both and of the head) on the global views only. One head
@@ -30,7 +49,18 @@ class UDI(SelfDistillation):
     official fixes 6, ViT-S's).
     """
 
+    name = "udi"
+    Section = UDISection
+    class_tokens = 2
     student_keys = ("backbone", "patch_attention", "head")
+
+    @classmethod
+    def build_views(cls, config, image_size: int, channels: int, mean, std, patch_size: int,
+                    seed: int) -> UDIViews:
+        """UDI's view maker also tracks where each crop came from and samples its patches."""
+        m = config.method
+        return UDIViews(config.views, image_size, channels, mean, std, patch_size,
+                        m.sampling_window_global, m.sampling_window_local, seed)
 
     def __init__(self, backbone: nn.Module, cfg, n_global: int, n_local: int):
         super().__init__()

@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from attnssl.functional.schedules import cosine
+
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of ``student`` (no gradients), to be updated by :func:`ema_update`.
@@ -34,3 +36,25 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
     for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
         t_buf.copy_(s_buf)
+
+
+class EMATeacher(nn.ModuleDict):
+    """The teacher of BAM, DINO and UDI: a frozen copy of the student's modules (a ``ModuleDict``,
+    so its weights sit under ``teacher.<module>.`` in a method's state dict), updated after each
+    optimiser step by ``theta_t <- m theta_t + (1 - m) theta_s``, with ``m`` on a cosine from
+    ``base_momentum`` at step 0 to 1 at the last step (the official ``momentum_schedule`` of
+    DINO and UDI, and BAM's).
+    """
+
+    def __init__(self, student: nn.ModuleDict, base_momentum: float):
+        super().__init__(make_teacher(student))
+        self.base_momentum = base_momentum
+        self.momentum = base_momentum
+
+    def set_step(self, step: int, total_steps: int) -> float:
+        """Move the momentum to its value at ``step`` and return it."""
+        self.momentum = cosine(step, total_steps, self.base_momentum, 1.0)
+        return self.momentum
+
+    def update_from(self, student: nn.ModuleDict, step: int, total_steps: int) -> None:
+        ema_update(self, student, self.set_step(step, total_steps))

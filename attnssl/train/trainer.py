@@ -1,8 +1,9 @@
 """Pretraining on Lightning Fabric: one loop for every method, device and precision.
 
 The loop owns what every method shares: data order, views, optimiser, schedules, clipping,
-checkpoints, resume, logging and the final evaluation. A method (``attnssl.methods``) owns
-only its forward pass and loss, and optionally ``after_step`` (an EMA teacher update).
+checkpoints, resume, logging and the final evaluation. A method (``attnssl.methods.base``) owns
+only its forward pass and loss, and the hooks the loop calls around each step (its own
+schedules, an EMA teacher update).
 
 Resume is exact: a checkpoint holds the model (teacher and loss state included), optimiser,
 grad scaler, step, epoch and position in the epoch, and every process's RNG and view-generator
@@ -41,6 +42,7 @@ from attnssl.eval.evaluate import (
     load_eval_splits,
 )
 from attnssl.export import init_from_export
+from attnssl.functional.schedules import cosine, warmup_cosine
 from attnssl.methods import build_method, build_views, evaluation_backbone
 from attnssl.nn.vit import build_vit, compile_blocks, resolve_size
 from attnssl.precision import accelerator_type, cpu_has_native_bf16, resolve_precision
@@ -52,7 +54,6 @@ from attnssl.train.checkpoint import (
 )
 from attnssl.train.metrics_log import MetricsLog
 from attnssl.train.run_folder import RunFolderLock, new_run_folder, run_folder_of_checkpoint
-from attnssl.train.schedules import cosine, warmup_cosine
 
 
 @dataclass
@@ -401,9 +402,7 @@ class Pretrainer:
 
     def training_step(self, images: torch.Tensor) -> dict:
         lr, wd = self._set_schedules()
-        before_step = getattr(self.method.module, "before_step", None)
-        if before_step is not None:
-            before_step(self.state.step, self.steps_per_epoch, self.total_steps)
+        self.method.module.before_step(self.state.step, self.steps_per_epoch, self.total_steps)
         device = self.fabric.device
         with record_function("step/views"):
             views = [v.to(device, non_blocking=True) for v in self.views(images)]
@@ -425,10 +424,8 @@ class Pretrainer:
             self.fabric.backward(loss)
         with record_function("step/optimizer"):
             self._clip_and_step()
-        after_step = getattr(self.method.module, "after_step", None)
-        if after_step is not None:
-            with record_function("step/after_step"):
-                after_step(self.state.step, self.total_steps)
+        with record_function("step/after_step"):
+            self.method.module.after_step(self.state.step, self.total_steps)
         logs = {k: float(v.detach()) for k, v in out.items()}
         logs.update(lr=lr, weight_decay=wd)
         if self.config.trainer.nonfinite_loss == "skip":
@@ -443,9 +440,7 @@ class Pretrainer:
             clip_each_parameter(self.method.parameters(), optim.clip_grad)
         elif optim.clip_grad:
             self.fabric.clip_gradients(self.method, self.optimizer, max_norm=optim.clip_grad)
-        before_optimizer_step = getattr(self.method.module, "before_optimizer_step", None)
-        if before_optimizer_step is not None:
-            before_optimizer_step()
+        self.method.module.before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
