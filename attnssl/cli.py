@@ -49,8 +49,8 @@ def _auto_resume(preset: str, overrides: list[str]) -> str | None:
     """With ``run.resume=auto``: the run folder's newest readable checkpoint, if it has one and
     the requested config matches the one it was trained with."""
     from attnssl.config import config_to_dict, differing_keys
-    from attnssl.train.checkpoint import load_training_checkpoint, newest_readable_checkpoint
-    from attnssl.train.trainer import make_run_dir
+    from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
+    from attnssl.runs.folder import make_run_dir
 
     config = load_config(preset, overrides)
     if config.run.resume != "auto":
@@ -71,8 +71,9 @@ def _auto_resume(preset: str, overrides: list[str]) -> str | None:
 
 
 def cmd_pretrain(args) -> int:
-    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
-    from attnssl.train.trainer import config_from_checkpoint, pretrain
+    from attnssl.runs.checkpoint import load_training_checkpoint, resolve_checkpoint
+    from attnssl.runs.trained import config_from_checkpoint
+    from attnssl.train.trainer import pretrain
 
     overrides = _with_data_root(args.overrides, args.data_root)
     if args.resume:
@@ -115,8 +116,8 @@ def cmd_eval(args) -> int:
     result["checkpoint"] = str(loaded.checkpoint)
     result["step"] = loaded.step
     _print_eval(result)
-    from attnssl.train.checkpoint import atomic_write
-    from attnssl.train.run_folder import unused_result_path
+    from attnssl.runs.checkpoint import atomic_write
+    from attnssl.runs.folder import unused_result_path
 
     out = unused_result_path(loaded.run_dir, f"eval-step-{result['step']:08d}")
     atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2)))

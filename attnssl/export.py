@@ -10,7 +10,7 @@ rebuilds the backbone with timm alone when it uses timm's own parts: softmax att
 the standard block (``timm_loadable`` in the file says so). Every export, CBSA and CBT
 included, loads back with :func:`load_exported`, which rebuilds it from the ``attnssl``
 section. Weights are safetensors (no pickle, so loading runs no code); files are written
-atomically (:func:`attnssl.train.checkpoint.atomic_write`).
+atomically (:func:`attnssl.runs.checkpoint.atomic_write`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from attnssl.train.checkpoint import atomic_write
+from attnssl.runs.checkpoint import atomic_write
 
 TIMM_ARCHITECTURE = "vit_base_patch16_224"  # its size arguments are overridden by model_args
 TIMM_ATTENTIONS = ("softmax", "softmax_explicit")

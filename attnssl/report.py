@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from attnssl.functional.attention_metrics import top_mass_mask
-from attnssl.train.metrics_log import MetricsLog
+from attnssl.runs.metrics_log import MetricsLog
 
 SKIPPED_COLUMNS = ("step", "epoch")
 

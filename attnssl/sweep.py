@@ -234,7 +234,7 @@ def train_point(config: Config, run_dir: Path) -> dict:
     """Pretrain one point in ``run_dir`` to the end of its schedule, continuing from its newest
     checkpoint if it has one; returns the run summary (``metrics.json``). A finished point
     leaves ``sweep-trained.json`` and is not trained again."""
-    from attnssl.train.checkpoint import atomic_write, newest_readable_checkpoint
+    from attnssl.runs.checkpoint import atomic_write, newest_readable_checkpoint
     from attnssl.train.trainer import pretrain
 
     marker = run_dir / TRAINED
@@ -369,7 +369,7 @@ def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
     """Train and score every point not yet done; returns all results (also written to
     ``out``)."""
     optuna = _optuna()
-    from attnssl.train.run_folder import RunFolderLock
+    from attnssl.runs.folder import RunFolderLock
 
     with RunFolderLock(out):  # one sweep at a time in a folder; a second names the holder
         study = open_study(out, spec)
@@ -425,7 +425,7 @@ def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) 
     key = floor_key(config)
     if key not in floors:
         floors[key] = random_init_score(config)
-        from attnssl.train.checkpoint import atomic_write
+        from attnssl.runs.checkpoint import atomic_write
 
         atomic_write(out / "floors.json", lambda p: p.write_text(json.dumps(floors, indent=2)))
     row = {"knn_top1": scores["knn_top1"], "knn_floor": floors[key],
@@ -516,7 +516,7 @@ def plot_sweep(spec: SweepSpec, results: list[dict], path: Path) -> Path | None:
 
 
 def write_outputs(out: Path, spec: SweepSpec, results: list[dict]) -> None:
-    from attnssl.train.checkpoint import atomic_write
+    from attnssl.runs.checkpoint import atomic_write
 
     payload = {"sweep": describe(spec), "results": results}
     atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(payload, indent=2)))

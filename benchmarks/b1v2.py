@@ -28,8 +28,9 @@ from b1_pretrain import raw_pixel_knn
 from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
-from attnssl.train.checkpoint import load_training_checkpoint, newest_readable_checkpoint
-from attnssl.train.trainer import config_from_checkpoint, machine_description, pretrain
+from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
+from attnssl.runs.trained import config_from_checkpoint
+from attnssl.train.trainer import machine_description, pretrain
 
 METHODS = ("bam", "simclr", "mae", "dino", "udi")
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",

@@ -10,7 +10,7 @@ from attnssl.functional.schedules import cosine, linear_ramp
 from attnssl.methods import build_method, evaluation_backbone, evaluation_backbone_prefix
 from attnssl.methods.multicrop import multicrop_forward
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import backbone_from_method_state
+from attnssl.runs.trained import backbone_from_method_state
 
 
 def _bam(*overrides):

@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from attnssl.train.checkpoint import (
+from attnssl.runs.checkpoint import (
     UNREADABLE,
     atomic_torch_save,
     latest_checkpoint,
@@ -12,7 +12,7 @@ from attnssl.train.checkpoint import (
     resolve_checkpoint,
     safe_torch_load,
 )
-from attnssl.train.metrics_log import MetricsLog
+from attnssl.runs.metrics_log import MetricsLog
 
 
 class _Payload:

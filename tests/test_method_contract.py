@@ -13,9 +13,10 @@ from attnssl.config import ConfigError, load_config, preset_names
 from attnssl.eval.evaluate import load_trained_backbone
 from attnssl.methods import Method, base, build_method, method_names, register_method
 from attnssl.nn.vit import build_vit
+from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
+from attnssl.runs.trained import config_from_checkpoint
 from attnssl.settings import MethodSection
-from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
-from attnssl.train.trainer import config_from_checkpoint, pretrain
+from attnssl.train.trainer import pretrain
 
 SHORT = ["data.synthetic_size=64", "optim.batch_size=16", "optim.epochs=1",
          "trainer.checkpoint_every_steps=2", "trainer.progress_bar=false",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from attnssl.cli import main
-from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
-from attnssl.train.metrics_log import MetricsLog
+from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
+from attnssl.runs.metrics_log import MetricsLog
 
 TINY = [
     "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",

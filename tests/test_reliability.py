@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attnssl.cli import main
-from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
 
 TINY = [
     "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",

@@ -94,7 +94,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native(tmp_path):
     assert resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values stay
     # a run records what auto resolved to, in metrics.json and in its checkpoints
     from attnssl.cli import main
-    from attnssl.train.checkpoint import list_checkpoints, safe_torch_load
+    from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
 
     assert main(["pretrain", "-c", "simclr_synthetic", f"run.out_dir={tmp_path}", "run.name=a",
                  "data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1",

@@ -17,8 +17,8 @@ from PIL import Image
 from attnssl.cli import main
 from attnssl.config import ConfigError, load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
-from attnssl.train.checkpoint import list_checkpoints
-from attnssl.train.run_folder import RunFolderLock, new_run_folder
+from attnssl.runs.checkpoint import list_checkpoints
+from attnssl.runs.folder import RunFolderLock, new_run_folder
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,11 @@ from attnssl.eval.features import extract_features
 from attnssl.eval.finetune import balanced_subset, finetune_accuracy
 from attnssl.eval.knn import knn_accuracy
 from attnssl.eval.linear import linear_probe_accuracy
+from attnssl.methods import evaluation_backbone_prefix
 from attnssl.nn.vit import build_vit, run_eagerly
+from attnssl.runs.checkpoint import load_training_checkpoint, resolve_checkpoint
+from attnssl.runs.folder import run_folder_of_checkpoint
+from attnssl.runs.trained import backbone_from_method_state, config_from_checkpoint
 
 
 def dataset_spec(config) -> DatasetSpec:
@@ -70,8 +74,6 @@ class TrainedBackbone:
     @property
     def run_dir(self) -> Path:
         """The run folder of the checkpoint, or the folder holding a checkpoint kept elsewhere."""
-        from attnssl.train.run_folder import run_folder_of_checkpoint
-
         return run_folder_of_checkpoint(self.checkpoint) or self.checkpoint.parent
 
 
@@ -79,10 +81,6 @@ def load_trained_backbone(target: str | Path, overrides: list[str] | None = None
                           ) -> TrainedBackbone:
     """The backbone of a run folder's newest checkpoint, or of a checkpoint file (loaded with
     ``weights_only=True``); ``key=value`` overrides change the config it is evaluated with."""
-    from attnssl.methods import evaluation_backbone_prefix
-    from attnssl.train.checkpoint import load_training_checkpoint, resolve_checkpoint
-    from attnssl.train.trainer import backbone_from_method_state, config_from_checkpoint
-
     checkpoint = resolve_checkpoint(target)
     state = load_training_checkpoint(checkpoint)
     config = config_from_checkpoint(state, overrides)

@@ -30,7 +30,7 @@ import yaml
 from lightning_fabric import Fabric
 from torch.profiler import record_function
 
-from attnssl.config import Config, ConfigError, build_config, config_to_dict, merge_overrides
+from attnssl.config import Config, ConfigError, config_to_dict
 from attnssl.data.datasets import BadImageError, load_dataset
 from attnssl.data.loader import epoch_batches, iterate_batches
 from attnssl.data.views import MultiCropViews
@@ -46,14 +46,19 @@ from attnssl.functional.schedules import cosine, warmup_cosine
 from attnssl.methods import build_method, build_views, evaluation_backbone
 from attnssl.nn.vit import build_vit, compile_blocks, resolve_size
 from attnssl.precision import accelerator_type, cpu_has_native_bf16, resolve_precision
-from attnssl.train.checkpoint import (
+from attnssl.runs.checkpoint import (
     AtomicCheckpointIO,
     latest_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
 )
-from attnssl.train.metrics_log import MetricsLog
-from attnssl.train.run_folder import RunFolderLock, new_run_folder, run_folder_of_checkpoint
+from attnssl.runs.folder import (
+    RunFolderLock,
+    make_run_dir,
+    new_run_folder,
+    run_folder_of_checkpoint,
+)
+from attnssl.runs.metrics_log import MetricsLog
 
 
 @dataclass
@@ -206,14 +211,6 @@ def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
             stacklevel=3)
 
 
-def make_run_dir(config: Config) -> Path:
-    """``run.out_dir/run.name``; without a name, a new folder ``METHOD-DATASET-TIMESTAMP``
-    (created here, so two runs started in the same second get two folders)."""
-    if config.run.name:
-        return Path(config.run.out_dir) / config.run.name
-    return new_run_folder(config.run.out_dir, f"{config.method.name}-{config.data.dataset}")
-
-
 class Pretrainer:
     """Builds everything from a :class:`Config` and runs (or resumes) pretraining."""
 
@@ -242,7 +239,7 @@ class Pretrainer:
         if trainer.precision != "auto":
             return trainer.precision
         if resume_from is not None:
-            from attnssl.train.checkpoint import load_training_checkpoint
+            from attnssl.runs.checkpoint import load_training_checkpoint
 
             started_with = load_training_checkpoint(resume_from, lazy=True)["train"].get("precision")
             if started_with:
@@ -599,14 +596,6 @@ class StopSignals:
         self._previous.clear()
 
 
-def backbone_from_method_state(method_state: dict, prefix: str = "backbone.") -> dict:
-    """The backbone's weights out of a method's state dict (keys ``prefix*``)."""
-    found = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
-    if not found:
-        raise ValueError(f"checkpoint holds no backbone weights (no '{prefix}*' keys)")
-    return found
-
-
 def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: float,
                       backbone: nn.Module) -> dict:
     from safetensors.torch import save_file
@@ -680,8 +669,3 @@ def _pretrain(config: Config, run_dir: Path, resume_from: Path | None, started: 
             summary["eval"] = evaluate_backbone(backbone, config, *trainer.eval_splits)
         metrics.update(write_run_outputs(run_dir, config, summary, started, backbone))
     return metrics
-
-
-def config_from_checkpoint(checkpoint: dict, overrides: list[str] | None = None) -> Config:
-    """The config a loaded checkpoint was trained with, with ``key=value`` overrides applied."""
-    return build_config(merge_overrides(checkpoint["config"], overrides or []))

@@ -99,3 +99,11 @@ def unused_result_path(folder: Path, stem: str, suffix: str = ".json") -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free name {stem}-N{suffix} in {folder}")
+
+
+def make_run_dir(config) -> Path:
+    """``run.out_dir/run.name``; without a name, a new folder ``METHOD-DATASET-TIMESTAMP``
+    (created here, so two runs started in the same second get two folders)."""
+    if config.run.name:
+        return Path(config.run.out_dir) / config.run.name
+    return new_run_folder(config.run.out_dir, f"{config.method.name}-{config.data.dataset}")
