@@ -28,15 +28,16 @@ from b1_pretrain import raw_pixel_knn
 from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
+from attnssl.methods import method_names
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.trained import config_from_checkpoint
 from attnssl.train.trainer import machine_description, pretrain
 
-METHODS = ("bam", "simclr", "mae", "dino", "udi")
+METHODS = tuple(method_names())  # every registered method has a Fashion-MNIST preset
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
-LONG = ("bam", "simclr")
+LONG = ("bam", "simclr", "mae")
 
 
 def rows_known() -> dict[str, tuple[str, list[str]]]:

@@ -1,18 +1,19 @@
 import pytest
 
 from attnssl.config import ConfigError, load_config, preset_names
+from attnssl.methods import method_names
 
 
 def test_presets_load_and_overrides_apply():
     assert {"bam_fashion_mnist", "bam_synthetic", "simclr_fashion_mnist", "simclr_synthetic",
-            "demo_fashion_mnist", "dino_synthetic", "udi_synthetic"} <= set(preset_names())
+            "mae_fashion_mnist", "dino_synthetic", "udi_synthetic"} <= set(preset_names())
     cfg = load_config("simclr_fashion_mnist", ["optim.lr=3e-4", "views.global_scale=[0.2, 1.0]",
                                                "trainer.precision=bf16-mixed"])
     assert cfg.optim.lr == 3e-4 and cfg.views.global_scale == (0.2, 1.0)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.method.name == "simclr"
     default = load_config(None, ["trainer.precision=32"])
     assert default.trainer.precision == "32" and default.method.name == "bam"
-    assert load_config("demo_fashion_mnist").method.name == "bam"
+    assert load_config("mae_fashion_mnist").method.name == "mae"
 
 
 def test_unknown_key_names_it_and_suggests():
@@ -24,7 +25,8 @@ def test_unknown_key_names_it_and_suggests():
 def test_unknown_section_and_method():
     with pytest.raises(ConfigError, match="unknown key 'optimiser'"):
         load_config(None, ["optimiser.lr=1"])
-    accepted = "bam, dino, mae, simclr, udi"
+    accepted = ", ".join(method_names())  # every registered method, in registration order
+    assert {"bam", "dino", "mae", "simclr", "udi"} <= set(method_names())
     with pytest.raises(ConfigError, match=f"unknown method.name 'byol'; accepted: {accepted}"):
         load_config(None, ["method.name=byol"])
 
