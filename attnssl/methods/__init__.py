@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from attnssl.data.views import MultiCropViews
-from attnssl.methods import bam, dino, mae, simclr, udi  # noqa: F401  (registers them)
+from attnssl.methods import bam, dino, ibot, mae, simclr, udi  # noqa: F401  (registers them)
 from attnssl.methods.bam import BAM
 from attnssl.methods.base import Method, method_class, method_names, register_method
 from attnssl.methods.dino import DINO
