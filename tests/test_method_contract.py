@@ -14,6 +14,7 @@ from attnssl.eval.evaluate import load_trained_backbone
 from attnssl.methods import Method, base, build_method, method_names, register_method
 from attnssl.nn.vit import build_vit
 from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
+from attnssl.runs.metrics_log import MetricsLog
 from attnssl.runs.trained import config_from_checkpoint
 from attnssl.settings import MethodSection
 from attnssl.train.trainer import pretrain
@@ -116,3 +117,15 @@ def test_a_section_whose_name_differs_from_the_method_is_refused(counting_regist
 
     with pytest.raises(TypeError, match="registered as 'misnamed'"):
         register_method(Misnamed)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_registered_method_repeats_its_losses_given_the_seed(tmp_path, name):
+    """Every random draw (views, masks, noise) comes from generators the run seeds."""
+    losses = []
+    for run in ("a", "b"):
+        assert main(["pretrain", "-c", f"{name}_fashion_mnist", f"run.out_dir={tmp_path}",
+                     f"run.name={run}", *ON_SYNTHETIC, "trainer.max_steps=2",
+                     "trainer.log_every_steps=1", "eval.at_end=false"]) == 0
+        losses.append([row["loss"] for row in MetricsLog(tmp_path / run / "metrics.csv").read()])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

@@ -305,6 +305,7 @@ class Pretrainer:
         self.method, self.optimizer = fabric.setup(method, optimizer)
         self.state = TrainState(precision=self.precision)
         torch.manual_seed(config.run.seed + 1 + self.rank)
+        random.seed(config.run.seed + 1 + self.rank)  # Python draws too (iBOT's masks)
         if self.resume_from is not None:
             self._restore(self.resume_from)
         if fabric.is_global_zero and (self.resume_from is None
