@@ -45,31 +45,6 @@ def _print_eval(result: dict) -> None:
         print(f"low-shot, {share} of the labels ({row['train_images']} images): {scores}")
 
 
-def _auto_resume(preset: str, overrides: list[str]) -> str | None:
-    """With ``run.resume=auto``: the run folder's newest readable checkpoint, if it has one and
-    the requested config matches the one it was trained with."""
-    from attnssl.config import config_to_dict, differing_keys
-    from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
-    from attnssl.runs.folder import make_run_dir
-
-    config = load_config(preset, overrides)
-    if config.run.resume != "auto":
-        return None
-    if not config.run.name:
-        raise ConfigError("run.resume=auto needs a fixed run.name (the folder to continue)")
-    found = newest_readable_checkpoint(make_run_dir(config))
-    if found is None:
-        return None
-    trained = load_training_checkpoint(found, lazy=True)["config"]
-    changed = differing_keys(config_to_dict(config), trained)
-    if changed:
-        raise ConfigError(
-            f"run.resume=auto found {found}, trained with other settings: {', '.join(changed)}; "
-            f"use the same settings, or another run.name")
-    print(f"run.resume=auto: continuing {found}")
-    return str(found)
-
-
 def cmd_pretrain(args) -> int:
     from attnssl.runs.checkpoint import load_training_checkpoint, resolve_checkpoint
     from attnssl.runs.trained import config_from_checkpoint
@@ -81,8 +56,6 @@ def cmd_pretrain(args) -> int:
             raise ConfigError("--resume continues a run with its own config; drop --config "
                               "(key=value overrides still apply)")
         check_resume_overrides(overrides)
-    else:
-        args.resume = _auto_resume(args.config or DEFAULT_PRESET, overrides)
     if args.resume:
         args.resume = str(resolve_checkpoint(args.resume))  # pretrain then has the file itself
         trained = load_training_checkpoint(args.resume, lazy=True)

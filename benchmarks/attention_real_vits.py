@@ -74,7 +74,7 @@ def main() -> None:
     rows += list(floors.values())
     table = markdown(rows)
     print(table)
-    from attnssl.train.trainer import machine_description
+    from attnssl.train.environment import machine_description
 
     machine = machine_description()
     out = Path(args.out)

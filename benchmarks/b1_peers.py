@@ -45,7 +45,9 @@ from readme_block import ROOT, machine_line, replace_readme_block
 from attnssl.config import load_config
 from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
 from attnssl.eval.evaluate import evaluate_features, load_eval_splits
-from attnssl.train.trainer import clip_each_parameter, machine_description, pretrain
+from attnssl.train.environment import machine_description
+from attnssl.train.optimisation import clip_each_parameter
+from attnssl.train.trainer import pretrain
 
 PRESETS = {"dino": "dino_fashion_mnist", "simclr": "simclr_fashion_mnist",
            "mae": "mae_fashion_mnist"}

@@ -26,7 +26,8 @@ from attnssl.data.datasets import DatasetSpec, load_dataset
 from attnssl.eval.evaluate import backbone_image_size, evaluate_features, load_eval_splits
 from attnssl.eval.knn import knn_accuracy
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import machine_description, pretrain
+from attnssl.train.environment import machine_description
+from attnssl.train.trainer import pretrain
 
 # row name -> (preset, overrides); "bam-cbsa" is BAM on a backbone whose attention is CBSA
 # (representatives pooled on a 4x4 grid of the 7x7 patches: 16 for 50 tokens)

@@ -31,7 +31,8 @@ from attnssl.config import load_config
 from attnssl.methods import method_names
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.trained import config_from_checkpoint
-from attnssl.train.trainer import machine_description, pretrain
+from attnssl.train.environment import machine_description
+from attnssl.train.trainer import pretrain
 
 METHODS = tuple(method_names())  # every registered method has a Fashion-MNIST preset
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",

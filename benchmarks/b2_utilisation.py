@@ -28,7 +28,8 @@ from readme_block import ROOT, machine_line, replace_readme_block
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnssl.config import load_config
-from attnssl.train.trainer import Pretrainer, machine_description
+from attnssl.train.environment import machine_description
+from attnssl.train.trainer import Pretrainer
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

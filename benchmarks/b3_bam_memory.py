@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
 
-    from attnssl.train.trainer import machine_description
+    from attnssl.train.environment import machine_description
 
     machine = machine_description()
     rows = []

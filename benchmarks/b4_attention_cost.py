@@ -94,7 +94,7 @@ def main() -> None:
         if math.isqrt(n) ** 2 != n:
             raise SystemExit(f"--tokens {n} is not a square patch grid (use 64, 256, 1024 ...)")
 
-    from attnssl.train.trainer import machine_description
+    from attnssl.train.environment import machine_description
 
     machine = machine_description()
     results: dict[str, dict[int, dict]] = {}

@@ -37,7 +37,7 @@ from attnssl.config import load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
 from attnssl.methods import build_method, build_views
 from attnssl.nn.vit import build_vit, resolve_size
-from attnssl.train.trainer import machine_description
+from attnssl.train.environment import machine_description
 
 PRESETS = {"bam": "bam_fashion_mnist", "dino": "dino_fashion_mnist",
            "simclr": "simclr_fashion_mnist"}

@@ -38,7 +38,8 @@ from attnssl.data.datasets import DatasetSpec, load_dataset
 from attnssl.data.views import normalise
 from attnssl.eval.linear import linear_probe_accuracy
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import machine_description, pretrain
+from attnssl.train.environment import machine_description
+from attnssl.train.trainer import pretrain
 
 PRESETS = {"udi": "udi_synthetic", "dino": "dino_synthetic", "bam": "bam_synthetic"}
 BACKBONE = ["model.preset=vit_tiny_p4", "model.patch_size=null", "model.embed_dim=null",

@@ -31,7 +31,8 @@ from b1_pretrain import PRESETS
 from b2_utilisation import batches, build_trainer
 from readme_block import ROOT, machine_line, replace_readme_block
 
-from attnssl.train.trainer import Pretrainer, machine_description
+from attnssl.train.environment import machine_description
+from attnssl.train.trainer import Pretrainer
 
 VARIANTS = {"default": [], "explicit": ["model.attention=softmax_explicit"],
             "compiled": ["trainer.compile=true"]}

@@ -24,7 +24,7 @@ from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
 from attnssl.data.views import MultiCropViews
 from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.nn.mae import xavier_linears_
-from attnssl.train.trainer import machine_description
+from attnssl.train.environment import machine_description
 
 
 def train_lightly_on_our_views(config, images: torch.Tensor, epochs: int, seed: int,

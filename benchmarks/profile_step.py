@@ -23,7 +23,7 @@ from b2_utilisation import build_trainer
 from readme_block import ROOT, machine_line, replace_readme_block
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from attnssl.train.trainer import machine_description
+from attnssl.train.environment import machine_description
 
 PHASES = ("data", "views", "forward_and_loss", "backward", "optimizer", "after_step")
 

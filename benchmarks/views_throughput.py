@@ -23,7 +23,7 @@ from attnssl.config import load_config
 from attnssl.data.views import MultiCropViews
 from attnssl.methods import build_method
 from attnssl.nn.vit import build_vit
-from attnssl.train.trainer import machine_description
+from attnssl.train.environment import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -181,3 +181,21 @@ def test_eval_of_a_file_that_is_no_checkpoint_is_named(tmp_path, capsys):
     torch.save({"w": torch.ones(1)}, other)
     assert main(["eval", str(other)]) == 2
     assert "is not an attnssl training checkpoint (missing method" in capsys.readouterr().err
+
+
+def test_pretrain_from_python_follows_the_resume_policy(tmp_path, capsys):
+    from attnssl.config import ConfigError, load_config
+    from attnssl.train.trainer import pretrain
+
+    def config(*extra):
+        return load_config("simclr_synthetic", [f"run.out_dir={tmp_path}", "run.name=p", *TINY,
+                                                "eval.at_end=false", "run.resume=auto", *extra])
+
+    assert not pretrain(config("trainer.max_steps=3"))["finished"]
+    finished = pretrain(config())  # run.resume=auto: continues the folder's checkpoint
+    assert finished["finished"] and finished["step"] == 16
+    assert "run.resume=auto: continuing" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="trained with other settings: optim.lr"):
+        pretrain(config("optim.lr=0.5"))
+    with pytest.raises(ConfigError, match="trained with other settings: optim.lr"):
+        pretrain(config("optim.lr=0.5", "run.resume=never"), resume=str(tmp_path / "p"))

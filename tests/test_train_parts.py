@@ -11,13 +11,9 @@ from attnssl.config import ModelSection
 from attnssl.data.loader import epoch_batches
 from attnssl.nn.ema import ema_update, make_teacher
 from attnssl.nn.vit import build_vit
-from attnssl.precision import resolve_precision
-from attnssl.train.trainer import (
-    clip_each_parameter,
-    cpu_has_native_bf16,
-    param_groups,
-    warn_if_bf16_is_emulated,
-)
+from attnssl.precision import cpu_has_native_bf16, resolve_precision
+from attnssl.train.environment import warn_if_bf16_is_emulated
+from attnssl.train.optimisation import clip_each_parameter, param_groups
 
 
 def test_ema_update_follows_its_formula():

@@ -22,7 +22,7 @@ from attnssl.data.datasets import ImageDataset
 from attnssl.data.views import MultiCropViews, normalise
 from attnssl.functional.schedules import warmup_cosine
 from attnssl.nn.udi import vit_tokens
-from attnssl.nn.vit import pool_features
+from attnssl.nn.vit import pool_features, takes_weight_decay
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
@@ -61,7 +61,7 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, weight_decay: float
     named += [(f"head.{n}", p) for n, p in head.named_parameters()]
     for name, param in named:
         layer = layer_id(name, depth)
-        decay = not (param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")))
+        decay = takes_weight_decay(name, param)
         group = groups.setdefault((layer, decay), {
             "params": [], "lr_scale": layer_decay ** (depth + 1 - layer),
             "weight_decay": weight_decay if decay else 0.0,

@@ -171,3 +171,9 @@ def pool_features(tokens: torch.Tensor, kind: str, num_prefix_tokens: int = 1) -
             raise ValueError("feature kind 'cls_plus' needs a backbone with two class tokens")
         return tokens[:, 1]
     raise ValueError(f"unknown feature kind {kind!r}; accepted: {', '.join(FEATURE_KINDS)}")
+
+
+def takes_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Weight decay on weight matrices only: none on biases and norms (1-D), class tokens and
+    positions (the rule of MAE's and timm's parameter groups)."""
+    return not (param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")))

@@ -13,12 +13,8 @@ batches and the same views as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import random
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,10 +41,11 @@ from attnssl.export import init_from_export
 from attnssl.functional.schedules import cosine, warmup_cosine
 from attnssl.methods import build_method, build_views, evaluation_backbone
 from attnssl.nn.vit import build_vit, compile_blocks, resolve_size
-from attnssl.precision import accelerator_type, cpu_has_native_bf16, resolve_precision
+from attnssl.precision import accelerator_type, resolve_precision
 from attnssl.runs.checkpoint import (
     AtomicCheckpointIO,
     latest_checkpoint,
+    load_training_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
 )
@@ -59,6 +56,20 @@ from attnssl.runs.folder import (
     run_folder_of_checkpoint,
 )
 from attnssl.runs.metrics_log import MetricsLog
+from attnssl.runs.resume import auto_resume_checkpoint, check_same_run
+from attnssl.train.environment import (
+    RUN_DIR_ENV,
+    StopSignals,
+    build_strategy,
+    check_accelerator,
+    gather_rank_states,
+    is_collective_failure,
+    rng_state,
+    set_rng_state,
+    warn_if_bf16_is_emulated,
+)
+from attnssl.train.optimisation import build_optimizer, clip_each_parameter
+from attnssl.train.outputs import write_run_outputs
 
 
 @dataclass
@@ -81,37 +92,6 @@ class TrainState:
         self.__dict__.update(state)
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on weight matrices only; none on biases, norms, class token and positions."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
-
-
-@torch.no_grad()
-def clip_each_parameter(parameters, max_norm: float) -> None:
-    """Scale each parameter's gradient to norm at most ``max_norm`` on its own,
-    ``g <- g * min(1, max_norm / (||g|| + 1e-6))`` (DINO's and UDI's ``utils.clip_gradients``)."""
-    for p in parameters:
-        if p.grad is not None:
-            p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
-
-
-def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    groups = param_groups(model)
-    if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas,
-                                 weight_decay=optim.weight_decay)
-    if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay)
-    raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; accepted: adamw, sgd")
-
-
 def _check_local_view_size(views: MultiCropViews, patch: int) -> None:
     """Local crops must tile into patches (``build_vit`` checks the global size)."""
     if views.cfg.local_crops == 0:
@@ -122,93 +102,6 @@ def _check_local_view_size(views: MultiCropViews, patch: int) -> None:
             f"views.local_size is {size}, not a multiple of the patch size {patch}; "
             f"set views.local_size to one (e.g. {max(patch, round(size / patch) * patch)})"
         )
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "cpu_bf16": "native" if cpu_has_native_bf16() else "emulated",
-    }
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rank_states(fabric: Fabric, state: dict) -> list[dict]:
-    """Every process's RNG/view state, so each can restore its own on resume."""
-    if fabric.world_size == 1:
-        return [state]
-    gathered = [None] * fabric.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
-RUN_DIR_ENV = "ATTNSSL_RUN_DIR"
-
-
-def _is_collective_failure(err: BaseException) -> bool:
-    dist_error = getattr(torch.distributed, "DistError", ())
-    text = str(err)
-    return isinstance(err, dist_error) or any(
-        s in text for s in ("gloo", "Connection closed", "Connection reset", "NCCL",
-                            "timed out", "Timed out", "Broken pipe"))
-
-
-def build_strategy(trainer):
-    """``trainer.strategy``; for several processes, DDP with ``trainer.collective_timeout_s``
-    so that a process whose peers stopped answering errors out instead of waiting forever."""
-    processes = (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
-    if trainer.strategy == "ddp" or (trainer.strategy == "auto" and processes > 1):
-        from datetime import timedelta
-
-        from lightning_fabric.strategies import DDPStrategy
-
-        return DDPStrategy(timeout=timedelta(seconds=trainer.collective_timeout_s))
-    return trainer.strategy
-
-
-def check_accelerator(accelerator: str) -> None:
-    """``trainer.accelerator`` names hardware this machine has, or a clear error says what it
-    has instead of Lightning's traceback."""
-    missing = {"cuda": not torch.cuda.is_available(), "gpu": not torch.cuda.is_available(),
-               "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    if missing.get(accelerator, False):
-        have = ["cpu", "auto"] + (["cuda"] if torch.cuda.is_available() else [])
-        raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no such "
-                          f"device; accepted here: {', '.join(have)}")
-
-
-def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
-    """A clear warning when a bf16 precision is asked for on a CPU that would emulate it."""
-    if device.type == "cpu" and precision in ("bf16-mixed", "16-mixed") \
-            and not cpu_has_native_bf16():
-        warnings.warn(
-            f"trainer.precision={precision} on a CPU without AVX-512 BF16 or AMX: bf16 is "
-            "emulated here and trains many times slower than fp32 (19 against 278 images/s "
-            "for B1 MAE on an AVX2-only CPU); set trainer.precision=32", RuntimeWarning,
-            stacklevel=3)
 
 
 class Pretrainer:
@@ -239,8 +132,6 @@ class Pretrainer:
         if trainer.precision != "auto":
             return trainer.precision
         if resume_from is not None:
-            from attnssl.runs.checkpoint import load_training_checkpoint
-
             started_with = load_training_checkpoint(resume_from, lazy=True)["train"].get("precision")
             if started_with:
                 return started_with
@@ -343,7 +234,7 @@ class Pretrainer:
             )
         self._warn_if_not_bit_exact(remainder.get("config", {}).get("trainer", {}))
         rank_state = remainder["ranks"][self.rank]
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
         self.views.load_state_dict(rank_state["views"])
         self.fabric.print(f"resumed from {path} at step {self.state.step} "
                           f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
@@ -366,8 +257,8 @@ class Pretrainer:
                 f"order), not bit for bit", RuntimeWarning, stacklevel=2)
 
     def save_checkpoint(self) -> Path:
-        ranks = _gather_rank_states(
-            self.fabric, {"rng": _rng_state(), "views": self.views.state_dict()}
+        ranks = gather_rank_states(
+            self.fabric, {"rng": rng_state(), "views": self.views.state_dict()}
         )
         self.state.threads = torch.get_num_threads()
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:08d}.ckpt"
@@ -481,7 +372,7 @@ class Pretrainer:
                 f"{latest_checkpoint(self.run_dir) or 'none yet'}. After fixing the data, "
                 f"continue with: attnssl pretrain --resume {self.run_dir}") from err
         except RuntimeError as err:
-            if self.world == 1 or isinstance(err, RunStopped) or not _is_collective_failure(err):
+            if self.world == 1 or isinstance(err, RunStopped) or not is_collective_failure(err):
                 raise
             raise RunStopped(
                 f"process {self.rank} of {self.world} lost contact with the others at step "
@@ -569,62 +460,20 @@ class Pretrainer:
         }
 
 
-class StopSignals:
-    """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before they
-    kill) ask the loop to stop after the current step; it then saves a checkpoint and returns,
-    so no finished step is lost. A second signal acts as usual. Only in the main thread."""
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        for name, handler in self._previous.items():  # a second signal is not caught
-            signal.signal(getattr(signal, name), handler)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, handler in self._previous.items():
-            signal.signal(getattr(signal, name), handler)
-        self._previous.clear()
-
-
-def write_run_outputs(run_dir: Path, config: Config, summary: dict, started: float,
-                      backbone: nn.Module) -> dict:
-    from safetensors.torch import save_file
-
-    from attnssl.report import plot_loss_curve
-
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
-              str(run_dir / "backbone.safetensors"))
-    metrics = {
-        "method": config.method.name, "dataset": config.data.dataset,
-        "precision": summary["precision"], "precision_requested": config.trainer.precision,
-        "steps": summary["step"],
-        "images_per_second": summary["images_per_second"],
-        "train_seconds": summary["train_seconds"], "skipped_steps": summary["skipped_steps"],
-        "wall_seconds": time.perf_counter() - started, "machine": machine_description(),
-    }
-    if "eval" in summary:
-        metrics["eval"] = summary["eval"]
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_loss_curve(run_dir)
-    return metrics
-
-
 def pretrain(config: Config, resume: str | None = None) -> dict:
-    """Run pretraining (new or resumed) and, at the end, evaluation; returns ``metrics.json``."""
+    """Run pretraining (new or resumed) and, at the end, evaluation; returns ``metrics.json``.
+
+    ``resume`` (a checkpoint or a run folder) continues that run, which must have been trained
+    with ``config`` up to the settings a resume may change; without it, ``run.resume=auto``
+    continues the run folder's newest checkpoint (:mod:`attnssl.runs.resume`)."""
     started = time.perf_counter()
     launched_here = RUN_DIR_ENV not in os.environ
-    resume_from = None if resume is None else resolve_checkpoint(resume)
+    if resume is None:
+        resume_from = auto_resume_checkpoint(config)
+    else:
+        resume_from = resolve_checkpoint(resume)
+        check_same_run(config, resume_from,
+                       load_training_checkpoint(resume_from, lazy=True)["config"])
     if not launched_here:  # a process Fabric launched: use rank 0's folder
         run_dir = Path(os.environ[RUN_DIR_ENV])
     elif resume_from is not None:
