@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 from attnssl.losses import BAMLoss, DINOLoss, NTXentLoss
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real gloo processes
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -19,6 +19,8 @@ from attnssl.runs.trained import config_from_checkpoint
 from attnssl.settings import MethodSection
 from attnssl.train.trainer import pretrain
 
+pytestmark = pytest.mark.integration  # real runs of every method
+
 SHORT = ["data.synthetic_size=64", "optim.batch_size=16", "optim.epochs=1",
          "trainer.checkpoint_every_steps=2", "trainer.progress_bar=false",
          "trainer.num_threads=1", "eval.linear_epochs=2"]

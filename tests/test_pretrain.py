@@ -16,6 +16,8 @@ from attnssl.cli import main
 from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
 from attnssl.runs.metrics_log import MetricsLog
 
+pytestmark = pytest.mark.integration  # end-to-end runs of the CLI
+
 TINY = [
     "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",
     "trainer.checkpoint_every_steps=3", "trainer.progress_bar=false", "trainer.num_threads=1",

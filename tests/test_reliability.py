@@ -18,6 +18,8 @@ import torch
 from attnssl.cli import main
 from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # kills, faults, processes
+
 TINY = [
     "data.synthetic_size=256", "optim.batch_size=32", "optim.epochs=2",
     "trainer.checkpoint_every_steps=3", "trainer.progress_bar=false", "trainer.num_threads=1",
