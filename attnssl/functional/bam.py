@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from attnssl.functional.collapse import mean_row_entropy
 from attnssl.functional.distributed import world_size
 
 
@@ -140,13 +141,6 @@ def matching_loss(log_attn: torch.Tensor, targets: torch.Tensor, n_views: int, n
     return loss / n_targets
 
 
-def entropy(prob: torch.Tensor, log_prob: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of ``-sum_j p_j log p_j`` (0 log 0 = 0)."""
-    if log_prob is None:
-        log_prob = prob.clamp_min(torch.finfo(prob.dtype).tiny).log()
-    return -(prob * log_prob).nan_to_num().sum(dim=-1).mean()
-
-
 @dataclass(frozen=True)
 class BAMSpec:
     """Everything that defines the loss besides the embeddings.
@@ -220,8 +214,8 @@ def bam_loss(sources: torch.Tensor, columns: torch.Tensor, target_rows: torch.Te
     log_attn = log_attention(sources, columns, spec.temperature, mask)
     loss = matching_loss(log_attn, targets, spec.n_views, spec.n_targets, mask)
     with torch.no_grad():
-        source_entropy = entropy(log_attn.exp(), log_attn)
-        target_entropy = entropy(targets)
+        source_entropy = mean_row_entropy(log_attn.exp(), log_attn)
+        target_entropy = mean_row_entropy(targets)
     return BAMOutput(loss, source_entropy, target_entropy)
 
 
@@ -313,8 +307,8 @@ def _block_loss(sources, columns, target_rows, target_columns, scale, shift, ima
     log_attn = log_attention(sources[rows], columns, spec.temperature, mask)
     loss = matching_loss(log_attn, targets, spec.n_views, spec.n_targets, mask) * (n / batch)
     with torch.no_grad():
-        source_entropy = entropy(log_attn.exp(), log_attn) * (n / batch)
-        target_entropy = entropy(targets) * (n / batch)
+        source_entropy = mean_row_entropy(log_attn.exp(), log_attn) * (n / batch)
+        target_entropy = mean_row_entropy(targets) * (n / batch)
     return loss, source_entropy, target_entropy
 
 

@@ -1,9 +1,17 @@
-"""Collapse diagnostics of a batch of embeddings."""
+"""Collapse diagnostics: of a batch of embeddings, and of rows of probabilities."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def mean_row_entropy(prob: torch.Tensor, log_prob: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of ``H(p) = -sum_j p_j log p_j`` in nats (``0 log 0 = 0``); ``log_prob``,
+    when the caller has it, avoids taking the log again. ``log K`` is the uniform row."""
+    if log_prob is None:
+        log_prob = prob.clamp_min(torch.finfo(prob.dtype).tiny).log()
+    return -(prob * log_prob).nan_to_num().sum(dim=-1).mean()
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:

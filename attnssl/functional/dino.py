@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from attnssl.functional.collapse import mean_row_entropy as entropy  # noqa: F401  (old name)
 from attnssl.functional.schedules import teacher_temperature  # noqa: F401  (its old place)
 
 
@@ -54,11 +55,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     log_probs = F.log_softmax(student_logits / student_temp, dim=-1)
     n_views = student_logits.shape[0]
     return pairwise_cross_entropy(log_probs, teacher_probs.unsqueeze(0).expand(n_views, -1, -1, -1))
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean entropy ``- sum_k p_k log p_k`` of the rows of ``probs`` (nats)."""
-    return -torch.special.xlogy(probs, probs).sum(-1).mean()
 
 
 def batch_center(values: torch.Tensor, weights: torch.Tensor | None = None,

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from attnssl.functional.collapse import mean_row_entropy
 from attnssl.functional.dino import (
     batch_center,
     distillation_loss,
     ema_center,
-    entropy,
     teacher_probabilities,
 )
 
@@ -37,7 +37,7 @@ def diagnostics(loss: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.
     Every teacher view is paired with the same number of student views, so the pair mean of
     ``CE(g, v) - H(p_g)`` is ``loss - mean_g H(p_g)``.
     """
-    h = entropy(teacher_probs.detach())
+    h = mean_row_entropy(teacher_probs.detach())
     return h, loss.detach() - h
 
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
+from attnssl.functional.collapse import embedding_std
 from attnssl.losses import NTXentLoss
 from attnssl.methods.base import Method, register_method
 from attnssl.nn.heads import ProjectionHead
@@ -66,6 +66,4 @@ class SimCLR(Method):
             raise ValueError(f"SimCLR takes views of one size, got sizes {sorted(sizes)}")
         z = self.projector(self.backbone(torch.cat(views)))
         loss = self.criterion(z)
-        with torch.no_grad():
-            embedding_std = F.normalize(z.float(), dim=-1).std(dim=0).mean()
-        return {"loss": loss, "embedding_std": embedding_std}
+        return {"loss": loss, "embedding_std": embedding_std(z.detach())}
