@@ -275,7 +275,7 @@ class Config(Section):
     data: DataSection = DataSection()
     views: ViewsSection = ViewsSection()
     model: ModelSection = ModelSection()
-    method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: BAMSection())
+    method: SerializeAsAny[MethodSection] = Field(default_factory=BAMSection)
     optim: OptimSection = OptimSection()
     trainer: TrainerSection = TrainerSection()
     eval: EvalSection = EvalSection()

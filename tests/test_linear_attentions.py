@@ -1,0 +1,77 @@
+"""Linear-cost attention layers: each against a loop over its paper's formula, its recorded map,
+and its fit into timm ViTs (weights shared with softmax, multi-crop, MAE, two class tokens)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnssl.config import ModelSection
+from attnssl.nn.attention import attention_maps
+from attnssl.nn.efficient_attention import efficient_attention
+from attnssl.nn.linear_attention import EPS, linear_attention
+from attnssl.nn.mae import encode_visible
+from attnssl.nn.vit import build_vit
+
+
+def _qkv(generator, batch=2, heads=2, tokens=5, dim=3):
+    return [torch.randn(batch, heads, tokens, dim, generator=generator, dtype=torch.float64)
+            for _ in range(3)]
+
+
+def test_linear_attention_follows_its_formula_query_by_query(generator):
+    q, k, v = _qkv(generator)
+    out = linear_attention(q, k, v)
+    phi = lambda x: F.elu(x) + 1  # noqa: E731
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                sims = [phi(q[b, h, i]) @ phi(k[b, h, j]) for j in range(k.shape[2])]
+                numerator = sum(s * v[b, h, j] for j, s in enumerate(sims))
+                assert torch.allclose(out[b, h, i], numerator / (sum(sims) + EPS))
+
+
+def test_efficient_attention_follows_its_formula_query_by_query(generator):
+    q, k, v = _qkv(generator)
+    out = efficient_attention(q, k, v)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            rho_k = torch.stack([k[b, h, :, d].softmax(0) for d in range(k.shape[3])], dim=1)
+            for i in range(q.shape[2]):
+                rho_q = q[b, h, i].softmax(0)
+                weights = [sum(rho_q[d] * rho_k[j, d] for d in range(q.shape[3]))
+                           for j in range(k.shape[2])]
+                expected = sum(w * v[b, h, j] for j, w in enumerate(weights))
+                assert torch.allclose(out[b, h, i], expected)
+
+
+@pytest.mark.parametrize("attention", ["linear", "efficient"])
+def test_recorded_maps_are_row_stochastic_and_give_the_output(attention, generator):
+    vit = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1).eval()
+    images = torch.randn(3, 1, 28, 28, generator=generator)
+    maps = attention_maps(vit, images)
+    assert len(maps) == 4 and maps[0].shape == (3, 4, 50, 50)
+    for m in maps:
+        assert (m >= 0).all() and torch.allclose(m.sum(-1), torch.ones(3, 4, 50), atol=1e-5)
+    layer = vit.blocks[0].attn  # the map applied to the values is the layer's attention
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    x = vit.blocks[0].norm1(x)
+    q, k, v = layer.qkv(x).reshape(3, 50, 3, 4, 32).permute(2, 0, 3, 1, 4).unbind(0)
+    out = layer.proj((maps[0] @ v).transpose(1, 2).reshape(3, 50, 128))
+    assert torch.allclose(layer(x), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["linear", "efficient"])
+def test_linear_layers_share_weights_with_softmax_and_fit_every_method(attention, generator):
+    softmax = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1)
+    other = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1)
+    other.load_state_dict(softmax.state_dict())  # strict: the same qkv and proj
+    softmax.load_state_dict(other.state_dict())
+    # multi-crop sizes, MAE's visible tokens, UDI's two class tokens; gradients flow
+    assert other(torch.randn(2, 1, 12, 12, generator=generator)).shape == (2, 128)
+    keep = torch.stack([torch.randperm(49, generator=generator)[:12] for _ in range(2)])
+    tokens = encode_visible(other, torch.randn(2, 1, 28, 28, generator=generator), keep)
+    assert tokens.shape == (2, 13, 128)
+    two = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention, class_tokens=2), 28, 1)
+    loss = two.forward_features(torch.randn(2, 1, 28, 28, generator=generator)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in two.blocks[0].attn.parameters())
