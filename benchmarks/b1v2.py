@@ -107,10 +107,17 @@ def row_from(name: str, config, metrics: dict) -> dict:
             "train_minutes": metrics["train_seconds"] / 60, "machine": metrics["machine"]}
 
 
+LEARNED = 10.0  # k-NN points over the untrained backbone for a row to count as learned
+
+
 def verdict(row: dict, raw: float) -> str:
+    """Whether the row learned (at least ``LEARNED`` points over its random-init floor), and
+    where it stands against raw pixels."""
     gain = row["knn_top1"] - row["knn_top1_random_init"]
+    learned = ("learned" if gain >= LEARNED else "did not learn" if gain <= 0
+               else f"under the +{LEARNED:.0f} that counts as learned")
     where = "at or above raw pixels" if row["knn_top1"] >= raw else "below raw pixels"
-    return f"{where} ({gain:+.1f} over random init)"
+    return f"{learned} ({gain:+.1f} over random init); {where}"
 
 
 def table(rows: list[dict], raw: float) -> str:
