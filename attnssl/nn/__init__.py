@@ -1,4 +1,9 @@
 """Network parts. The imports below register the attention layers that live in their own
-modules (``model.attention=linear``, ``efficient``); a new attention is a module and a line here."""
+modules (``model.attention=linear``, ``efficient``, ``sinkformer``); a new attention is a
+module and a line here."""
 
-from attnssl.nn import efficient_attention, linear_attention  # noqa: F401  (registers them)
+from attnssl.nn import (  # noqa: F401  (registers them)
+    efficient_attention,
+    linear_attention,
+    sinkformer_attention,
+)

@@ -1,4 +1,5 @@
-"""Linear-cost attention layers: each against a loop over its paper's formula, its recorded map,
+"""The attention layers in their own modules (linear, efficient, sinkformer): each against its
+paper's formula or properties, its recorded map,
 and its fit into timm ViTs (weights shared with softmax, multi-crop, MAE, two class tokens)."""
 
 import pytest
@@ -44,7 +45,7 @@ def test_efficient_attention_follows_its_formula_query_by_query(generator):
                 assert torch.allclose(out[b, h, i], expected)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient"])
+@pytest.mark.parametrize("attention", ["linear", "efficient", "sinkformer"])
 def test_recorded_maps_are_row_stochastic_and_give_the_output(attention, generator):
     vit = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1).eval()
     images = torch.randn(3, 1, 28, 28, generator=generator)
@@ -60,7 +61,7 @@ def test_recorded_maps_are_row_stochastic_and_give_the_output(attention, generat
     assert torch.allclose(layer(x), out, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient"])
+@pytest.mark.parametrize("attention", ["linear", "efficient", "sinkformer"])
 def test_linear_layers_share_weights_with_softmax_and_fit_every_method(attention, generator):
     softmax = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1)
     other = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1)
@@ -75,3 +76,20 @@ def test_linear_layers_share_weights_with_softmax_and_fit_every_method(attention
     loss = two.forward_features(torch.randn(2, 1, 28, 28, generator=generator)).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in two.blocks[0].attn.parameters())
+
+
+def test_sinkformer_is_softmax_after_zero_rounds_and_doubly_stochastic_after_many(generator):
+    from attnssl.nn.sinkformer_attention import sinkhorn_attention
+
+    logits = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64) * 2
+    assert torch.allclose(sinkhorn_attention(logits, 0), logits.softmax(-1))
+    balanced = sinkhorn_attention(logits, 200)
+    ones = torch.ones(2, 3, 7, dtype=torch.float64)
+    assert torch.allclose(balanced.sum(-1), ones, atol=1e-12)
+    assert torch.allclose(balanced.sum(-2), ones, atol=1e-4)
+    # each round keeps the map a diagonal rescaling of the kernel: A = diag(a) exp(L) diag(b)
+    ratio = balanced / logits.exp()
+    rank_one = ratio[..., :, :1] * ratio[..., :1, :] / ratio[..., :1, :1]
+    assert torch.allclose(ratio, rank_one, rtol=1e-8)
+    few = sinkhorn_attention(logits, 1)
+    assert (few.sum(-2) - 1).abs().max() < (logits.softmax(-1).sum(-2) - 1).abs().max()
