@@ -101,6 +101,34 @@ class ExplicitSoftmaxAttention(SoftmaxAttention):
     always_explicit = True
 
 
+class QKVAttention(Attention):
+    """Base of the layers that keep timm's projections (``qkv``, ``proj`` and their norms) and
+    change only how queries meet keys: ``out = proj(concat_h attend(q_h, k_h, v_h))``. A
+    subclass defines ``attend``, which returns the output and, when asked, the attention map."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_attention = False
+        self.attention_maps: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               want_map: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
+        if attn_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take an attention mask")
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out, attn = self.attend(q, k, v, self.record_attention)
+        if self.record_attention:
+            self.attention_maps = attn.detach()
+        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
 class _SharedProjectionAttention(nn.Module):
     """Base of CBSA, agent and MSSA: one bias-free projection ``W = proj(x)`` split into heads
     (no separate queries, keys and values), scale ``p^-1/2``, output ``to_out`` (a linear)."""

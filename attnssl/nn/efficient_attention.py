@@ -16,9 +16,8 @@ and ``proj``, so weights load from and into a softmax backbone.
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention
 
-from attnssl.nn.attention import register_attention
+from attnssl.nn.attention import QKVAttention, register_attention
 
 
 def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -33,23 +32,9 @@ def efficient_attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @register_attention("efficient")
-class EfficientAttention(Attention):
+class EfficientAttention(QKVAttention):
     """``model.attention=efficient``: :func:`efficient_attention` on timm's projections."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_attention = False
-        self.attention_maps: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if attn_mask is not None:
-            raise ValueError(f"{type(self).__name__} does not take an attention mask")
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.record_attention:
-            self.attention_maps = efficient_attention_map(q, k).detach()
-        out = self.attn_drop(efficient_attention(q, k, v))
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+    def attend(self, q, k, v, want_map):
+        attn = efficient_attention_map(q, k) if want_map else None
+        return self.attn_drop(efficient_attention(q, k, v)), attn

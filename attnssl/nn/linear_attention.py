@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 
-from attnssl.nn.attention import register_attention
+from attnssl.nn.attention import QKVAttention, register_attention
 
 EPS = 1e-6
 
@@ -44,24 +43,10 @@ def linear_attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @register_attention("linear")
-class LinearAttention(Attention):
+class LinearAttention(QKVAttention):
     """``model.attention=linear``: :func:`linear_attention` on timm's projections."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_attention = False
-        self.attention_maps: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if attn_mask is not None:
-            raise ValueError(f"{type(self).__name__} does not take an attention mask")
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.record_attention:
-            self.attention_maps = linear_attention_map(q, k).detach()
-        with torch.autocast(x.device.type, enabled=False):  # the normaliser is a long sum
-            out = linear_attention(q.float(), k.float(), v.float()).to(v.dtype)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+    def attend(self, q, k, v, want_map):
+        attn = linear_attention_map(q, k) if want_map else None
+        with torch.autocast(q.device.type, enabled=False):  # the normaliser is a long sum
+            return linear_attention(q.float(), k.float(), v.float()).to(v.dtype), attn

@@ -20,9 +20,8 @@ balances every (image, head) matrix at once. The layer keeps timm's ``qkv`` and 
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention
 
-from attnssl.nn.attention import register_attention
+from attnssl.nn.attention import QKVAttention, register_attention
 
 
 def sinkhorn_attention(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -35,29 +34,14 @@ def sinkhorn_attention(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 @register_attention("sinkformer")
-class SinkformerAttention(Attention):
+class SinkformerAttention(QKVAttention):
     """``model.attention=sinkformer``: ``out = proj(sinkhorn_attention(Q K^T / sqrt(d)) V)``
     with ``sinkhorn_iters`` rounds of balancing (3, our choice)."""
 
     sinkhorn_iters = 3
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_attention = False
-        self.attention_maps: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if attn_mask is not None:
-            raise ValueError(f"{type(self).__name__} does not take an attention mask")
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        with torch.autocast(x.device.type, enabled=False):  # repeated normalisations
+    def attend(self, q, k, v, want_map):
+        with torch.autocast(q.device.type, enabled=False):  # repeated normalisations
             attn = sinkhorn_attention((q.float() * self.scale) @ k.float().transpose(-2, -1),
                                       self.sinkhorn_iters).to(v.dtype)
-        if self.record_attention:
-            self.attention_maps = attn.detach()
-        out = self.attn_drop(attn) @ v
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.attn_drop(attn) @ v, attn
