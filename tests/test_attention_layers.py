@@ -45,7 +45,8 @@ def test_efficient_attention_follows_its_formula_query_by_query(generator):
                 assert torch.allclose(out[b, h, i], expected)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "sinkformer"])
+@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "performer",
+                                       "sinkformer"])
 def test_recorded_maps_sum_to_one_per_query_and_give_the_output(attention, generator):
     vit = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1).eval()
     images = torch.randn(3, 1, 28, 28, generator=generator)
@@ -65,12 +66,17 @@ def test_recorded_maps_sum_to_one_per_query_and_give_the_output(attention, gener
     assert torch.allclose(layer(x), out, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "sinkformer"])
+@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "performer",
+                                       "sinkformer"])
 def test_linear_layers_share_weights_with_softmax_and_fit_every_method(attention, generator):
     softmax = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1)
     other = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1)
-    other.load_state_dict(softmax.state_dict())  # strict: the same qkv and proj
-    softmax.load_state_dict(other.state_dict())
+    # the same qkv and proj; Performer adds only its random features and their step count
+    missing, unexpected = other.load_state_dict(softmax.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(("attn.projection", "attn.training_steps"))
+                                  for k in missing)
+    assert bool(missing) == (attention == "performer")
+    softmax.load_state_dict({k: v for k, v in other.state_dict().items() if k not in missing})
     # multi-crop sizes, MAE's visible tokens, UDI's two class tokens; gradients flow
     assert other(torch.randn(2, 1, 12, 12, generator=generator)).shape == (2, 128)
     keep = torch.stack([torch.randperm(49, generator=generator)[:12] for _ in range(2)])
@@ -111,3 +117,37 @@ def test_nystrom_is_softmax_when_every_token_is_a_landmark(generator):
     assert torch.allclose(s @ iterative_pinv(s, 50) @ s, s, atol=1e-10)  # S pinv(S) S = S
     f1, f2, f3 = nystrom_attention_parts(q, k, 0.5, landmarks=3)  # an approximation
     assert f1.shape[-1] == 3 and f3.shape[-2] == 3
+
+
+def test_performer_estimate_converges_to_softmax_attention(generator):
+    from attnssl.nn.performer_attention import favor_attention, orthogonal_gaussian
+
+    q, k, v = _qkv(generator, batch=1, heads=1, tokens=6, dim=4)
+    q, k = q / 2, k / 2  # scores of a trained layer's size: the estimator's variance stays small
+    exact = (q @ k.transpose(-2, -1) / 2).softmax(-1) @ v  # 1/sqrt(4)
+    torch.manual_seed(0)
+    errors = {m: (favor_attention(q, k, v, orthogonal_gaussian(m, 4, torch.float64))
+                  - exact).abs().max().item() for m in (4, 1024, 16384)}
+    assert errors[16384] < 0.01 and errors[16384] < errors[1024] < errors[4]
+    rows = orthogonal_gaussian(8, 4)
+    block = rows[:4] / rows[:4].norm(dim=1, keepdim=True)
+    assert torch.allclose(block @ block.T, torch.eye(4), atol=1e-5)  # orthogonal in blocks
+
+
+def test_performer_redraws_its_features_on_schedule_and_checkpoints_them():
+    vit = build_vit(ModelSection(preset="vit_tiny_p4", attention="performer", depth=1), 28, 1)
+    layer = vit.blocks[0].attn
+    layer.redraw_every = 2
+    first = layer.projection.clone()
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():  # a teacher's forward or an evaluation: no training step
+        vit(images)
+    vit(images), vit(images)
+    assert int(layer.training_steps) == 2 and torch.equal(layer.projection, first)
+    vit(images)  # the third training step draws new features
+    assert int(layer.training_steps) == 3 and not torch.equal(layer.projection, first)
+    state = vit.state_dict()
+    assert {"blocks.0.attn.projection", "blocks.0.attn.training_steps"} <= state.keys()
+    again = build_vit(ModelSection(preset="vit_tiny_p4", attention="performer", depth=1), 28, 1)
+    again.load_state_dict(state)
+    assert torch.equal(again.blocks[0].attn.projection, layer.projection)

@@ -1,10 +1,12 @@
 """Network parts. The imports below register the attention layers that live in their own
-modules (``model.attention=linear``, ``efficient``, ``nystrom``, ``sinkformer``); a new attention is a
+modules (``model.attention=linear``, ``efficient``, ``nystrom``,
+``performer``, ``sinkformer``); a new attention is a
 module and a line here."""
 
 from attnssl.nn import (  # noqa: F401  (registers them)
     efficient_attention,
     linear_attention,
     nystrom_attention,
+    performer_attention,
     sinkformer_attention,
 )
