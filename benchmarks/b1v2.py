@@ -75,8 +75,8 @@ def train_row(name: str, args) -> dict:
         pieces = ["trainer.progress_bar=false"]
         if args.threads:
             pieces.append(f"trainer.num_threads={args.threads}")
-        if args.max_steps:
-            pieces.append(f"trainer.max_steps={args.max_steps}")
+        # the checkpoint holds the limit of the piece that wrote it: set this call's (or none)
+        pieces.append(f"trainer.max_steps={args.max_steps or 'null'}")
         config = config_from_checkpoint(load_training_checkpoint(found, lazy=True), pieces)
     elif args.max_steps:
         config.trainer.max_steps = args.max_steps
