@@ -35,11 +35,13 @@ from attnssl.functional.attention_metrics import (
     alignment,
     attention_diversity,
     attention_entropy,
+    attention_rollout,
     attention_segmentation_jaccard,
     class_token_attention,
     grid_positions,
     mean_attention_distance,
     patch_attention,
+    rank_collapse_residual,
     uniformity,
 )
 from attnssl.functional.collapse import effective_rank, embedding_std
@@ -107,6 +109,26 @@ def head_statistics(maps: list[torch.Tensor], prefix: int, grid: tuple[int, int]
     return {name: torch.stack(values) for name, values in stats.items()}
 
 
+def depth_statistics(maps: list[torch.Tensor], block_outputs: list[torch.Tensor], prefix: int,
+                     patch: int, foreground: torch.Tensor | None = None,
+                     mass: float = SEGMENTATION_MASS) -> dict[str, torch.Tensor]:
+    """Per layer, means over the batch: the entropy of the class token's attention rollout over
+    the patches (``rollout_cls_entropy``; with a foreground, its segmentation Jaccard,
+    ``rollout_jaccard``), and the rank-collapse residual of the block's output tokens
+    (``rank_collapse``). Each is ``(layers,)``."""
+    rollouts = attention_rollout([m.double() for m in maps])
+    cls = [class_token_attention(r.unsqueeze(1), prefix)[:, 0] for r in rollouts]  # (B, P)
+    stats = {
+        "rollout_cls_entropy": torch.stack([attention_entropy(c).mean() for c in cls]),
+        "rank_collapse": torch.stack([rank_collapse_residual(t.double()).mean()
+                                      for t in block_outputs]),
+    }
+    if foreground is not None:
+        stats["rollout_jaccard"] = torch.stack([
+            attention_segmentation_jaccard(c, foreground, patch, mass).mean() for c in cls])
+    return stats
+
+
 @dataclass
 class AttentionPass:
     """Statistics averaged over all analysed images, and the maps of the first few to draw."""
@@ -138,9 +160,17 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
             indices = torch.arange(start, min(start + batch_size, count))
             images, _ = dataset.get_batch(indices)
             foreground = foreground_masks(dataset, indices, images)
-            maps = [m.cpu() for m in attention_maps(backbone,
-                                                    normalise(images, mean, std).to(device))]
+            outputs: list[torch.Tensor] = []
+            hooks = [block.register_forward_hook(lambda _m, _i, out, kept=outputs: kept.append(out.cpu()))
+                     for block in backbone.blocks]
+            try:
+                maps = [m.cpu() for m in attention_maps(backbone,
+                                                        normalise(images, mean, std).to(device))]
+            finally:
+                for hook in hooks:
+                    hook.remove()
             stats = head_statistics(maps, prefix, grid, patch, foreground)
+            stats.update(depth_statistics(maps, outputs, prefix, patch, foreground))
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0) + value * len(indices)
             if first is None:
@@ -206,7 +236,7 @@ def analyze_backbone(backbone: nn.Module, dataset: ImageDataset, feature_kind: s
         "grid": list(grid),
         "class_tokens": backbone.num_prefix_tokens,
         "uniform_entropy": math.log(grid[0] * grid[1]),
-        "per_head": {k: v.tolist() for k, v in attn.stats.items() if k != "jaccard_head_mean"},
+        "per_head": {k: v.tolist() for k, v in attn.stats.items() if v.dim() == 2},
         "per_layer": {k: (v.mean(-1) if v.dim() == 2 else v).tolist()
                       for k, v in attn.stats.items()},
         "collapse": collapse_statistics(backbone, dataset, feature_kind, embed_images, seed),

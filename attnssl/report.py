@@ -207,7 +207,8 @@ def write_html_report(path: Path, result: dict, figures: list[tuple[str, Path]])
     it opens in any browser with no server and no other file."""
     per_layer = result["per_layer"]
     layer_names = [n for n in ("entropy", "distance", "diversity", "cls_entropy",
-                               "jaccard_head_mean") if n in per_layer]
+                               "jaccard_head_mean", "rollout_cls_entropy", "rollout_jaccard",
+                               "rank_collapse") if n in per_layer]
     layer_rows = [[str(i + 1)] + [f"{per_layer[n][i]:.4f}" for n in layer_names]
                   for i in range(len(per_layer["entropy"]))]
     head_rows = [[str(layer + 1), str(head + 1)]

@@ -131,6 +131,12 @@ def test_analyze_writes_json_figures_and_a_self_contained_report(tmp_path, capsy
         assert torch.isfinite(values).all()
     assert (torch.tensor(result["per_head"]["entropy"]) <= math.log(grid * grid) + 1e-6).all()
     assert 0 <= result["segmentation"]["last_layer_head_mean"] <= 1
+    layer = result["per_layer"]
+    assert len(layer["rollout_cls_entropy"]) == len(layer["rank_collapse"]) == depth
+    assert all(0 <= h <= math.log(grid * grid) + 1e-6 for h in layer["rollout_cls_entropy"])
+    assert all(0 < r <= 1 for r in layer["rank_collapse"])
+    assert all(0 <= j <= 1 for j in layer["rollout_jaccard"])
+    assert "rank_collapse" in (run / "report.html").read_text()
     collapse = result["collapse"]
     assert 1 <= collapse["effective_rank"] <= collapse["feature_dim"]
     assert 0 <= collapse["alignment"] <= 4 and collapse["uniformity"] <= 0

@@ -112,3 +112,37 @@ def test_segmentation_jaccard_of_known_attention():
                                           foreground[:1], 2)
     assert half.item() == pytest.approx(0.5)  # 4 of the 8 predicted pixels are the object
     assert jaccard(torch.zeros(3, 3, dtype=torch.bool), torch.zeros(3, 3, dtype=torch.bool)) == 1
+
+
+def test_rollout_of_identity_attention_is_the_identity_and_follows_its_recursion(generator):
+    from attnssl.functional.attention_metrics import attention_rollout
+
+    eye = torch.eye(6, dtype=torch.float64).expand(2, 3, 6, 6)
+    for r in attention_rollout([eye, eye, eye]):
+        assert torch.allclose(r, torch.eye(6, dtype=torch.float64).expand(2, 6, 6))
+    maps = [torch.rand(2, 3, 6, 6, generator=generator, dtype=torch.float64).softmax(-1)
+            for _ in range(3)]
+    rollouts = attention_rollout(maps)
+    expected = torch.eye(6, dtype=torch.float64).expand(2, 6, 6)
+    for layer, rollout in zip(maps, rollouts, strict=True):
+        mixed = torch.zeros(2, 6, 6, dtype=torch.float64)
+        for b in range(2):  # one entry at a time: (mean_h A + I) / 2, rows renormalised
+            for i in range(6):
+                row = [(sum(layer[b, h, i, j] for h in range(3)) / 3 + (i == j)) / 2
+                       for j in range(6)]
+                mixed[b, i] = torch.stack([torch.as_tensor(v) for v in row]) / sum(row)
+        expected = mixed @ expected
+        assert torch.allclose(rollout, expected)
+        assert torch.allclose(rollout.sum(-1), torch.ones(2, 6, dtype=torch.float64))
+
+
+def test_rank_collapse_residual_is_zero_for_identical_tokens_and_one_for_centred_ones(generator):
+    from attnssl.functional.attention_metrics import rank_collapse_residual
+
+    same = torch.randn(3, 1, 8, generator=generator).expand(3, 5, 8)
+    assert torch.allclose(rank_collapse_residual(same), torch.zeros(3), atol=1e-6)
+    centred = torch.randn(3, 5, 8, generator=generator)
+    centred = centred - centred.mean(dim=1, keepdim=True)
+    assert torch.allclose(rank_collapse_residual(centred), torch.ones(3))
+    mixed = same + 0.1 * centred
+    assert (rank_collapse_residual(mixed) < 0.5).all()

@@ -116,3 +116,29 @@ def attention_segmentation_jaccard(cls_attention: torch.Tensor, foreground: torc
     grid = top_mass_mask(cls_attention, mass).view(batch, height // patch, width // patch)
     pixels = grid.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
     return jaccard(pixels, foreground)
+
+
+def attention_rollout(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers"):
+    with each layer's head-averaged map ``A_l`` and the residual as an identity,
+    ``R_1 = A~_1`` and ``R_l = A~_l R_{l-1}`` where ``A~_l = rownorm(0.5 A_l + 0.5 I)``.
+    ``maps`` are ``(B, heads, N, N)`` per layer; returns each layer's ``R_l``, ``(B, N, N)``,
+    whose rows say how much of each input token reaches each token after ``l`` layers."""
+    rollout, out = None, []
+    for layer in maps:
+        mixed = 0.5 * layer.mean(dim=1) + 0.5 * torch.eye(layer.shape[-1], dtype=layer.dtype,
+                                                           device=layer.device)
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+        out.append(rollout)
+    return out
+
+
+def rank_collapse_residual(tokens: torch.Tensor) -> torch.Tensor:
+    """How far a layer's tokens ``X (B, N, D)`` are from the nearest matrix of identical rows,
+    ``1 x^T`` (Dong et al. 2021, "Attention is Not All You Need": rank collapse is this residual
+    going to 0 with depth), relative to their size: ``||X - 1 mean(X)^T||_F / ||X||_F`` per
+    image (the Frobenius norm, for which the nearest ``1 x^T`` is the mean token; the paper
+    bounds the composite l1,inf norm). 0: every token is the same."""
+    centred = tokens - tokens.mean(dim=1, keepdim=True)
+    return centred.flatten(1).norm(dim=1) / tokens.flatten(1).norm(dim=1).clamp_min(1e-12)
