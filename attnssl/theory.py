@@ -17,6 +17,10 @@ The paper has no official code; this is our reconstruction of its data model and
 
       F_p = sum_q softmax_q(h_q^T Q h_p) x_q.
 
+* ``attention="linear"`` replaces the softmax by linear attention (Katharopoulos et al. 2020)
+  on the same query ``Q h_p`` and key ``h_q``: ``a_pq = phi(Q h_p).phi(h_q) / sum_q'
+  phi(Q h_p).phi(h_q')`` with ``phi = elu + 1``; at ``Q = 0`` it is nearly uniform (each key
+  weighted by ``sum_d phi(h_q)_d``, between ``d`` and ``d + 3`` here).
 * MAE: each patch is masked with probability ``gamma``; loss ``1/2 sum_{p masked} ||F_p - x_p||^2``
   (mean over images). CL: two independently masked views of each image, pooled outputs
   ``mean_p F_p``, InfoNCE (NT-Xent) against the batch's other images.
@@ -35,6 +39,7 @@ import torch
 
 from attnssl.functional.attention_metrics import attention_diversity
 from attnssl.functional.info_nce import nt_xent
+from attnssl.nn.linear_attention import elu_feature_map
 
 
 @dataclass(frozen=True)
@@ -103,35 +108,47 @@ def positions(data: DataModel) -> torch.Tensor:
     return e
 
 
-def attention(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``(B, P_query, P_key)``: ``softmax_q(h_q^T Q h_p)`` with ``h = x + e``."""
+ATTENTIONS = ("softmax", "linear")
+
+
+def attention(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor,
+              kind: str = "softmax") -> torch.Tensor:
+    """``(B, P_query, P_key)``: ``softmax_q(h_q^T Q h_p)`` with ``h = x + e``, or its linear
+    counterpart ``phi(Q h_p).phi(h_q)`` normalised over ``q`` (``kind="linear"``)."""
     h = x + e
-    return (h @ q.T @ h.transpose(1, 2)).softmax(dim=-1)
+    queries = h @ q.T  # row p: (Q h_p)^T
+    if kind == "softmax":
+        return (queries @ h.transpose(1, 2)).softmax(dim=-1)
+    if kind == "linear":
+        sim = elu_feature_map(queries) @ elu_feature_map(h).transpose(1, 2)
+        return sim / sim.sum(dim=-1, keepdim=True)
+    raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {kind!r}")
 
 
-def forward(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def forward(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor,
+            kind: str = "softmax") -> torch.Tensor:
     """``F (B, P, d)``: each query's attention-weighted sum of the patch features."""
-    return attention(q, x, e) @ x
+    return attention(q, x, e, kind) @ x
 
 
-def mae_loss(q, x, e, mask) -> torch.Tensor:
+def mae_loss(q, x, e, mask, kind: str = "softmax") -> torch.Tensor:
     """``1/2 sum_{p masked} ||F_p - x_p||^2``, mean over images; ``mask (B, P)`` 1 = masked."""
     visible = x * (1 - mask).unsqueeze(-1)
-    error = (forward(q, visible, e) - x).pow(2).sum(-1)
+    error = (forward(q, visible, e, kind) - x).pow(2).sum(-1)
     return 0.5 * (error * mask).sum(1).mean()
 
 
-def cl_loss(q, x, e, mask_a, mask_b, temperature: float) -> torch.Tensor:
+def cl_loss(q, x, e, mask_a, mask_b, temperature: float, kind: str = "softmax") -> torch.Tensor:
     """InfoNCE between the pooled outputs of two masked views of each image."""
-    pooled = [forward(q, x * (1 - m).unsqueeze(-1), e).mean(1) for m in (mask_a, mask_b)]
+    pooled = [forward(q, x * (1 - m).unsqueeze(-1), e, kind).mean(1) for m in (mask_a, mask_b)]
     return nt_xent(torch.cat(pooled), torch.cat(pooled), 2, temperature)
 
 
 @torch.no_grad()
-def measure(q, batch: dict, e: torch.Tensor) -> dict[str, float]:
+def measure(q, batch: dict, e: torch.Tensor, kind: str = "softmax") -> dict[str, float]:
     """Attention mass of local and global queries on their own area and on the global area,
     and the diversity across areas, on clean images."""
-    attn = attention(q, batch["x"], e)  # (B, P, P)
+    attn = attention(q, batch["x"], e, kind)  # (B, P, P)
     area = batch["area"]
     same_area = (area.unsqueeze(2) == area.unsqueeze(1)).float()  # (B, query, key)
     on_global = (area == 0).float().unsqueeze(1)  # (B, 1, key)
@@ -157,6 +174,7 @@ class TrainSettings:
     log_every: int = 100
     eval_images: int = 256
     seed: int = 0
+    attention: str = "softmax"
 
 
 @dataclass
@@ -186,15 +204,17 @@ def train(objective: str, data: DataModel, settings: TrainSettings) -> Curve:
     for step in range(settings.steps + 1):
         if step % settings.log_every == 0 or step == settings.steps:
             curve.steps.append(step)
-            curve.metrics.append(measure(q, eval_batch, e))
+            curve.metrics.append(measure(q, eval_batch, e, settings.attention))
         if step == settings.steps:
             break
         x = sample_images(data, settings.batch, generator, areas)["x"]
         if objective == "mae":
-            loss = mae_loss(q, x, e, random_mask(x, settings.mask_prob, generator))
+            loss = mae_loss(q, x, e, random_mask(x, settings.mask_prob, generator),
+                            settings.attention)
         else:
             loss = cl_loss(q, x, e, random_mask(x, settings.mask_prob, generator),
-                           random_mask(x, settings.mask_prob, generator), settings.temperature)
+                           random_mask(x, settings.mask_prob, generator), settings.temperature,
+                           settings.attention)
         (grad,) = torch.autograd.grad(loss, q)
         with torch.no_grad():
             q -= settings.lr * grad

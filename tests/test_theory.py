@@ -72,3 +72,29 @@ def test_phase_table_reports_the_first_step_each_phase_is_reached():
     assert first_step(curve, "local_own_area", 0.5) == 20
     assert first_step(curve, "local_on_global", 0.9) is None
     assert "| mae | 2 | 10 | 20 | 20 | 0.600 | 0.700 |" in phase_table([curve])
+
+
+def test_linear_attention_follows_its_formula_and_starts_near_uniform(generator):
+    data = DataModel()
+    batch = sample_images(data, 2, torch.Generator().manual_seed(0), data.areas())
+    x, e = batch["x"], positions(data)
+    q = torch.randn(data.width, data.width, generator=generator) * 0.1
+    attn = attention(q, x, e, "linear")
+    h = x + e
+    phi = lambda v: torch.nn.functional.elu(v) + 1  # noqa: E731
+    for b in range(2):
+        for p in (0, 7):
+            sims = torch.stack([phi(q @ h[b, p]) @ phi(h[b, k]) for k in range(data.patches)])
+            torch.testing.assert_close(attn[b, p], sims / sims.sum())
+    start = attention(torch.zeros(data.width, data.width), x, e, "linear")
+    assert (start - 1 / data.patches).abs().max() < 0.2 / data.patches  # keys weigh d to d + 3
+
+
+def test_theory_runs_with_linear_attention(tmp_path, capsys):
+    out = tmp_path / "theory"
+    assert main(["theory", "--out", str(out), "--steps", "60", "--imbalance", "2",
+                 "--local-scale", "1.0", "--attention", "linear"]) == 0
+    result = json.loads((out / "theory.json").read_text())
+    assert result["settings"]["attention"] == "linear"
+    mae = result["curves"][0]["metrics"]
+    assert mae[-1]["local_own_area"] > mae[0]["local_own_area"]
