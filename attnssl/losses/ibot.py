@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from attnssl.functional.dino import (
@@ -31,7 +30,7 @@ from attnssl.functional.dino import (
     ema_center,
     teacher_probabilities,
 )
-from attnssl.losses.dino import diagnostics
+from attnssl.losses.dino import DINOLoss, diagnostics
 
 
 def masked_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
@@ -57,13 +56,14 @@ class IBOTOutput:
     kl: torch.Tensor
 
 
-class IBOTLoss(nn.Module):
+class IBOTLoss(DINOLoss):
     """``IBOTLoss(...)(student_cls, student_patch, teacher_cls, teacher_patch, masks)``.
 
     ``student_cls`` is ``(V*B, K)`` stacked view-major (global views first), ``teacher_cls``
     ``(G*B, K)``; ``student_patch`` and ``teacher_patch`` are ``(G*B, N, K')``, ``masks``
     ``(G*B, N)``. ``teacher_temp`` and ``teacher_patch_temp`` are set between steps by the
-    method's schedule. Computed in float32 with autocast off.
+    method's schedule. Computed in float32 with autocast off. The class-token half (its
+    centre, temperatures and view checks) is :class:`DINOLoss`'s.
     """
 
     def __init__(self, out_dim: int, patch_out_dim: int, n_views: int, n_global_views: int,
@@ -71,16 +71,11 @@ class IBOTLoss(nn.Module):
                  teacher_patch_temp: float = 0.04, center_momentum: float = 0.9,
                  center_momentum_patch: float = 0.9, lambda_cls: float = 1.0,
                  lambda_patch: float = 1.0):
-        super().__init__()
-        if not 1 <= n_global_views <= n_views or n_views < 2:
-            raise ValueError(f"need 1 <= n_global_views <= n_views and n_views >= 2, got "
-                             f"n_global_views={n_global_views}, n_views={n_views}")
-        self.n_views, self.n_global_views = n_views, n_global_views
-        self.student_temp = student_temp
-        self.teacher_temp, self.teacher_patch_temp = teacher_temp, teacher_patch_temp
-        self.center_momentum, self.center_momentum_patch = center_momentum, center_momentum_patch
+        super().__init__(out_dim, n_views, n_global_views, student_temp, teacher_temp,
+                         center_momentum)
+        self.teacher_patch_temp = teacher_patch_temp
+        self.center_momentum_patch = center_momentum_patch
         self.lambda_cls, self.lambda_patch = lambda_cls, lambda_patch
-        self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
         self.last_output: IBOTOutput | None = None
 
@@ -116,8 +111,7 @@ class IBOTLoss(nn.Module):
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        mean = batch_center(teacher_cls, distributed=True)
-        self.center.copy_(ema_center(self.center, mean, self.center_momentum))
+        self.update_center(teacher_cls)
         patch_mean = batch_center(teacher_patch.mean(1), distributed=True).unsqueeze(0)
         self.center_patch.copy_(ema_center(self.center_patch, patch_mean,
                                            self.center_momentum_patch))

@@ -108,7 +108,8 @@ class BAM(Method):
 
     def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         cfg = self.cfg
-        self.momentum = cosine(step, total_steps, cfg.teacher_momentum, 1.0)
+        self.momentum = (self.teacher.set_step(step, total_steps) if self.teacher is not None
+                         else cosine(step, total_steps, cfg.teacher_momentum, 1.0))
         end = cfg.sinkhorn_eps if cfg.sinkhorn_eps_end is None else cfg.sinkhorn_eps_end
         ramp = round(cfg.sinkhorn_eps_warmup_epochs * steps_per_epoch)
         self.criterion.sinkhorn_eps = linear_ramp(step, ramp, cfg.sinkhorn_eps, end)

@@ -33,6 +33,7 @@ from attnssl.methods.base import register_method
 from attnssl.methods.dino import SelfDistillation, _DistillationSection
 from attnssl.methods.multicrop import multicrop_features
 from attnssl.nn.heads import DINOHead
+from attnssl.nn.udi import vit_tokens
 
 
 class IBOTSection(_DistillationSection):
@@ -140,14 +141,7 @@ def masked_tokens(vit: nn.Module, images: torch.Tensor, masks: torch.Tensor | No
     """A timm ViT's tokens after the final norm, ``(B, 1 + N, D)``, with the patch embeddings
     at ``masks (B, H, W)`` replaced by ``mask_token`` before positions are added (official
     ``prepare_tokens`` / ``mask_model``)."""
-    x = vit.patch_embed(images)  # (B, H, W, D): the backbone takes any image size
-    if masks is not None:
-        x = torch.where(masks.unsqueeze(-1), mask_token.to(x.dtype), x)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    x = vit.blocks(x)
-    return vit.norm(x)
+    return vit_tokens(vit, images, masks, mask_token)[1]
 
 
 @register_method

@@ -9,10 +9,15 @@ import torch
 import torch.nn as nn
 
 
-def vit_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vit_tokens(vit: nn.Module, images: torch.Tensor, masks: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens after the last block, the same after the final norm)`` of a timm ViT, each
-    ``(B, prefix + N, D)``; the second is ``vit.forward_features(images)``."""
-    x = vit.patch_embed(images)
+    ``(B, prefix + N, D)``; the second is ``vit.forward_features(images)``. With ``masks (B, H,
+    W)``, the patch embeddings there are replaced by ``mask_token`` before positions are added
+    (iBOT's masked student)."""
+    x = vit.patch_embed(images)  # (B, H, W, D): the backbone takes any image size
+    if masks is not None:
+        x = torch.where(masks.unsqueeze(-1), mask_token.to(x.dtype), x)
     x = vit._pos_embed(x)
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)
