@@ -62,6 +62,48 @@ def test_dino_loss_matches_the_loop_and_moves_the_centre(n_views, n_global, gene
     assert criterion.center[0].tolist() == pytest.approx(expected_center, abs=1e-6)
 
 
+
+def dinov2_sinkhorn_knopp(teacher, temp, iters):
+    """DINOv2's teacher in its own notation: ``Q`` is prototypes x samples, prototype rows
+    scaled to ``1/K``, sample columns to ``1/B``, then ``Q * B`` transposed; float64 loops."""
+    rows = [[math.exp(teacher[i, k].item() / temp) for i in range(teacher.shape[0])]
+            for k in range(teacher.shape[1])]
+    n_protos, n_samples = len(rows), len(rows[0])
+    total = sum(map(sum, rows))
+    rows = [[x / total for x in row] for row in rows]
+    for _ in range(iters):
+        rows = [[x / sum(row) / n_protos for x in row] for row in rows]
+        column_sums = [sum(row[i] for row in rows) for i in range(n_samples)]
+        rows = [[x / column_sums[i] / n_samples for i, x in enumerate(row)] for row in rows]
+    return torch.tensor([[rows[k][i] * n_samples for k in range(n_protos)] for i in range(n_samples)],
+                        dtype=torch.float64)
+
+
+def test_sinkhorn_centering_is_dinov2s_teacher_and_leaves_the_centre(generator):
+    n_views, n_global, batch, dim = 4, 2, 5, 7
+    student = torch.randn(n_views * batch, dim, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(n_global * batch, dim, generator=generator, dtype=torch.float64)
+    criterion = DINOLoss(dim, n_views, n_global, teacher_temp=0.3, centering="sinkhorn",
+                         sinkhorn_iters=3)
+    targets = criterion.targets(teacher)
+    expected = dinov2_sinkhorn_knopp(teacher, 0.3, 3)
+    assert torch.allclose(targets, expected, atol=1e-12)
+    assert torch.allclose(targets.sum(-1), torch.ones(n_global * batch, dtype=torch.float64))
+    # balanced: every output dimension gets close to the same share of the batch's mass
+    assert targets.sum(0).std() < (teacher / 0.3).softmax(-1).sum(0).std() / 3
+    loss = criterion(student, teacher)
+    p = expected.view(n_global, batch, dim)
+    q = torch.log_softmax(student / 0.1, -1).view(n_views, batch, dim)
+    pairs = [-(p[g] * q[v]).sum(-1).mean() for g in range(n_global) for v in range(n_views) if v != g]
+    assert loss.item() == pytest.approx((sum(pairs) / len(pairs)).item(), rel=1e-10)
+    assert torch.count_nonzero(criterion.center) == 0
+
+
+def test_dino_rejects_an_unknown_centering():
+    with pytest.raises(ValueError, match="centering must be 'ema' or 'sinkhorn'"):
+        DINOLoss(8, 2, centering="mean")
+
+
 def test_diagnostics_are_entropy_and_kl(generator):
     criterion = DINOLoss(5, 2, 2, teacher_temp=0.07)
     student = torch.randn(4, 5, generator=generator)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from attnssl.functional.bam import sinkhorn
 from attnssl.functional.collapse import mean_row_entropy
 from attnssl.functional.dino import (
     batch_center,
@@ -50,20 +51,30 @@ class DINOLoss(nn.Module):
     ``v != g`` of ``CE(softmax((t_g - c)/T_t), softmax(s_v / T_s))``; then the centre moves,
     ``c <- m c + (1 - m) mean(t)`` with the batch mean all-reduced across processes.
 
+    ``centering="sinkhorn"`` replaces the centre with DINOv2's Sinkhorn-Knopp teacher
+    (Oquab et al. 2023, github.com/facebookresearch/dinov2 ``sinkhorn_knopp_teacher``): the
+    targets are ``Q = diag(a) exp(t / T_t) diag(b)`` over the global batch of teacher outputs,
+    scaled ``sinkhorn_iters`` times so that every output dimension gets the same total mass and
+    every row sums to 1 (:func:`attnssl.functional.bam.sinkhorn`, all-reduced across
+    processes). The centre is then neither used nor updated.
+
     ``teacher_temp`` is set between steps by the method's schedule. Computed in float32 (float64
     if given) with autocast off (the official code runs it under fp16 autocast).
     """
 
     def __init__(self, out_dim: int, n_views: int, n_global_views: int = 2,
                  student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "ema", sinkhorn_iters: int = 3):
         super().__init__()
         if not 1 <= n_global_views <= n_views or n_views < 2:
             raise ValueError(f"need 1 <= n_global_views <= n_views and n_views >= 2, got "
                              f"n_global_views={n_global_views}, n_views={n_views}")
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         self.n_views, self.n_global_views = n_views, n_global_views
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.center_momentum = center_momentum
+        self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.last_output: DistillationOutput | None = None
 
@@ -79,13 +90,21 @@ class DINOLoss(nn.Module):
         dtype = torch.promote_types(student.dtype, torch.float32)
         with torch.autocast(student.device.type, enabled=False):
             teacher = teacher.detach().to(dtype)
-            probs = teacher_probabilities(teacher, self.center, self.teacher_temp)
+            probs = self.targets(teacher)
             loss = distillation_loss(student.to(dtype).view(self.n_views, batch, -1),
                                      probs.view(self.n_global_views, batch, -1),
                                      self.student_temp)
             self.last_output = DistillationOutput(loss, *diagnostics(loss, probs))
-            self.update_center(teacher)
+            if self.centering == "ema":
+                self.update_center(teacher)
         return loss
+
+    @torch.no_grad()
+    def targets(self, teacher: torch.Tensor) -> torch.Tensor:
+        """The teacher's target distributions, one row per teacher output."""
+        if self.centering == "sinkhorn":
+            return sinkhorn(teacher, self.teacher_temp, self.sinkhorn_iters, distributed=True)
+        return teacher_probabilities(teacher, self.center, self.teacher_temp)
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:

@@ -46,6 +46,9 @@ class DINOSection(_DistillationSection):
     """DINO (Caron et al. 2021, facebookresearch/dino)."""
 
     name: Literal["dino"] = "dino"
+    centering: Literal["ema", "sinkhorn"] = Field(
+        "ema", description="teacher targets: DINO's EMA centre, or DINOv2's Sinkhorn-Knopp")
+    sinkhorn_iters: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (DINOv2: 3)")
 
 
 def build_head(embed_dim: int, cfg) -> DINOHead:
@@ -129,7 +132,8 @@ class DINO(SelfDistillation):
         self.backbone = backbone
         self.head = build_head(backbone.embed_dim, cfg)
         self.criterion = DINOLoss(cfg.out_dim, n_global + n_local, n_global, cfg.student_temp,
-                                  cfg.warmup_teacher_temp, cfg.center_momentum)
+                                  cfg.warmup_teacher_temp, cfg.center_momentum,
+                                  cfg.centering, cfg.sinkhorn_iters)
         self._make_teacher()
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
