@@ -152,7 +152,11 @@ class ModelSection(Section):
     pos_embed: Literal["learned", "sincos"] = Field(
         "learned", description="learned (timm) or the fixed 2-D sine-cosine table (MAE's)")
     cbsa_pool: int = Field(8, gt=0, description="cbsa/agent: representatives pooled on an "
-                           "m x m grid of patches (8 officially; at most the patch grid)")
+                           "m x m grid of patches (8 officially)")
+    cbsa_small_grid: Literal["cap", "repeat"] = Field(
+        "cap", description="cbsa/agent on a patch grid smaller than cbsa_pool: cap the "
+        "representatives at the grid (one per patch), or repeat patches to m x m as the official "
+        "code's AdaptiveAvgPool2d does")
     block: Literal["vit", "cbt"] = Field(
         "vit", description="vit: attention + MLP; cbt: CBSA + the ISTA step (CBSA paper)")
     init_from: str | None = Field(

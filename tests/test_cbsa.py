@@ -27,7 +27,7 @@ def softmax_row(values: list[float]) -> list[float]:
 
 
 def loop_cbsa(layer, x: torch.Tensor, grid: tuple[int, int], side: int, contract: bool = True,
-              pool=None):
+              pool=None, cap: bool = True):
     """The four CBSA equations written out with scalar loops (float64), per image and head.
 
     Representatives come from torch's own ``AdaptiveAvgPool2d`` on the patch grid (computed
@@ -42,7 +42,7 @@ def loop_cbsa(layer, x: torch.Tensor, grid: tuple[int, int], side: int, contract
         prefix = tokens - grid[0] * grid[1]
         pooled = F.adaptive_avg_pool2d(
             w[:, prefix:].transpose(1, 2).reshape(batch, dim, *grid),
-            (min(side, grid[0]), min(side, grid[1])),
+            (min(side, grid[0]), min(side, grid[1])) if cap else (side, side),
         ).flatten(2).transpose(1, 2)  # (B, m, dim)
     else:
         pooled = pool(w)
@@ -92,6 +92,31 @@ def test_cbsa_matches_a_loop_over_its_equations(grid, side, prefix):
     # the recorded maps are the official A^T A
     torch.testing.assert_close(layer.attention_maps, extraction.transpose(-2, -1) @ extraction,
                                rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (7, 7)])
+@torch.no_grad()
+def test_repeat_on_a_small_grid_pools_side_x_side_as_the_official_adaptive_pool(grid):
+    layer = make_layer(CBSAAttention, side=8)
+    layer.pool_small_grid = "repeat"
+    x = torch.randn(2, 1 + grid[0] * grid[1], 12, dtype=torch.float64)
+    expected, extraction = loop_cbsa(layer, x, grid, 8, cap=False)
+    assert extraction.shape[2] == 64
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+    layer.pool_small_grid = "cap"
+    capped = layer(x)
+    assert not torch.allclose(capped, expected, atol=1e-3)
+    if grid == (4, 4):  # every patch is 4 of the 64 representatives: the broadcast is 4 times
+        bias = layer.to_out.bias
+        torch.testing.assert_close(expected - bias, 4 * (capped - bias), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("block,eps", [("vit", 1e-6), ("cbt", 1e-5)])
+def test_cbt_backbones_take_the_official_layer_norm_eps(block, eps):
+    cfg = load_config(None, ["model.attention=cbsa", f"model.block={block}"])
+    vit = build_vit(cfg.model, 28, 1)
+    norms = [m for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 4 + 1 and {m.eps for m in norms} == {eps}
 
 
 @torch.no_grad()

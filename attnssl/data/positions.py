@@ -110,7 +110,10 @@ def shift_to_overlap(boxes: torch.Tensor, reference: torch.Tensor,
     ``r`` and union extent ``U``: shift by the gap ``max(U - a - r, 0)``, plus ``min(a, r) / 2``
     when the overlap is below that, toward the reference's centre; then clamp into the image.
     (The official code measures the union's width from ``min(i, rj)``, a row where a column is
-    meant; we use the column.)
+    meant; we use the column. It also takes the reference's side as its last pixel index minus
+    its first, ``r - 1`` for ``r`` pixels, against ``h`` pixels for the crop, so when the
+    reference is the shorter it aims at ``(r - 1) / 2`` of overlap where we aim at ``r / 2``:
+    the crops land about one pixel apart.)
     """
     out = boxes.clone()
     for lo, hi in ((0, 2), (1, 3)):

@@ -71,10 +71,13 @@ def adaptive_pool_matrix(grid_h: int, grid_w: int, out_h: int, out_w: int) -> to
 
 
 def pooling_weights(grid: tuple[int, int], side: int, prefix: int,
-                    visible: torch.Tensor | None = None) -> torch.Tensor:
+                    visible: torch.Tensor | None = None, cap: bool = True) -> torch.Tensor:
     """Row-stochastic pooling over the tokens ``[prefix tokens, patches]``: ``(B or 1, m, N)``.
 
-    Representatives average patches on an ``min(side, H) x min(side, W)`` grid; class tokens
+    Representatives average patches on an ``min(side, H) x min(side, W)`` grid (``cap=False``:
+    always ``side x side``; on a smaller grid patches then repeat, as the official layer's
+    ``AdaptiveAvgPool2d`` does: on a 4 x 4 grid each patch is 4 of the 64 representatives,
+    which scales the broadcast ``A^T C`` by 4; on 7 x 7 the repeats are uneven); class tokens
     (the first ``prefix``) get weight 0. The official layer pools ``w[:, :-1]``, as if the class
     token were last; with timm's class token first that pools the class token and drops the
     last patch, which we do not reproduce. ``visible (B, K)`` (grid indices of the tokens
@@ -82,7 +85,8 @@ def pooling_weights(grid: tuple[int, int], side: int, prefix: int,
     none takes the mean of all visible patches.
     """
     grid_h, grid_w = grid
-    matrix = adaptive_pool_matrix(grid_h, grid_w, min(side, grid_h), min(side, grid_w))
+    out_h, out_w = (min(side, grid_h), min(side, grid_w)) if cap else (side, side)
+    matrix = adaptive_pool_matrix(grid_h, grid_w, out_h, out_w)
     if visible is None:
         weights = matrix.unsqueeze(0)
     else:

@@ -28,8 +28,10 @@ def multimodal_logits(patch_logits: torch.Tensor, valid: torch.Tensor, cls_logit
 
 def masked_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor,
                          mask: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """``sum_i mask_i CE(p_i, softmax(s_i / T_s)) / sum_i mask_i`` over all leading axes
-    (0 when nothing is valid)."""
+    """``sum_i mask_i CE(p_i, softmax(s_i / T_s)) / sum_i mask_i`` over all leading axes.
+
+    0 when nothing is valid, where the official code divides by the zero count and its loss
+    (and every gradient) turns NaN for that step; we keep the step finite on purpose."""
     ce = torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)
     mask = mask.to(ce.dtype)
     return (ce * mask).sum() / mask.sum().clamp_min(1.0)

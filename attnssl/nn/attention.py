@@ -174,7 +174,8 @@ class CBSAAttention(_SharedProjectionAttention):
     """Contract-and-broadcast self-attention, linear in the number of tokens N.
 
     Per head: ``R0 = P W`` pools the projected patch tokens to ``m`` representatives
-    (``pool_side x pool_side``, at most the patch grid; official 8 x 8), ``A = softmax(R0 W^T
+    (``pool_side x pool_side``, official 8 x 8; capped at the patch grid unless
+    ``pool_small_grid="repeat"``, see :func:`pooling_weights`), ``A = softmax(R0 W^T
     scale)``, ``R = R0 + s_rep A W``, ``C = softmax(R R^T scale) R``, ``out = to_out(concat_h
     s_x A^T C)``; ``s_x`` and ``s_rep`` are learned per head, initialised N(0, 1). Class tokens
     are keys, values and receivers of the broadcast, but never pooled (the official layer pools
@@ -191,13 +192,15 @@ class CBSAAttention(_SharedProjectionAttention):
         self.step_x = nn.Parameter(torch.randn(num_heads, 1, 1))
         self.step_rep = nn.Parameter(torch.randn(num_heads, 1, 1))
         self.pool_side = 8  # set by build_vit from model.cbsa_pool
+        self.pool_small_grid = "cap"  # and model.cbsa_small_grid
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
         if attn_mask is not None:
             raise ValueError(f"{type(self).__name__} does not take an attention mask")
         w = self.split_heads(self.proj(x))
         grid, visible = self.grid(x.shape[1])
-        pool = pooling_weights(grid, self.pool_side, self.num_prefix_tokens, visible)
+        pool = pooling_weights(grid, self.pool_side, self.num_prefix_tokens, visible,
+                               cap=self.pool_small_grid == "cap")
         out, extraction = cbsa_heads(w, pool.to(w.device, w.dtype), self.step_rep, self.step_x,
                                      self.scale, contract=self.contract)
         if self.record_attention:

@@ -36,7 +36,9 @@ class ISTA(nn.Module):
 class CBTBlock(nn.Module):
     """``z = x + attn(LN_1(x))``, then ``x = ISTA(LN_2(z))``, with no residual around the ISTA
     step (the official ``Transformer.forward``). Takes timm's ``Block`` arguments so that
-    ``VisionTransformer(block_fn=CBTBlock)`` builds a CBT; the MLP arguments are unused."""
+    ``VisionTransformer(block_fn=CBTBlock)`` builds a CBT; the MLP arguments are unused.
+    ``build_vit`` passes ``nn.LayerNorm`` (eps 1e-5, the official ``PreNorm``'s) where timm's
+    default would be eps 1e-6."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_norm: bool = False, proj_bias: bool = True, proj_drop: float = 0.0,

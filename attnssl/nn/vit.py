@@ -86,7 +86,7 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         attn_layer=get_attention(model_cfg.attention),
         weight_init="" if model_cfg.weight_init in ("timm", "mae") else model_cfg.weight_init,
         reg_tokens=extra_tokens,
-        block_fn=CBTBlock if getattr(model_cfg, "block", "vit") == "cbt" else Block,
+        **_block_arguments(getattr(model_cfg, "block", "vit")),
     )
     if model_cfg.weight_init == "mae":
         mae_init_(vit)
@@ -99,7 +99,16 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         layer.num_prefix_tokens = vit.num_prefix_tokens
         if hasattr(layer, "pool_side"):
             layer.pool_side = getattr(model_cfg, "cbsa_pool", 8)
+            layer.pool_small_grid = getattr(model_cfg, "cbsa_small_grid", "cap")
     return vit
+
+
+def _block_arguments(block: str) -> dict:
+    """timm's ``Block`` with timm's LayerNorm (eps 1e-6), or the CBT block with the official
+    CBSA code's ``nn.LayerNorm`` (eps 1e-5) in its blocks and the final norm."""
+    if block == "cbt":
+        return {"block_fn": CBTBlock, "norm_layer": nn.LayerNorm}
+    return {"block_fn": Block}
 
 
 def compile_blocks(module: nn.Module) -> None:
