@@ -141,7 +141,10 @@ def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None
     The export's backbone must have this run's architecture (sizes, class tokens, attention,
     block, position kind); every difference is named. A different image size is allowed:
     learned positions are resampled bicubically to the new patch grid (timm's
-    ``resample_abs_pos_embed``), fixed sine-cosine ones are rebuilt for it.
+    ``resample_abs_pos_embed``), fixed sine-cosine ones are rebuilt for it. So is another
+    attention among those that keep timm's ``qkv`` and ``proj`` (:func:`swappable_attentions`):
+    those carry over, and the parameters only one of the two layers has (Performer's random
+    features, FLatten's scale and convolution) keep this run's initialisation.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -156,8 +159,11 @@ def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None
     differences = [f"{SHAPE_ARG_NAMES.get(key, 'model.' + key)}: export "
                    f"{_shown(key, theirs.get(key))}, this run {_shown(key, ours[key])}"
                    for key in SHAPE_ARGS if theirs.get(key) != ours[key]]
+    swap = swappable_attentions(their_model.get("attention"), model_cfg.attention)
     for key in LAYER_KEYS:
         export_value, run_value = their_model.get(key), getattr(model_cfg, key)
+        if key == "attention" and swap:
+            continue
         if SAME_MATHS.get(export_value, export_value) != SAME_MATHS.get(run_value, run_value):
             differences.append(f"model.{key}: export {export_value!r}, this run {run_value!r}")
     if model_cfg.attention not in TIMM_ATTENTIONS and their_model.get("cbsa_pool") != \
@@ -177,4 +183,24 @@ def init_from_export(backbone: nn.Module, folder: str | Path, model_cfg) -> None
                 weights["pos_embed"], new_size=[ours["img_size"] // patch] * 2,
                 old_size=[theirs["img_size"] // patch] * 2,
                 num_prefix_tokens=backbone.num_prefix_tokens)
-    backbone.load_state_dict(weights)
+    if not swap:
+        backbone.load_state_dict(weights)
+        return
+    own = {key for key in backbone.state_dict() if ".attn." in key and key not in weights}
+    backbone.load_state_dict({k: v for k, v in weights.items() if k in backbone.state_dict()},
+                             strict=False)
+    if own:
+        print(f"model.init_from: {len(own)} tensors of {model_cfg.attention} attention that a "
+              f"{their_model.get('attention')} backbone lacks keep their initialisation")
+
+
+def swappable_attentions(export_attention: str | None, run_attention: str) -> bool:
+    """Whether an export's attention can start a run's other attention: both keep timm's
+    ``qkv`` and ``proj`` (softmax and the layers built on them, not CBSA, agent or MSSA)."""
+    from timm.layers import Attention
+
+    from attnssl.nn.attention import ATTENTION_LAYERS
+
+    pair = (export_attention, run_attention)
+    return (export_attention != run_attention and all(name in ATTENTION_LAYERS for name in pair)
+            and all(issubclass(ATTENTION_LAYERS[name], Attention) for name in pair))

@@ -3,7 +3,9 @@
 Forward + backward of one layer (width 192, 3 heads, batch 1) on N = 64 .. 16384 tokens (a
 square patch grid, no class token) for every attention of the registry: ``softmax`` (fused
 scaled-dot-product), ``softmax_explicit`` (materialises the maps), ``cbsa`` (m = 64: an 8x8
-pool), ``agent`` (CBSA without contraction) and ``mssa`` (CRATE). Each point runs in a fresh
+pool), ``agent`` (CBSA without contraction), ``mssa`` (CRATE), and the linear-cost layers
+``linear``, ``efficient``, ``focused_linear``, ``nystrom``, ``performer`` beside the quadratic
+``sinkformer``. Each point runs in a fresh
 process (``peak_memory.py``). The slope of log-time against log-N (least squares over N >= 1024)
 says how each scales: 2 is quadratic, 1 linear. A point whose peak, extrapolated from the
 previous N by the layer's slope (at most quadratic), would pass ``--memory-gb`` is not run.
@@ -22,8 +24,9 @@ from pathlib import Path
 from peak_memory import run_child
 from readme_block import ROOT, machine_line, replace_readme_block
 
-ATTENTIONS = ("softmax", "softmax_explicit", "cbsa", "agent", "mssa")
-QUADRATIC_MEMORY = {"softmax_explicit", "mssa"}
+ATTENTIONS = ("softmax", "softmax_explicit", "cbsa", "agent", "mssa", "linear", "efficient",
+              "focused_linear", "nystrom", "performer", "sinkformer")
+QUADRATIC_MEMORY = {"softmax_explicit", "mssa", "sinkformer"}
 
 CHILD = r"""
 from attnssl.nn.attention import get_attention

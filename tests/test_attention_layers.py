@@ -1,4 +1,5 @@
-"""The attention layers in their own modules (linear, efficient, nystrom, sinkformer): each
+"""The attention layers in their own modules (linear, efficient, focused_linear, nystrom,
+performer, sinkformer): each
 against its paper's formula or properties, its recorded map, and its fit into timm ViTs
 (weights shared with softmax, multi-crop, MAE, two class tokens)."""
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from attnssl.config import ModelSection
-from attnssl.nn.attention import attention_maps
+from attnssl.nn.attention import attention_maps, token_layout
 from attnssl.nn.efficient_attention import efficient_attention
+from attnssl.nn.focused_linear_attention import FocusedLinearAttention
 from attnssl.nn.linear_attention import EPS, linear_attention
 from attnssl.nn.mae import encode_visible
 from attnssl.nn.vit import build_vit
@@ -45,8 +47,76 @@ def test_efficient_attention_follows_its_formula_query_by_query(generator):
                 assert torch.allclose(out[b, h, i], expected)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "performer",
-                                       "sinkformer"])
+def loop_focused_linear(layer, x: torch.Tensor, side: int) -> torch.Tensor:
+    """FLatten's layer written out token by token (float64): the focusing map over the whole
+    width, each head's normalised sums over keys, the depthwise convolution of the values at
+    every patch with zero padding, then the output projection."""
+    batch, tokens, width = x.shape
+    heads, d, prefix = layer.num_heads, layer.head_dim, tokens - side * side
+    q, k, v = layer.qkv(x).reshape(batch, tokens, 3, width).unbind(2)
+    scale = F.softplus(layer.feature_scale)
+
+    def focus(row):
+        row = (torch.clamp(row, min=0) + 1e-6) / scale
+        cubed = torch.stack([value**3 for value in row])
+        return cubed / cubed.norm() * row.norm()
+
+    weight, bias, reach = layer.dwc.weight, layer.dwc.bias, layer.kernel_size // 2
+    out = torch.zeros(batch, tokens, width, dtype=x.dtype)
+    for b in range(batch):
+        fq = [focus(q[b, i]) for i in range(tokens)]
+        fk = [focus(k[b, j]) for j in range(tokens)]
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            for i in range(tokens):
+                sims = [fq[i][cols] @ fk[j][cols] for j in range(tokens)]
+                mean_key = sum(fk[j][cols] for j in range(tokens)) / tokens
+                numerator = sum(s * v[b, j, cols] for j, s in enumerate(sims)) / tokens
+                out[b, i, cols] = numerator / (fq[i][cols] @ mean_key + 1e-6)
+                if i < prefix:
+                    continue
+                row, col = divmod(i - prefix, side)
+                for c in range(d):
+                    total = bias[c]
+                    for dr in range(-reach, reach + 1):
+                        for dc in range(-reach, reach + 1):
+                            r, s = row + dr, col + dc
+                            if 0 <= r < side and 0 <= s < side:
+                                total = total + weight[c, 0, dr + reach, dc + reach] * v[
+                                    b, prefix + r * side + s, h * d + c]
+                    out[b, i, h * d + c] += total
+    return layer.proj(out)
+
+
+@torch.no_grad()
+def test_focused_linear_attention_follows_its_formula_token_by_token(generator):
+    layer = FocusedLinearAttention(8, num_heads=2).double()
+    layer.num_prefix_tokens = 1
+    layer.feature_scale.normal_(generator=generator)
+    layer.dwc.weight.normal_(generator=generator)
+    x = torch.randn(2, 1 + 3 * 3, 8, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), loop_focused_linear(layer, x, 3), rtol=0, atol=1e-9)
+    layer.record_attention = True
+    layer(x)
+    assert torch.allclose(layer.attention_maps.sum(-1), torch.ones(2, 2, 10, dtype=torch.float64))
+
+
+@torch.no_grad()
+def test_focused_linear_on_a_reordered_grid_permutes_its_output(generator):
+    layer = FocusedLinearAttention(8, num_heads=2).double()
+    x = torch.randn(2, 1 + 16, 8, generator=generator, dtype=torch.float64)
+    order = torch.stack([torch.randperm(16, generator=generator) for _ in range(2)])
+    shuffled = torch.cat([x[:, :1], x[:, 1:].gather(1, order[..., None].expand(-1, -1, 8))], 1)
+    with token_layout(layer, (4, 4), order):
+        out = layer(shuffled)
+    expected = layer(x)
+    torch.testing.assert_close(out[:, 0], expected[:, 0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[:, 1:], expected[:, 1:].gather(
+        1, order[..., None].expand(-1, -1, 8)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["linear", "efficient", "focused_linear", "nystrom",
+                                       "performer", "sinkformer"])
 def test_recorded_maps_sum_to_one_per_query_and_give_the_output(attention, generator):
     vit = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1).eval()
     images = torch.randn(3, 1, 28, 28, generator=generator)
@@ -58,6 +128,8 @@ def test_recorded_maps_sum_to_one_per_query_and_give_the_output(attention, gener
     for m in maps:
         assert torch.allclose(m.sum(-1), torch.ones(3, 4, 50), atol=atol)
         assert attention == "nystrom" or (m >= 0).all()
+    if attention == "focused_linear":
+        return  # its convolution adds a term beyond the map (the loop test above checks both)
     layer = vit.blocks[0].attn  # the map applied to the values is the layer's attention
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
     x = vit.blocks[0].norm1(x)
@@ -66,16 +138,21 @@ def test_recorded_maps_sum_to_one_per_query_and_give_the_output(attention, gener
     assert torch.allclose(layer(x), out, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["linear", "efficient", "nystrom", "performer",
-                                       "sinkformer"])
+OWN_PARAMETERS = {"performer": ("attn.projection", "attn.training_steps"),
+                  "focused_linear": ("attn.feature_scale", "attn.dwc.weight", "attn.dwc.bias")}
+
+
+@pytest.mark.parametrize("attention", ["linear", "efficient", "focused_linear", "nystrom",
+                                       "performer", "sinkformer"])
 def test_linear_layers_share_weights_with_softmax_and_fit_every_method(attention, generator):
     softmax = build_vit(ModelSection(preset="vit_tiny_p4"), 28, 1)
     other = build_vit(ModelSection(preset="vit_tiny_p4", attention=attention), 28, 1)
-    # the same qkv and proj; Performer adds only its random features and their step count
+    # the same qkv and proj; Performer adds only its random features and their step count,
+    # FLatten its feature scale and convolution
     missing, unexpected = other.load_state_dict(softmax.state_dict(), strict=False)
-    assert not unexpected and all(k.endswith(("attn.projection", "attn.training_steps"))
-                                  for k in missing)
-    assert bool(missing) == (attention == "performer")
+    own = OWN_PARAMETERS.get(attention, ())
+    assert not unexpected and all(k.endswith(own) for k in missing)
+    assert len(missing) == len(own) * 4
     softmax.load_state_dict({k: v for k, v in other.state_dict().items() if k not in missing})
     # multi-crop sizes, MAE's visible tokens, UDI's two class tokens; gradients flow
     assert other(torch.randn(2, 1, 12, 12, generator=generator)).shape == (2, 128)

@@ -289,6 +289,26 @@ def test_an_export_with_fixed_sincos_positions_gets_the_new_size_s_table(tmp_pat
     torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, weights["blocks.1.mlp.fc2.weight"])
 
 
+@pytest.mark.parametrize("attention", ["focused_linear", "performer", "linear"])
+def test_a_softmax_export_starts_another_attention_that_keeps_qkv_and_proj(exported, attention):
+    from safetensors.torch import load_file
+
+    from attnssl.config import load_config
+    from attnssl.export import init_from_export
+    from attnssl.nn.vit import build_vit
+
+    model_cfg = load_config("simclr_synthetic", [f"model.attention={attention}"]).model
+    torch.manual_seed(0)
+    backbone = build_vit(model_cfg, 32, 3)
+    fresh = {k: v.clone() for k, v in backbone.state_dict().items()}
+    init_from_export(backbone, exported, model_cfg)
+    weights, state = load_file(str(exported / "model.safetensors")), backbone.state_dict()
+    for key, value in state.items():  # every shared tensor from the export, the rest untouched
+        assert torch.equal(value, weights[key] if key in weights else fresh[key]), key
+    assert all(key in weights for key in state if key.endswith(("qkv.weight", "proj.weight")))
+    assert (set(state) == set(weights)) == (attention == "linear")
+
+
 def test_an_export_of_another_architecture_is_refused_by_name(tmp_path, exported):
     with pytest.raises(ValueError, match=r"model.depth: export 2, this run 3.*model.class_tokens: "
                                          r"export 1, this run 2.*model.attention: "

@@ -129,7 +129,31 @@ class QKVAttention(Attention):
         return self.proj_drop(self.proj(self.norm(out)))
 
 
-class _SharedProjectionAttention(nn.Module):
+class GridTokens:
+    """Mixin of the layers that need the patch grid behind their tokens (CBSA's pooling,
+    FLatten's depthwise convolution). ``num_prefix_tokens`` is set by ``build_vit``; by default
+    the tokens after the class tokens form a square grid, and :func:`token_layout` says
+    otherwise (a visible subset of the grid, as after MAE's masking)."""
+
+    num_prefix_tokens: int = 1
+    layout: tuple[tuple[int, int], torch.Tensor | None] | None = None
+
+    def grid(self, tokens: int) -> tuple[tuple[int, int], torch.Tensor | None]:
+        """The patch grid and the visible grid cells (None: all, in order)."""
+        if self.layout is not None:
+            return self.layout
+        patches = tokens - self.num_prefix_tokens
+        side = math.isqrt(max(patches, 0))
+        if patches <= 0 or side * side != patches:
+            raise ValueError(
+                f"{type(self).__name__} needs a square patch grid, but {patches} patch tokens "
+                f"(after {self.num_prefix_tokens} class tokens) are not one; pass the grid "
+                f"with attnssl.nn.attention.token_layout"
+            )
+        return (side, side), None
+
+
+class _SharedProjectionAttention(GridTokens, nn.Module):
     """Base of CBSA, agent and MSSA: one bias-free projection ``W = proj(x)`` split into heads
     (no separate queries, keys and values), scale ``p^-1/2``, output ``to_out`` (a linear)."""
 
@@ -143,8 +167,6 @@ class _SharedProjectionAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.record_attention = False
         self.attention_maps: torch.Tensor | None = None
-        self.num_prefix_tokens = 1  # set by build_vit
-        self.layout: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -153,20 +175,6 @@ class _SharedProjectionAttention(nn.Module):
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, tokens, _ = x.shape
         return x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-
-    def grid(self, tokens: int) -> tuple[tuple[int, int], torch.Tensor | None]:
-        """The patch grid and the visible grid cells (None: all, in order)."""
-        if self.layout is not None:
-            return self.layout
-        patches = tokens - self.num_prefix_tokens
-        side = math.isqrt(max(patches, 0))
-        if patches <= 0 or side * side != patches:
-            raise ValueError(
-                f"{type(self).__name__} pools a square patch grid, but {patches} patch tokens "
-                f"(after {self.num_prefix_tokens} class tokens) are not one; pass the grid "
-                f"with attnssl.nn.attention.token_layout"
-            )
-        return (side, side), None
 
 
 @register_attention("cbsa")
@@ -235,7 +243,7 @@ def token_layout(model: nn.Module, grid: tuple[int, int],
                  visible: torch.Tensor | None) -> Iterator[None]:
     """Within the block, grid-pooling layers of ``model`` take the patch tokens to be the cells
     ``visible (B, K)`` of a ``grid`` (all cells in order when ``visible`` is None)."""
-    layers = [m for m in model.modules() if isinstance(m, _SharedProjectionAttention)]
+    layers = [m for m in model.modules() if isinstance(m, GridTokens)]
     for layer in layers:
         layer.layout = (tuple(grid), visible)
     try:
