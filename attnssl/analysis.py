@@ -35,6 +35,7 @@ from attnssl.functional.attention_metrics import (
     alignment,
     attention_diversity,
     attention_entropy,
+    attention_flow,
     attention_rollout,
     attention_segmentation_jaccard,
     class_token_attention,
@@ -137,12 +138,16 @@ class AttentionPass:
     cls_maps: torch.Tensor  # (shown, layers, heads, P)
     images: torch.Tensor  # (shown, C, H, W) uint8
     foreground: torch.Tensor | None  # (shown, H, W)
+    # the class token's rollout and flow over the patches after the last layer, of the first
+    # flow_images images: (flow_images, 2, P), or None when no flow was asked for
+    rollout_and_flow: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown: int = 4,
-                   batch_size: int = 64) -> AttentionPass:
-    """Run the backbone (eval mode) on the first ``count`` test images, recording attention."""
+                   batch_size: int = 64, flow_images: int = 0) -> AttentionPass:
+    """Run the backbone (eval mode) on the first ``count`` test images, recording attention;
+    the class token's attention flow is solved for the first ``flow_images`` of them."""
     count = min(count, len(dataset))
     if count < 1:
         raise ValueError("analysis needs at least one image")
@@ -177,10 +182,22 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
                 cls = torch.stack([class_token_attention(m[:shown].double(), prefix)
                                    for m in maps], dim=1)
                 first = (cls.float(), images[:shown],
-                         None if foreground is None else foreground[:shown])
+                         None if foreground is None else foreground[:shown],
+                         rollout_and_flow(maps, prefix, flow_images))
     finally:
         backbone.train(was_training)
     return AttentionPass({k: v / count for k, v in totals.items()}, *first)
+
+
+def rollout_and_flow(maps: list[torch.Tensor], prefix: int, images: int) -> torch.Tensor | None:
+    """``(images, 2, P)``: the class token's attention rollout and attention flow to the
+    patches after the last layer, each renormalised over the patches (None for 0 images)."""
+    if images <= 0:
+        return None
+    first = [m[:images].double() for m in maps]
+    rollout = class_token_attention(attention_rollout(first)[-1], prefix)
+    flow = class_token_attention(attention_flow(first).unsqueeze(1), prefix)
+    return torch.stack([rollout, flow], dim=1).float()
 
 
 @torch.no_grad()
@@ -224,10 +241,10 @@ def collapse_statistics(backbone: nn.Module, dataset: ImageDataset, kind: str, c
 
 
 def analyze_backbone(backbone: nn.Module, dataset: ImageDataset, feature_kind: str = "cls",
-                     images: int = 256, embed_images: int = 1024, seed: int = 0
-                     ) -> tuple[dict, AttentionPass]:
+                     images: int = 256, embed_images: int = 1024, seed: int = 0,
+                     flow_images: int = 0) -> tuple[dict, AttentionPass]:
     """The JSON-ready analysis of ``backbone`` on ``dataset`` and the maps to draw."""
-    attn = attention_pass(backbone, dataset, images)
+    attn = attention_pass(backbone, dataset, images, flow_images=flow_images)
     patch = _patch_size(backbone)
     grid = patch_grid(dataset.image_size, patch)
     result = {
@@ -249,6 +266,13 @@ def analyze_backbone(backbone: nn.Module, dataset: ImageDataset, feature_kind: s
             "last_layer_head_mean": attn.stats["jaccard_head_mean"][-1].item(),
             "last_layer_best_head": attn.stats["jaccard"][-1].max().item(),
             "last_layer_mean_over_heads": attn.stats["jaccard"][-1].mean().item(),
+        }
+    if attn.rollout_and_flow is not None:
+        rollout, flow = attn.rollout_and_flow.double().unbind(1)
+        result["rollout_and_flow"] = {
+            "images": len(flow),
+            "last_layer_rollout_cls_entropy": attention_entropy(rollout.unsqueeze(1)).mean().item(),
+            "last_layer_flow_cls_entropy": attention_entropy(flow.unsqueeze(1)).mean().item(),
         }
     return result, attn
 
@@ -295,9 +319,10 @@ def summary_table(result: dict) -> str:
 
 
 def analyze_run(target: str | Path, out: Path | None = None, overrides: list[str] | None = None,
-                images: int = 256, shown: int = 4) -> dict:
+                images: int = 256, shown: int = 4, flow_images: int = 2) -> dict:
     """Analyse a run folder or checkpoint; write ``analysis.json``, ``figures/*.png`` and a
-    self-contained ``report.html`` into ``out`` (default: the run folder)."""
+    self-contained ``report.html`` into ``out`` (default: the run folder). The attention flow
+    of the trained backbone is solved for ``flow_images`` images (0: none)."""
     from attnssl.eval.evaluate import load_trained_backbone
     from attnssl.report import (
         plot_class_token_attention,
@@ -313,7 +338,7 @@ def analyze_run(target: str | Path, out: Path | None = None, overrides: list[str
     figures_dir.mkdir(parents=True, exist_ok=True)
     config = loaded.config
     result, attn = analyze_backbone(loaded.backbone, loaded.test, config.eval.features, images,
-                                    seed=config.run.seed)
+                                    seed=config.run.seed, flow_images=flow_images)
     result.update({
         "run_dir": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint),
         "step": loaded.step, "method": config.method.name, "dataset": config.data.dataset,
@@ -340,6 +365,12 @@ def analyze_run(target: str | Path, out: Path | None = None, overrides: list[str
                         f"mean)", plot_class_token_attention(
                             attn.images, attn.cls_maps[:, layer], result["grid"],
                             figures_dir / f"cls_attention_layer{layer + 1}.png")))
+    if attn.rollout_and_flow is not None:
+        figures.append(("class token after the last layer: attention rollout and attention flow "
+                        "(Abnar & Zuidema 2020)", plot_class_token_attention(
+                            attn.images[:len(attn.rollout_and_flow)], attn.rollout_and_flow,
+                            result["grid"], figures_dir / "rollout_and_flow.png",
+                            titles=["rollout", "flow"])))
     if attn.foreground is not None:
         figures.append((f"segmentation: top-{SEGMENTATION_MASS:.0%} class-token attention "
                         "(last layer, mean over heads) against the foreground",

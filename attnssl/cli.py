@@ -104,7 +104,8 @@ def cmd_analyze(args) -> int:
     from attnssl.analysis import analyze_run
 
     result = analyze_run(args.target, Path(args.out) if args.out else None,
-                         _with_data_root(args.overrides, args.data_root), images=args.images)
+                         _with_data_root(args.overrides, args.data_root), images=args.images,
+                         flow_images=args.flow_images)
     print(result["summary_table"])
     print(f"wrote {result['report']}")
     return 0
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the run folder)")
     a.add_argument("--images", type=int, default=256,
                    help="test images the attention statistics average over")
+    a.add_argument("--flow-images", type=int, default=2,
+                   help="images whose class-token attention flow is solved (0: none; a few "
+                   "seconds each for 4 layers of 50 tokens, growing as layers x tokens^3)")
     a.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     a.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.features=mean")
     a.set_defaults(func=cmd_analyze)

@@ -134,27 +134,33 @@ def _show_image(axis, image: torch.Tensor) -> None:
     axis.set_yticks([])
 
 
-def class_token_attention_figure(images: torch.Tensor, cls: torch.Tensor, grid: list[int]):
+def class_token_attention_figure(images: torch.Tensor, cls: torch.Tensor, grid: list[int],
+                                titles: list[str] | None = None):
     """Rows: images; columns: the input, then each head's class-token attention over it, then
     the heads' mean. ``images (S, C, H, W)`` uint8, ``cls (S, heads, P)``. Every map shares one
     colour scale from 0 to the largest value in the figure, with a colour bar on which the
-    uniform level 1/P is marked, so a map that is nearly uniform looks it."""
-    shown, heads = cls.shape[:2]
-    maps = _upsample(torch.cat([cls, cls.mean(1, keepdim=True)], dim=1), grid, images.shape[-1])
+    uniform level 1/P is marked, so a map that is nearly uniform looks it. With ``titles`` the
+    columns are ``cls``'s own maps under those titles (no mean column)."""
+    if titles is None:
+        titles = [f"head {h + 1}" for h in range(cls.shape[1])] + ["mean"]
+        cls = torch.cat([cls, cls.mean(1, keepdim=True)], dim=1)
+    shown, columns = cls.shape[:2]
+    maps = _upsample(cls, grid, images.shape[-1])
     uniform = 1.0 / cls.shape[-1]
     top = max(float(cls.max()), 2 * uniform)
-    fig, axes = _pyplot().subplots(shown, heads + 2, figsize=(1.5 * (heads + 2) + 1, 1.5 * shown),
+    fig, axes = _pyplot().subplots(shown, columns + 1, figsize=(1.5 * (columns + 1) + 1,
+                                                                1.5 * shown),
                                    dpi=100, squeeze=False)
     picture = None
     for row in range(shown):
         _show_image(axes[row, 0], images[row])
-        for col in range(heads + 1):
+        for col in range(columns):
             axis = axes[row, col + 1]
             _show_image(axis, images[row])
             picture = axis.imshow(maps[row, col].numpy(), cmap="inferno", alpha=0.65, vmin=0.0,
                                   vmax=top)
             if row == 0:
-                axis.set_title("mean" if col == heads else f"head {col + 1}", fontsize=8)
+                axis.set_title(titles[col], fontsize=8)
     axes[0, 0].set_title("input", fontsize=8)
     bar = fig.colorbar(picture, ax=axes.ravel().tolist(), shrink=0.8)
     bar.ax.axhline(uniform, color="cyan", lw=1.5)
@@ -164,8 +170,8 @@ def class_token_attention_figure(images: torch.Tensor, cls: torch.Tensor, grid: 
 
 
 def plot_class_token_attention(images: torch.Tensor, cls: torch.Tensor, grid: list[int],
-                               path: Path) -> Path:
-    fig = class_token_attention_figure(images, cls, grid)
+                               path: Path, titles: list[str] | None = None) -> Path:
+    fig = class_token_attention_figure(images, cls, grid, titles)
     fig.savefig(path)
     _pyplot().close(fig)
     return path

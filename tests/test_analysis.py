@@ -142,7 +142,10 @@ def test_analyze_writes_json_figures_and_a_self_contained_report(tmp_path, capsy
     assert 0 <= collapse["alignment"] <= 4 and collapse["uniformity"] <= 0
     # every figure analysis.json names is a file, and the report embeds exactly those bytes
     report = (run / "report.html").read_text()
-    assert len(result["figures"]) == 1 + 1 + depth + 1  # curves, by-layer, per layer, segmentation
+    # curves, by-layer, per layer, rollout and flow, segmentation
+    assert len(result["figures"]) == 1 + 1 + depth + 1 + 1
+    flow = result["rollout_and_flow"]
+    assert flow["images"] == 2 and 0 <= flow["last_layer_flow_cls_entropy"] <= math.log(grid**2)
     embedded = dict(re.findall(r'data-file="([^"]+)" src="data:image/png;base64,([^"]+)"', report))
     for figure in result["figures"]:
         path = run / figure

@@ -136,6 +136,23 @@ def test_rollout_of_identity_attention_is_the_identity_and_follows_its_recursion
         assert torch.allclose(rollout.sum(-1), torch.ones(2, 6, dtype=torch.float64))
 
 
+def test_attention_flow_on_two_layer_chains_equals_the_hand_computed_max_flow():
+    from attnssl.functional.attention_metrics import attention_flow, attention_rollout
+
+    def maps(*layers):  # one image, one head; A~ = (A + I) / 2 for row-stochastic A
+        return [torch.tensor(a, dtype=torch.float64).view(1, 1, len(a), len(a)) for a in layers]
+
+    # identity below: token 0 reaches input j only through (1, j), so its flow is A~_2[0, j]
+    chain = maps([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0.2, 0.3, 0.5], [0, 1, 0], [0, 0, 1]])
+    assert attention_flow(chain)[0].tolist() == pytest.approx([0.6, 0.15, 0.25], abs=1e-9)
+    # swapping below, A~_1 = 1/2 everywhere; above, A~_2 = [[.6, .4], [.3, .7]]: to each input
+    # the paths through (1, 0) and (1, 1) carry min(.6, .5) + min(.4, .5) = 0.9
+    crossed = maps([[0, 1], [1, 0]], [[0.2, 0.8], [0.6, 0.4]])
+    assert attention_flow(crossed)[0].tolist() == pytest.approx([0.9, 0.9], abs=1e-9)
+    # where rollout multiplies, giving 1/2 to each input
+    assert attention_rollout(crossed)[-1][0, 0].tolist() == pytest.approx([0.5, 0.5])
+
+
 def test_rank_collapse_residual_is_zero_for_identical_tokens_and_one_for_centred_ones(generator):
     from attnssl.functional.attention_metrics import rank_collapse_residual
 
