@@ -60,51 +60,13 @@ def explicit_is_faster(x: torch.Tensor) -> bool:
             and x.shape[1] <= EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS)
 
 
-@register_attention("softmax")
-class SoftmaxAttention(Attention):
-    """Multi-head softmax attention: fused SDPA by default; explicit when recording maps, and
-    under CPU autocast for sequences up to ``EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS``.
-
-    ``A = softmax(Q K^T / sqrt(d_head))``, ``out = proj(concat_h A_h V_h)``.
-    """
-
-    always_explicit = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_attention = False
-        self.attention_maps: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if not (self.record_attention or self.always_explicit or explicit_is_faster(x)):
-            return super().forward(x, attn_mask=attn_mask, **kwargs)
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(
-                ~attn_mask, torch.finfo(logits.dtype).min)
-        attn = logits.softmax(dim=-1)
-        if self.record_attention:
-            self.attention_maps = attn.detach()
-        out = self.attn_drop(attn) @ v
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
-
-
-@register_attention("softmax_explicit")
-class ExplicitSoftmaxAttention(SoftmaxAttention):
-    """The same softmax attention, always on the explicit (non-fused) path."""
-
-    always_explicit = True
-
-
 class QKVAttention(Attention):
     """Base of the layers that keep timm's projections (``qkv``, ``proj`` and their norms) and
     change only how queries meet keys: ``out = proj(concat_h attend(q_h, k_h, v_h))``. A
-    subclass defines ``attend``, which returns the output and, when asked, the attention map."""
+    subclass defines ``attend``, which returns the output and, when asked, the attention map;
+    one that sets ``takes_mask`` also receives timm's ``attn_mask``."""
+
+    takes_mask = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -116,17 +78,50 @@ class QKVAttention(Attention):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
-        if attn_mask is not None:
+        if attn_mask is not None and not self.takes_mask:
             raise ValueError(f"{type(self).__name__} does not take an attention mask")
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out, attn = self.attend(q, k, v, self.record_attention)
+        masked = {} if attn_mask is None else {"attn_mask": attn_mask}
+        out, attn = self.attend(q, k, v, self.record_attention, **masked)
         if self.record_attention:
             self.attention_maps = attn.detach()
         out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(out)))
+
+
+@register_attention("softmax")
+class SoftmaxAttention(QKVAttention):
+    """Multi-head softmax attention: fused SDPA by default; explicit when recording maps, and
+    under CPU autocast for sequences up to ``EXPLICIT_UNDER_CPU_AUTOCAST_MAX_TOKENS``.
+
+    ``A = softmax(Q K^T / sqrt(d_head))``, ``out = proj(concat_h A_h V_h)``.
+    """
+
+    always_explicit = False
+    takes_mask = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
+        if not (self.record_attention or self.always_explicit or explicit_is_faster(x)):
+            return Attention.forward(self, x, attn_mask=attn_mask, **kwargs)
+        return super().forward(x, attn_mask=attn_mask)
+
+    def attend(self, q, k, v, want_map, attn_mask=None):
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(
+                ~attn_mask, torch.finfo(logits.dtype).min)
+        attn = logits.softmax(dim=-1)
+        return self.attn_drop(attn) @ v, attn
+
+
+@register_attention("softmax_explicit")
+class ExplicitSoftmaxAttention(SoftmaxAttention):
+    """The same softmax attention, always on the explicit (non-fused) path."""
+
+    always_explicit = True
 
 
 class GridTokens:
