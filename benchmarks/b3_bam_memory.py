@@ -30,7 +30,7 @@ torch.manual_seed(0)
 student = torch.randn(views * batch, dim, requires_grad=True)
 teacher = torch.randn(views * batch, dim)
 loss_fn = BAMLoss(views, 2, blockwise=blockwise)
-print(json.dumps(timed_peak(lambda: loss_fn(student, teacher).backward(), repeats)))
+print(json.dumps(timed_peak(lambda: loss_fn(student, teacher).loss.backward(), repeats)))
 """
 
 

@@ -104,7 +104,7 @@ def test_loss_and_gradients_match_the_loop_reference(use_teacher, masking, top_k
                   top_k=top_k)
 
     s1 = student.clone().requires_grad_(True)
-    loss = BAMLoss(n_views, n_targets, **kwargs)(s1, teacher)
+    loss = BAMLoss(n_views, n_targets, **kwargs)(s1, teacher).loss
     loss.backward()
 
     s2 = student.clone().requires_grad_(True)
@@ -192,10 +192,9 @@ def test_blockwise_equals_full(use_teacher, masking, top_k):
         z = student.clone().requires_grad_(True)
         crit = BAMLoss(n_views, n_targets, positive_masking=masking, top_k=top_k,
                        blockwise=blockwise, block_images=block)
-        loss = crit(z, teacher)
-        loss.backward()
-        out = crit.last_output
-        results.append((loss.detach(), z.grad, out.source_entropy, out.target_entropy))
+        out = crit(z, teacher)
+        out.loss.backward()
+        results.append((out.loss.detach(), z.grad, out.source_entropy, out.target_entropy))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -218,9 +217,9 @@ def test_auto_switches_to_blocks_on_large_matrices(monkeypatch):
 def test_low_precision_embeddings_give_a_float32_loss():
     z = torch.randn(2 * 8, 16)
     crit = BAMLoss(2)
-    reference = crit(z)
+    reference = crit(z).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = crit(z.bfloat16())
+        low = crit(z.bfloat16()).loss
     assert low.dtype == torch.float32
     assert torch.allclose(low, reference, atol=0.05)
 
@@ -242,3 +241,10 @@ def test_bad_shapes_are_named():
         BAMLoss(2)(torch.randn(8, 4), torch.randn(8, 5))
     with pytest.raises(ValueError, match="top_k"):
         BAMLoss(2, top_k=100)(torch.randn(8, 4))
+
+
+def test_a_scheduled_eps_given_per_call_is_the_one_used(generator):
+    z = torch.randn(2 * 6, 4, generator=generator, dtype=torch.float64)
+    per_call = BAMLoss(2, sinkhorn_eps=0.05)(z, sinkhorn_eps=0.2).loss
+    assert per_call.item() == pytest.approx(BAMLoss(2, sinkhorn_eps=0.2)(z).loss.item(), rel=1e-12)
+    assert per_call.item() != pytest.approx(BAMLoss(2, sinkhorn_eps=0.05)(z).loss.item(), rel=1e-3)

@@ -66,9 +66,9 @@ def test_sinkhorn_eps_follows_its_schedule():
     _, method = _bam("method.sinkhorn_eps=0.1", "method.sinkhorn_eps_end=0.05",
                      "method.sinkhorn_eps_warmup_epochs=2")
     method.before_step(step=5, steps_per_epoch=10, total_steps=100)
-    assert method.criterion.sinkhorn_eps == pytest.approx(0.1 - 0.05 * 5 / 20)
+    assert method.sinkhorn_eps == pytest.approx(0.1 - 0.05 * 5 / 20)
     method.before_step(step=50, steps_per_epoch=10, total_steps=100)
-    assert method.criterion.sinkhorn_eps == pytest.approx(0.05)
+    assert method.sinkhorn_eps == pytest.approx(0.05)
     assert linear_ramp(0, 0, 1.0, 2.0) == 2.0
 
 

@@ -44,7 +44,7 @@ def test_dino_loss_matches_the_loop_and_moves_the_centre(n_views, n_global, gene
     center = torch.randn(1, dim, generator=generator)
     criterion.center.copy_(center)
     z = student.clone().requires_grad_(True)
-    loss = criterion(z, teacher)
+    loss = criterion(z, teacher).loss
     expected = loop_dino_loss(student, teacher, center, n_views, n_global, 0.1, 0.05)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     # gradient against autograd through the loop's formula
@@ -91,7 +91,7 @@ def test_sinkhorn_centering_is_dinov2s_teacher_and_leaves_the_centre(generator):
     assert torch.allclose(targets.sum(-1), torch.ones(n_global * batch, dtype=torch.float64))
     # balanced: every output dimension gets close to the same share of the batch's mass
     assert targets.sum(0).std() < (teacher / 0.3).softmax(-1).sum(0).std() / 3
-    loss = criterion(student, teacher)
+    loss = criterion(student, teacher).loss
     p = expected.view(n_global, batch, dim)
     q = torch.log_softmax(student / 0.1, -1).view(n_views, batch, dim)
     pairs = [-(p[g] * q[v]).sum(-1).mean() for g in range(n_global) for v in range(n_views) if v != g]
@@ -108,8 +108,7 @@ def test_diagnostics_are_entropy_and_kl(generator):
     criterion = DINOLoss(5, 2, 2, teacher_temp=0.07)
     student = torch.randn(4, 5, generator=generator)
     teacher = torch.randn(4, 5, generator=generator)
-    criterion(student, teacher)
-    out = criterion.last_output
+    out = criterion(student, teacher)
     p = torch.softmax(teacher / 0.07, -1)
     q = torch.log_softmax(student / 0.1, -1)
     entropy = -(p * p.log()).sum(-1).mean()
@@ -120,8 +119,7 @@ def test_diagnostics_are_entropy_and_kl(generator):
     # the same logits for student and teacher at the same temperature: no divergence left
     same = DINOLoss(5, 2, 2, student_temp=0.1, teacher_temp=0.1)
     rows = torch.randn(2, 5, generator=generator)
-    same(torch.cat([rows, rows]), torch.cat([rows, rows]))
-    assert abs(same.last_output.kl.item()) < 1e-5
+    assert abs(same(torch.cat([rows, rows]), torch.cat([rows, rows])).kl.item()) < 1e-5
 
 
 def test_weighted_batch_center_is_the_mean_of_weighted_rows():
@@ -200,3 +198,11 @@ def test_evaluated_backbone_is_the_teacher():
     assert evaluation_backbone_prefix(cfg.method) == "teacher.backbone."
     state = method.state_dict()
     assert any(k.startswith("teacher.backbone.") for k in state)
+
+
+def test_a_scheduled_teacher_temperature_given_per_call_is_the_one_used(generator):
+    student = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    per_call = DINOLoss(5, 2, 2, teacher_temp=0.04)(student, teacher, teacher_temp=0.07).loss
+    fixed = DINOLoss(5, 2, 2, teacher_temp=0.07)(student, teacher).loss
+    assert per_call.item() == pytest.approx(fixed.item(), rel=1e-12)

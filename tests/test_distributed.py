@@ -96,7 +96,7 @@ def _bam_worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir:
             teacher_on, blockwise, *normalization = case
             local = students[rank].clone().requires_grad_(True)
             loss = _bam(teacher_on, blockwise, *normalization)(
-                local, teachers[rank] if teacher_on else None)
+                local, teachers[rank] if teacher_on else None).loss
             loss.backward()
             losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
             dist.all_gather(losses, loss.detach())
@@ -137,7 +137,8 @@ def test_two_process_bam_equals_one_process(bam_runs):
     outs = bam_runs
     for teacher_on, blockwise in BAM_CASES:
         z = _to_global(students, batch).requires_grad_(True)
-        loss = _bam(teacher_on, blockwise)(z, _to_global(teachers, batch) if teacher_on else None)
+        loss = _bam(teacher_on, blockwise)(
+            z, _to_global(teachers, batch) if teacher_on else None).loss
         loss.backward()
         grads = _to_blocks(z.grad, world, batch)
         for rank, out in enumerate(outs):
@@ -152,13 +153,13 @@ def test_two_process_bam_local_normalisation_is_per_process(bam_runs):
     for rank in range(world):
         got = bam_runs[rank][str((True, False, "local"))]
         z = students[rank].clone().requires_grad_(True)
-        loss = _bam(True, False)(z, teachers[rank])
+        loss = _bam(True, False)(z, teachers[rank]).loss
         loss.backward()
         assert torch.allclose(got["loss"][rank], loss.detach(), rtol=1e-10)
         assert torch.allclose(got["grad"] * world, z.grad, rtol=1e-8, atol=1e-12)
         # and it differs from the global computation
         z_global = _to_global(students, batch)
-        global_loss = _bam(True, False)(z_global, _to_global(teachers, batch))
+        global_loss = _bam(True, False)(z_global, _to_global(teachers, batch)).loss
         assert not torch.allclose(got["loss"].mean(), global_loss)
 
 
@@ -185,7 +186,7 @@ def _dino_worker(rank: int, world: int, port: int, batch: int, out_dir: str) -> 
         students, teachers = _dino_inputs(world, batch)
         local = students[rank].clone().requires_grad_(True)
         criterion = _dino_loss()
-        loss = criterion(local, teachers[rank])
+        loss = criterion(local, teachers[rank]).loss
         loss.backward()
         losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
@@ -206,7 +207,7 @@ def test_two_process_dino_equals_one_process(tmp_path):
 
     z = to_global(students, DINO_VIEWS).requires_grad_(True)
     criterion = _dino_loss()
-    loss = criterion(z, to_global(teachers, DINO_GLOBAL))
+    loss = criterion(z, to_global(teachers, DINO_GLOBAL)).loss
     loss.backward()
     grads = z.grad.view(DINO_VIEWS, world, batch, -1).transpose(0, 1).reshape(world, -1, DINO_DIM)
     for rank in range(world):

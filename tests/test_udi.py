@@ -286,12 +286,12 @@ def test_udi_loss_matches_the_loop_and_moves_three_centres(n_local, generator):
     criterion = UDILoss(5, alpha=0.5, student_temp=0.1, teacher_temp=0.06, center_momentum=0.8)
     center = torch.randn(3, 1, 5, generator=generator)
     criterion.center.copy_(center)
-    loss = criterion(**inputs)
+    out = criterion(**inputs)
+    loss = out.loss
     expected, levels = loop_udi_loss(
         inputs["student_cls"], inputs["student_cls_plus"], inputs["student_patch"],
         inputs["teacher_cls"], inputs["teacher_patch"], inputs["teacher_local_patch"],
         inputs["valid"], inputs["local_valid"], center, 0.5, 0.1, 0.06)
-    out = criterion.last_output
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     got = (out.cls.item(), out.cls_plus.item(), out.patch.item())
     assert got == pytest.approx(levels, rel=1e-10)
@@ -313,7 +313,7 @@ def test_udi_loss_gradients_reach_the_student_only(generator):
     inputs = _udi_inputs(generator)
     for key in ("student_cls", "student_cls_plus", "student_patch", "teacher_cls"):
         inputs[key].requires_grad_(True)
-    UDILoss(5)(**inputs).backward()
+    UDILoss(5)(**inputs).loss.backward()
     for key in ("student_cls", "student_cls_plus", "student_patch"):
         assert inputs[key].grad.abs().sum() > 0, key
     assert inputs["teacher_cls"].grad is None

@@ -33,7 +33,7 @@ def view_major_columns(local_globals: torch.Tensor, n_targets: int) -> torch.Ten
 class BAMLoss(nn.Module):
     """Balanced self-attention matching (Shalam & Korman, ECCV 2024).
 
-    ``loss = BAMLoss(n_views)(student, teacher=None)``; ``student`` and ``teacher`` are
+    ``BAMLoss(n_views)(student, teacher=None, sinkhorn_eps=None).loss``; ``student`` and ``teacher`` are
     ``(n_views * B, D)`` embeddings stacked view-major, not normalised, the first
     ``n_global_views`` views being the global ones. The maths is in :mod:`attnssl.functional.bam`.
 
@@ -53,8 +53,9 @@ class BAMLoss(nn.Module):
     under fp16 autocast, which rounds the similarities before they are divided by eps.
     ``"local"`` on a single process is the same as ``"global"`` (a warning says so).
 
-    ``sinkhorn_eps`` may be changed between steps (the method's schedule sets it);
-    ``last_output`` holds the loss and the source and target entropies of the last call.
+    ``sinkhorn_eps`` is the method's scheduled value for this step (the constructor's when
+    omitted); the call returns a :class:`attnssl.functional.bam.BAMOutput` (the loss and the
+    source and target entropies).
     """
 
     def __init__(self, n_views: int, n_global_views: int = 2, temperature: float = 0.1,
@@ -78,21 +79,22 @@ class BAMLoss(nn.Module):
         self.positive_masking, self.top_k = positive_masking, top_k
         self.normalization, self.blockwise, self.block_images = (
             normalization, blockwise, block_images)
-        self.last_output: BAMOutput | None = None
         self._warned_local = False
 
-    def spec(self) -> BAMSpec:
+    def spec(self, sinkhorn_eps: float | None = None) -> BAMSpec:
         distributed = self.normalization == "global" and world_size() > 1
         return BAMSpec(
             n_views=self.n_views, n_targets=self.n_global_views, temperature=self.temperature,
-            sinkhorn_eps=self.sinkhorn_eps, sinkhorn_iters=self.sinkhorn_iters,
+            sinkhorn_eps=self.sinkhorn_eps if sinkhorn_eps is None else sinkhorn_eps,
+            sinkhorn_iters=self.sinkhorn_iters,
             positive_masking=self.positive_masking, top_k=self.top_k,
             world=world_size() if distributed else 1, rank=rank() if distributed else 0,
             distributed=distributed,
         )
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
-        spec = self.spec()
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor | None = None,
+                sinkhorn_eps: float | None = None) -> BAMOutput:
+        spec = self.spec(sinkhorn_eps)
         if self.normalization == "local" and world_size() == 1 and not self._warned_local:
             warnings.warn("BAM normalization='local' with one process is the same as 'global'",
                           stacklevel=2)
@@ -123,8 +125,7 @@ class BAMLoss(nn.Module):
                 out = bam_loss_blockwise(z, columns, target_rows, target_columns, spec, block)
             else:
                 out = bam_loss(z, columns, target_rows, target_columns, spec)
-        self.last_output = out
-        return out.loss
+        return out
 
     def _columns(self, local_globals: torch.Tensor, spec: BAMSpec) -> torch.Tensor:
         if not spec.distributed:

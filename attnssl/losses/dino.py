@@ -45,7 +45,7 @@ def diagnostics(loss: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.
 class DINOLoss(nn.Module):
     """DINO's loss (Caron et al. 2021, github.com/facebookresearch/dino ``DINOLoss``).
 
-    ``loss = DINOLoss(out_dim, n_views)(student, teacher)``: ``student`` is ``(n_views * B, K)``
+    ``DINOLoss(out_dim, n_views)(student, teacher, teacher_temp).loss``: ``student`` is ``(n_views * B, K)``
     head outputs stacked view-major, ``teacher`` is ``(n_global_views * B, K)`` for the global
     views (the first ``n_global_views`` of the student's). The loss is the mean over pairs
     ``v != g`` of ``CE(softmax((t_g - c)/T_t), softmax(s_v / T_s))``; then the centre moves,
@@ -58,8 +58,9 @@ class DINOLoss(nn.Module):
     every row sums to 1 (:func:`attnssl.functional.bam.sinkhorn`, all-reduced across
     processes). The centre is then neither used nor updated.
 
-    ``teacher_temp`` is set between steps by the method's schedule. Computed in float32 (float64
-    if given) with autocast off (the official code runs it under fp16 autocast).
+    ``teacher_temp`` is the method's scheduled value for this step (the constructor's when
+    omitted); the call returns a :class:`DistillationOutput`. Computed in float32 (float64 if
+    given) with autocast off (the official code runs it under fp16 autocast).
     """
 
     def __init__(self, out_dim: int, n_views: int, n_global_views: int = 2,
@@ -76,9 +77,9 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.last_output: DistillationOutput | None = None
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                teacher_temp: float | None = None) -> DistillationOutput:
         out_dim = self.center.shape[-1]
         if student.shape[-1] != out_dim or student.shape[0] % self.n_views:
             raise ValueError(f"student outputs must be (n_views * B, {out_dim}) with "
@@ -90,21 +91,21 @@ class DINOLoss(nn.Module):
         dtype = torch.promote_types(student.dtype, torch.float32)
         with torch.autocast(student.device.type, enabled=False):
             teacher = teacher.detach().to(dtype)
-            probs = self.targets(teacher)
+            probs = self.targets(teacher, teacher_temp)
             loss = distillation_loss(student.to(dtype).view(self.n_views, batch, -1),
                                      probs.view(self.n_global_views, batch, -1),
                                      self.student_temp)
-            self.last_output = DistillationOutput(loss, *diagnostics(loss, probs))
             if self.centering == "ema":
                 self.update_center(teacher)
-        return loss
+        return DistillationOutput(loss, *diagnostics(loss, probs))
 
     @torch.no_grad()
-    def targets(self, teacher: torch.Tensor) -> torch.Tensor:
+    def targets(self, teacher: torch.Tensor, teacher_temp: float | None = None) -> torch.Tensor:
         """The teacher's target distributions, one row per teacher output."""
+        temp = self.teacher_temp if teacher_temp is None else teacher_temp
         if self.centering == "sinkhorn":
-            return sinkhorn(teacher, self.teacher_temp, self.sinkhorn_iters, distributed=True)
-        return teacher_probabilities(teacher, self.center, self.teacher_temp)
+            return sinkhorn(teacher, temp, self.sinkhorn_iters, distributed=True)
+        return teacher_probabilities(teacher, self.center, temp)
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:

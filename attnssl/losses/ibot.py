@@ -61,9 +61,10 @@ class IBOTLoss(DINOLoss):
 
     ``student_cls`` is ``(V*B, K)`` stacked view-major (global views first), ``teacher_cls``
     ``(G*B, K)``; ``student_patch`` and ``teacher_patch`` are ``(G*B, N, K')``, ``masks``
-    ``(G*B, N)``. ``teacher_temp`` and ``teacher_patch_temp`` are set between steps by the
-    method's schedule. Computed in float32 with autocast off. The class-token half (its
-    centre, temperatures and view checks) is :class:`DINOLoss`'s.
+    ``(G*B, N)``. ``teacher_temp`` and ``teacher_patch_temp`` are the method's scheduled values
+    for this step (the constructor's when omitted); the call returns an :class:`IBOTOutput`.
+    Computed in float32 with autocast off. The class-token half (its centre, temperatures and
+    view checks) is :class:`DINOLoss`'s.
     """
 
     def __init__(self, out_dim: int, patch_out_dim: int, n_views: int, n_global_views: int,
@@ -77,11 +78,11 @@ class IBOTLoss(DINOLoss):
         self.center_momentum_patch = center_momentum_patch
         self.lambda_cls, self.lambda_patch = lambda_cls, lambda_patch
         self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
-        self.last_output: IBOTOutput | None = None
 
     def forward(self, student_cls: torch.Tensor, student_patch: torch.Tensor,
                 teacher_cls: torch.Tensor, teacher_patch: torch.Tensor,
-                masks: torch.Tensor) -> torch.Tensor:
+                masks: torch.Tensor, teacher_temp: float | None = None,
+                teacher_patch_temp: float | None = None) -> IBOTOutput:
         views, globals_ = self.n_views, self.n_global_views
         batch = teacher_cls.shape[0] // globals_
         if student_cls.shape[0] != views * batch or student_patch.shape != teacher_patch.shape \
@@ -93,21 +94,21 @@ class IBOTLoss(DINOLoss):
                 f"{tuple(student_patch.shape)}, {tuple(teacher_patch.shape)}, {tuple(masks.shape)}")
         with torch.autocast(student_cls.device.type, enabled=False):
             teacher_cls, teacher_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
-            probs = teacher_probabilities(teacher_cls, self.center, self.teacher_temp)
+            probs = self.targets(teacher_cls, teacher_temp)
             cls_loss = distillation_loss(student_cls.float().view(views, batch, -1),
                                          probs.view(globals_, batch, -1), self.student_temp)
-            patch_probs = teacher_probabilities(teacher_patch, self.center_patch,
-                                                self.teacher_patch_temp)
+            patch_temp = self.teacher_patch_temp if teacher_patch_temp is None \
+                else teacher_patch_temp
+            patch_probs = teacher_probabilities(teacher_patch, self.center_patch, patch_temp)
             tokens = teacher_patch.shape[1]
             patch_loss = masked_patch_loss(
                 student_patch.float().view(globals_, batch, tokens, -1),
                 patch_probs.view(globals_, batch, tokens, -1),
                 masks.view(globals_, batch, tokens), self.student_temp)
             loss = self.lambda_cls * cls_loss + self.lambda_patch * patch_loss
-            self.last_output = IBOTOutput(loss, cls_loss.detach(), patch_loss.detach(),
-                                          *diagnostics(cls_loss, probs))
             self.update_centers(teacher_cls, teacher_patch)
-        return loss
+        return IBOTOutput(loss, cls_loss.detach(), patch_loss.detach(),
+                          *diagnostics(cls_loss, probs))
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:

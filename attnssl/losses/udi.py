@@ -59,7 +59,9 @@ class UDILoss(nn.Module):
     The centres move after the loss: ``c_0`` from the teacher's ``cls``, ``c_1`` from every
     multimodal target (global and local), ``c_2`` from every valid teacher patch output
     (global and local), each process's mean averaged across processes, as the official code.
-    Computed in float32 (float64 if given) with autocast off.
+    ``teacher_temp`` is the method's scheduled value for this step (the constructor's when
+    omitted); the call returns a :class:`UDIOutput`. Computed in float32 (float64 if given)
+    with autocast off.
     """
 
     def __init__(self, out_dim: int, alpha: float = 0.5, student_temp: float = 0.1,
@@ -68,12 +70,12 @@ class UDILoss(nn.Module):
         self.alpha, self.student_temp, self.teacher_temp = alpha, student_temp, teacher_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(3, 1, out_dim))
-        self.last_output: UDIOutput | None = None
 
     def forward(self, student_cls: torch.Tensor, student_cls_plus: torch.Tensor,
                 student_patch: torch.Tensor, teacher_cls: torch.Tensor,
                 teacher_patch: torch.Tensor, teacher_local_patch: torch.Tensor,
-                valid: torch.Tensor, local_valid: torch.Tensor) -> torch.Tensor:
+                valid: torch.Tensor, local_valid: torch.Tensor,
+                teacher_temp: float | None = None) -> UDIOutput:
         n_views = student_cls.shape[0]
         if teacher_local_patch.shape[0] != n_views - 2 or teacher_cls.shape[0] != 2:
             raise ValueError(f"expected 2 global and {n_views - 2} local views of teacher "
@@ -86,7 +88,8 @@ class UDILoss(nn.Module):
             other_valid = valid.flip(0)
             mm_global = multimodal_logits(t_patch, other_valid, t_cls, self.alpha)  # (2, B, K)
             mm_local = multimodal_logits(t_local, local_valid, t_cls.unsqueeze(0), self.alpha)
-            temp, center = self.teacher_temp, self.center
+            temp = self.teacher_temp if teacher_temp is None else teacher_temp
+            center = self.center
             p_cls = teacher_probabilities(t_cls, center[CLS], temp)
             p_mm = teacher_probabilities(
                 torch.cat([mm_global.unsqueeze(0).expand(2, -1, -1, -1), mm_local]),
@@ -99,11 +102,10 @@ class UDILoss(nn.Module):
                                               self.student_temp)
             loss = (loss_cls + loss_cls_plus + loss_patch) / 3
             entropy, kl = diagnostics(loss_cls, p_cls)
-            self.last_output = UDIOutput(loss.detach(), entropy, kl, loss_cls.detach(),
-                                         loss_cls_plus.detach(), loss_patch.detach())
             self.update_centers(t_cls, mm_global, mm_local, t_patch, t_local, other_valid,
                                 local_valid)
-        return loss
+        return UDIOutput(loss, entropy, kl, loss_cls.detach(), loss_cls_plus.detach(),
+                         loss_patch.detach())
 
     @torch.no_grad()
     def update_centers(self, t_cls, mm_global, mm_local, t_patch, t_local, other_valid,

@@ -98,6 +98,7 @@ class BAM(Method):
         self.teacher = (EMATeacher(self._student_modules(), cfg.teacher_momentum)
                         if cfg.teacher else None)
         self.momentum = cfg.teacher_momentum
+        self.sinkhorn_eps = cfg.sinkhorn_eps
 
     def _student_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
@@ -112,7 +113,7 @@ class BAM(Method):
                          else cosine(step, total_steps, cfg.teacher_momentum, 1.0))
         end = cfg.sinkhorn_eps if cfg.sinkhorn_eps_end is None else cfg.sinkhorn_eps_end
         ramp = round(cfg.sinkhorn_eps_warmup_epochs * steps_per_epoch)
-        self.criterion.sinkhorn_eps = linear_ramp(step, ramp, cfg.sinkhorn_eps, end)
+        self.sinkhorn_eps = linear_ramp(step, ramp, cfg.sinkhorn_eps, end)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.teacher is None:
@@ -127,8 +128,7 @@ class BAM(Method):
             with torch.no_grad():
                 z_teacher = multicrop_forward(self.teacher["backbone"],
                                               self.teacher["projector"], views)
-        loss = self.criterion(z, z_teacher)
-        out = self.criterion.last_output
+        out = self.criterion(z, z_teacher, self.sinkhorn_eps)
         batch = views[0].shape[0]
         with torch.no_grad():
             first_view = z[:batch]  # this process's images only
@@ -137,7 +137,7 @@ class BAM(Method):
                 "target_entropy": out.target_entropy,
                 "embedding_std": embedding_std(first_view),
                 "effective_rank": effective_rank(first_view),
-                "sinkhorn_eps": torch.tensor(self.criterion.sinkhorn_eps),
+                "sinkhorn_eps": torch.tensor(self.sinkhorn_eps),
                 "teacher_momentum": torch.tensor(self.momentum),
             }
-        return {"loss": loss, **stats}
+        return {"loss": out.loss, **stats}

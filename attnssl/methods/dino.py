@@ -80,6 +80,7 @@ class SelfDistillation(Method):
     def _make_teacher(self) -> None:
         self.teacher = EMATeacher(self._student_modules(), self.cfg.teacher_momentum)
         self.momentum = self.cfg.teacher_momentum
+        self.teacher_temp = self.cfg.warmup_teacher_temp
         self.epoch = 0
 
     def _student_modules(self) -> nn.ModuleDict:
@@ -93,7 +94,7 @@ class SelfDistillation(Method):
         cfg = self.cfg
         self.epoch = step // steps_per_epoch
         self.momentum = self.teacher.set_step(step, total_steps)
-        self.criterion.teacher_temp = teacher_temperature(
+        self.teacher_temp = teacher_temperature(
             self.epoch, cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp)
 
     def before_optimizer_step(self) -> None:
@@ -105,11 +106,12 @@ class SelfDistillation(Method):
         self.teacher.update_from(self._student_modules(), step, total_steps)
         self.momentum = self.teacher.momentum
 
-    def _schedule_logs(self) -> dict[str, torch.Tensor]:
-        out = self.criterion.last_output
+    def _schedule_logs(self, out) -> dict[str, torch.Tensor]:
+        """What every self-distillation step logs: the teacher's collapse diagnostics from the
+        loss's output ``out``, and the schedules' values."""
         return {
             "teacher_entropy": out.teacher_entropy, "kl_teacher_student": out.kl,
-            "teacher_temp": torch.tensor(self.criterion.teacher_temp),
+            "teacher_temp": torch.tensor(self.teacher_temp),
             "teacher_momentum": torch.tensor(self.momentum),
         }
 
@@ -138,9 +140,9 @@ class DINO(SelfDistillation):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         features = multicrop_features(self.backbone, views)
-        loss = self.criterion(self.head(features), self._teacher_outputs(views))
+        out = self.criterion(self.head(features), self._teacher_outputs(views), self.teacher_temp)
         batch = views[0].shape[0]
-        return {"loss": loss, **self._schedule_logs(),
+        return {"loss": out.loss, **self._schedule_logs(out),
                 "embedding_std": embedding_std(features[:batch].detach())}
 
     @torch.no_grad()

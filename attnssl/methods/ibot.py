@@ -178,11 +178,12 @@ class IBOT(SelfDistillation):
             cfg.warmup_teacher_temp, cfg.warmup_teacher_patch_temp, cfg.center_momentum,
             cfg.center_momentum_patch, cfg.lambda_cls, cfg.lambda_patch)
         self._make_teacher()
+        self.teacher_patch_temp = cfg.warmup_teacher_patch_temp
 
     def before_step(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         super().before_step(step, steps_per_epoch, total_steps)
         cfg = self.cfg
-        self.criterion.teacher_patch_temp = teacher_temperature(
+        self.teacher_patch_temp = teacher_temperature(
             self.epoch, cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_patch_temp,
             cfg.teacher_patch_temp)
 
@@ -213,11 +214,11 @@ class IBOT(SelfDistillation):
             teacher = self.teacher
             t_cls, t_patch = teacher["head"].class_and_patches(
                 masked_tokens(teacher["backbone"], globals_, None))
-        loss = self.criterion(s_cls, s_patch, t_cls, t_patch, masks.flatten(1))
-        out = self.criterion.last_output
+        out = self.criterion(s_cls, s_patch, t_cls, t_patch, masks.flatten(1), self.teacher_temp,
+                             self.teacher_patch_temp)
         batch = views[0].shape[0]
-        return {"loss": loss, "loss_cls": out.cls, "loss_patch": out.patch,
-                **self._schedule_logs(),
-                "teacher_patch_temp": torch.tensor(self.criterion.teacher_patch_temp),
+        return {"loss": out.loss, "loss_cls": out.cls, "loss_patch": out.patch,
+                **self._schedule_logs(out),
+                "teacher_patch_temp": torch.tensor(self.teacher_patch_temp),
                 "masked_share": masks.float().mean(),
                 "embedding_std": embedding_std(tokens[:batch, 0].detach())}

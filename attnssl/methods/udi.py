@@ -113,12 +113,11 @@ class UDI(SelfDistillation):
         logits = self.head(class_tokens).view(n_views, batch, 2, -1)
         s_patch = self.head(patch_out).view(2, batch, patch_out.shape[1], -1)
         t_cls, t_patch, t_local = self._teacher_outputs(views, sampling)
-        loss = self.criterion(logits[:, :, 0], logits[:, :, 1], s_patch, t_cls, t_patch, t_local,
-                              sampling.valid, sampling.local_valid)
-        out = self.criterion.last_output
+        out = self.criterion(logits[:, :, 0], logits[:, :, 1], s_patch, t_cls, t_patch, t_local,
+                             sampling.valid, sampling.local_valid, self.teacher_temp)
         return {
-            "loss": loss, "loss_cls": out.cls, "loss_cls_plus": out.cls_plus,
-            "loss_patch": out.patch, **self._schedule_logs(),
+            "loss": out.loss, "loss_cls": out.cls, "loss_cls_plus": out.cls_plus,
+            "loss_patch": out.patch, **self._schedule_logs(out),
             "embedding_std": embedding_std(class_tokens[:batch, 0].detach()),
             "valid_patch_share": sampling.valid.float().mean(),
         }
