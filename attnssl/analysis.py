@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from attnssl.data.datasets import ImageDataset
 from attnssl.data.views import normalise
+from attnssl.eval.features import evaluation_mode, split_batches
 from attnssl.functional.attention_metrics import (
     alignment,
     attention_diversity,
@@ -156,14 +157,10 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
     prefix = backbone.num_prefix_tokens
     mean, std = dataset.mean_std
     device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
     totals: dict[str, torch.Tensor] = {}
     first = None
-    try:
-        for start in range(0, count, batch_size):
-            indices = torch.arange(start, min(start + batch_size, count))
-            images, _ = dataset.get_batch(indices)
+    with evaluation_mode(backbone):
+        for indices, images, _ in split_batches(dataset, count, batch_size):
             foreground = foreground_masks(dataset, indices, images)
             outputs: list[torch.Tensor] = []
             hooks = [block.register_forward_hook(lambda _m, _i, out, kept=outputs: kept.append(out.cpu()))
@@ -184,8 +181,6 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
                 first = (cls.float(), images[:shown],
                          None if foreground is None else foreground[:shown],
                          rollout_and_flow(maps, prefix, flow_images))
-    finally:
-        backbone.train(was_training)
     return AttentionPass({k: v / count for k, v in totals.items()}, *first)
 
 
@@ -213,22 +208,17 @@ def collapse_statistics(backbone: nn.Module, dataset: ImageDataset, kind: str, c
     mean, std = dataset.mean_std
     device = next(backbone.parameters()).device
     views = augmentation(dataset, seed)
-    was_training = backbone.training
-    backbone.eval()
 
     def features(x: torch.Tensor) -> torch.Tensor:
         tokens = backbone.forward_features(x.to(device))
         return pool_features(tokens, kind, backbone.num_prefix_tokens).float().cpu()
 
     clean, first, second = [], [], []
-    try:
-        for start in range(0, count, batch_size):
-            images, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, count)))
+    with evaluation_mode(backbone):
+        for _, images, _ in split_batches(dataset, count, batch_size):
             clean.append(features(normalise(images, mean, std)))
             first.append(features(views(images)[0]))
             second.append(features(views(images)[0]))
-    finally:
-        backbone.train(was_training)
     z = torch.cat(clean)
     return {
         "effective_rank": effective_rank(z).item(),

@@ -1,8 +1,10 @@
-"""Frozen features of a backbone over a whole dataset split."""
+"""Frozen features of a backbone over a whole dataset split, and the batch loop every
+frozen pass over a split shares (evaluation, fine-tuning's accuracy, the analysis)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,27 @@ def autocast_context(precision: str, device_type: str = "cpu"):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode within the block, its own mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def split_batches(dataset: ImageDataset, limit: int | None = None, batch_size: int = 512
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(indices, images uint8, labels)`` of the first ``limit`` images (all by default), in
+    order, ``batch_size`` at a time."""
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for start in range(0, count, batch_size):
+        indices = torch.arange(start, min(start + batch_size, count))
+        yield (indices, *dataset.get_batch(indices))
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, dataset: ImageDataset, kind: str = "cls", batch_size: int = 512,
@@ -30,22 +53,15 @@ def extract_features(
     """``(features (N, D) float32, labels (N,))`` of the un-augmented images, backbone in eval
     mode: ``kind`` pooled from the normalised tokens of each of the last ``blocks`` blocks,
     concatenated (``D = blocks x`` the width of one pooling)."""
-    was_training = backbone.training
-    backbone.eval()
     mean, std = dataset.mean_std
     device = next(backbone.parameters()).device
-    count = len(dataset) if limit is None else min(limit, len(dataset))
     features, labels = [], []
-    try:
-        for start in range(0, count, batch_size):
-            indices = torch.arange(start, min(start + batch_size, count))
-            images, y = dataset.get_batch(indices)
+    with evaluation_mode(backbone):
+        for _, images, y in split_batches(dataset, limit, batch_size):
             with autocast_context(precision, device.type):
                 per_block = last_block_tokens(
                     backbone, normalise(images, mean, std).to(device), blocks)
             pooled = [pool_features(t, kind, backbone.num_prefix_tokens) for t in per_block]
             features.append(torch.cat(pooled, dim=-1).float().cpu())
             labels.append(y)
-    finally:
-        backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)

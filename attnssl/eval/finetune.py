@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from attnssl.config import ViewsSection
 from attnssl.data.datasets import ImageDataset
 from attnssl.data.views import MultiCropViews, normalise
+from attnssl.eval.features import evaluation_mode, split_batches
 from attnssl.functional.schedules import warmup_cosine
 from attnssl.nn.udi import vit_tokens
 from attnssl.nn.vit import pool_features, takes_weight_decay
@@ -107,15 +108,14 @@ def augmentation(dataset: ImageDataset, seed: int) -> MultiCropViews:
 def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512,
              limit: int | None = None) -> float:
     """Top-1 (%) on the first ``limit`` images of ``dataset`` (all by default)."""
-    model.eval()
     mean, std = dataset.mean_std
     device = next(model.parameters()).device
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    correct = 0
-    for start in range(0, count, batch_size):
-        images, labels = dataset.get_batch(torch.arange(start, min(start + batch_size, count)))
-        logits = model(normalise(images, mean, std).to(device))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+    correct = count = 0
+    with evaluation_mode(model):
+        for _, images, labels in split_batches(dataset, limit, batch_size):
+            logits = model(normalise(images, mean, std).to(device))
+            correct += (logits.argmax(1).cpu() == labels).sum().item()
+            count += len(labels)
     return 100.0 * correct / count
 
 
