@@ -22,9 +22,9 @@ test: setup lint
 
 bench:
 	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data
-	$(PY) benchmarks/views_throughput.py
-	$(PY) benchmarks/b3_bam_memory.py --readme
-	$(PY) benchmarks/b1_pretrain.py --readme $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+	$(PY) -m benchmarks.views_throughput
+	$(PY) -m benchmarks.b3_bam_memory --readme
+	$(PY) -m benchmarks.b1_pretrain --readme $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

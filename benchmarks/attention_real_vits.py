@@ -8,7 +8,7 @@ class-token attention's segmentation Jaccard against the garments' silhouettes (
 in the last layer; the effective rank of the evaluation features. Writes
 ``results/attention.json`` and, with ``--readme``, its block ``ATTENTION`` (docs/results.md).
 
-    python benchmarks/attention_real_vits.py --readme
+    python -m benchmarks.attention_real_vits --readme
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from b1_checkpoints import B1_JSON, fp32_checkpoints, untrained_backbone
-from readme_block import ROOT, machine_line, replace_readme_block
-
 from attnssl.analysis import analyze_backbone
+from benchmarks.b1_checkpoints import B1_JSON, fp32_checkpoints, untrained_backbone
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 
 def analyse(backbone, dataset, features: str, images: int) -> dict:
@@ -82,7 +81,7 @@ def main() -> None:
     out.write_text(json.dumps({"machine": machine, "images": args.images, "rows": rows},
                               indent=2))
     if args.readme:
-        command = f"python benchmarks/attention_real_vits.py --images {args.images} --readme"
+        command = f"python -m benchmarks.attention_real_vits --images {args.images} --readme"
         replace_readme_block("ATTENTION", machine_line(machine, command) + "\n\n" + table)
 
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch.nn as nn
-from readme_block import ROOT
 
 from attnssl.eval.evaluate import TrainedBackbone, load_trained_backbone, random_init_backbone
+from benchmarks.helpers import ROOT
 
 B1_JSON = ROOT / "benchmarks" / "results" / "b1.json"
 

@@ -23,8 +23,8 @@ Two measurements, both written to ``benchmarks/results/b1_peers.json``:
   epochs (B1's schedule on a subset), then our evaluation (weighted k-NN, k=20, T=0.07, and the
   linear probe) on the evaluated backbone (DINO's teacher) over the full train and test splits.
 
-    python benchmarks/b1_peers.py --readme                 # published: all three methods
-    python benchmarks/b1_peers.py --methods mae --rounds 1 --round-steps 4 --budget-images 1024
+    python -m benchmarks.b1_peers --readme                 # published: all three methods
+    python -m benchmarks.b1_peers --methods mae --rounds 1 --round-steps 4 --budget-images 1024
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
 from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
@@ -48,6 +47,7 @@ from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.train.environment import machine_description
 from attnssl.train.optimisation import clip_each_parameter
 from attnssl.train.trainer import pretrain
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 PRESETS = {"dino": "dino_fashion_mnist", "simclr": "simclr_fashion_mnist",
            "mae": "mae_fashion_mnist"}
@@ -368,7 +368,7 @@ def main() -> None:
         if arg != "--readme" and not arg.startswith("--readme-block") \
                 and not (index and argv[index - 1] == "--readme-block"):
             shown.append(arg)
-    command = " ".join(["python benchmarks/b1_peers.py", *shown])
+    command = " ".join(["python -m benchmarks.b1_peers", *shown])
 
     images = load_dataset(DatasetSpec("fashion-mnist"), "train").images
     splits = None if args.skip_budget else load_eval_splits(load_config(PRESETS["dino"]))

@@ -7,8 +7,8 @@ token with weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a tab
 two floors (raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and,
 with ``--readme``, replaces the B1 table in docs/results.md.
 
-    python benchmarks/b1_pretrain.py                       # the published protocol
-    python benchmarks/b1_pretrain.py --epochs 1 --subset 15360   # a quick look
+    python -m benchmarks.b1_pretrain                       # the published protocol
+    python -m benchmarks.b1_pretrain --epochs 1 --subset 15360   # a quick look
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
@@ -28,6 +27,7 @@ from attnssl.eval.knn import knn_accuracy
 from attnssl.nn.vit import build_vit
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 # row name -> (preset, overrides); "bam-cbsa" is BAM on a backbone whose attention is CBSA
 # (representatives pooled on a 4x4 grid of the 7x7 patches: 16 for 50 tokens)
@@ -150,7 +150,7 @@ def main() -> None:
             rows.append(run_row(method, precision, args, Path(args.runs_dir)))
             print(table(rows, raw), flush=True)
     out = Path(args.out)
-    command = "python benchmarks/b1_pretrain.py " + " ".join(
+    command = "python -m benchmarks.b1_pretrain " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
         if k in ("methods", "precisions", "epochs", "subset") and v is not None

@@ -14,8 +14,8 @@ read-out, beside the same k-NN of the same backbone untrained (same seed, same r
 raw pixels. Every row trains in ``runs/b1v2/ROW`` and continues from its newest checkpoint when
 rerun, so ``--max-steps N`` trains at most N more steps per row and call.
 
-    python benchmarks/b1v2.py --readme                          # every 5-epoch row
-    python benchmarks/b1v2.py --rows bam-20ep --max-steps 1000  # a long row, one piece
+    python -m benchmarks.b1v2 --readme                          # every 5-epoch row
+    python -m benchmarks.b1v2 --rows bam-20ep --max-steps 1000  # a long row, one piece
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ import argparse
 import json
 from pathlib import Path
 
-from b1_pretrain import raw_pixel_knn
-from readme_block import ROOT, machine_line, replace_readme_block
-
 from attnssl.config import load_config
 from attnssl.methods import method_names
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.trained import config_from_checkpoint
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
+from benchmarks.b1_pretrain import raw_pixel_knn
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 METHODS = tuple(method_names())  # every registered method has a Fashion-MNIST preset
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
@@ -168,7 +167,7 @@ def main() -> None:
     out.write_text(json.dumps({"raw_pixel_knn_top1": raw, "rows": rows}, indent=2))
     if args.readme:
         machine = next((r["machine"] for r in rows if "machine" in r), machine_description())
-        command = "python benchmarks/b1v2.py --rows " + " ".join(r["row"] for r in rows)
+        command = "python -m benchmarks.b1v2 --rows " + " ".join(r["row"] for r in rows)
         replace_readme_block("B1V2", machine_line(machine, command) + "\n\n" + markdown)
 
 

@@ -9,8 +9,8 @@ median time of ``--steps`` real steps on Fashion-MNIST batches (views, forward, 
 optimiser and teacher update, as the trainer runs them). Utilisation is model FLOP/s over the
 peak of the step's precision (fp32 peak for ``32``, bf16 peak for ``bf16-mixed``).
 
-    python benchmarks/b2_utilisation.py --readme
-    python benchmarks/b2_utilisation.py --methods simclr --steps 5     # a quick look
+    python -m benchmarks.b2_utilisation --readme
+    python -m benchmarks.b2_utilisation --methods simclr --steps 5     # a quick look
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from b1_pretrain import PRESETS
-from readme_block import ROOT, machine_line, replace_readme_block
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnssl.config import load_config
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import Pretrainer
+from benchmarks.b1_pretrain import PRESETS
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -121,7 +121,7 @@ def main() -> None:
     table = markdown(peaks, rows)
     print(table)
     machine = machine_description()
-    command = ("python benchmarks/b2_utilisation.py --methods " + " ".join(args.methods)
+    command = ("python -m benchmarks.b2_utilisation --methods " + " ".join(args.methods)
                + f" --steps {args.steps} --readme")
     Path(args.out).write_text(json.dumps({"machine": machine, "peaks": peaks, "rows": rows,
                                           "command": command}, indent=2))

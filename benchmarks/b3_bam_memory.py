@@ -2,14 +2,14 @@
 
 Forward + backward of the BAM loss alone (no backbone), full matrices against the blockwise
 computation, for B images per step and V views (2 global). Each measurement runs in a fresh
-subprocess (``peak_memory.py``): the peak above the resident memory after a warm-up call
+subprocess (``benchmarks.helpers.run_child``): the peak above the resident memory after a warm-up call
 (inputs and gradient buffer) is the loss's peak. A
 computation whose peak, extrapolated from the previous batch size (quadratic), would pass
 ``--memory-gb`` is not run and is reported as not fitting. Prints a table, writes
 ``benchmarks/results/b3.json`` and, with ``--readme``, replaces the B3 block (docs/results.md).
 
-    python benchmarks/b3_bam_memory.py --readme
-    python benchmarks/b3_bam_memory.py --batches 256 1024 --views 2   # a quick look
+    python -m benchmarks.b3_bam_memory --readme
+    python -m benchmarks.b3_bam_memory --batches 256 1024 --views 2   # a quick look
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peak_memory import run_child
-from readme_block import ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block, run_child
 
 CHILD = r"""
 from attnssl.losses import BAMLoss
@@ -104,7 +103,7 @@ def main() -> None:
     out.write_text(json.dumps({"machine": machine, "dim": args.dim, "memory_gb": args.memory_gb,
                                "rows": rows}, indent=2))
     if args.readme:
-        command = ("python benchmarks/b3_bam_memory.py --batches "
+        command = ("python -m benchmarks.b3_bam_memory --batches "
                    + " ".join(map(str, args.batches)) + " --views "
                    + " ".join(map(str, args.views)) + f" --memory-gb {args.memory_gb:g} --readme")
         replace_readme_block("B3", machine_line(machine, command) + "\n\n" + markdown)

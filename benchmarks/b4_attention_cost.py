@@ -6,12 +6,12 @@ scaled-dot-product), ``softmax_explicit`` (materialises the maps), ``cbsa`` (m =
 pool), ``agent`` (CBSA without contraction), ``mssa`` (CRATE), and the linear-cost layers
 ``linear``, ``efficient``, ``focused_linear``, ``nystrom``, ``performer`` beside the quadratic
 ``sinkformer``. Each point runs in a fresh
-process (``peak_memory.py``). The slope of log-time against log-N (least squares over N >= 1024)
+process (``benchmarks.helpers.run_child``). The slope of log-time against log-N (least squares over N >= 1024)
 says how each scales: 2 is quadratic, 1 linear. A point whose peak, extrapolated from the
 previous N by the layer's slope (at most quadratic), would pass ``--memory-gb`` is not run.
 
-    python benchmarks/b4_attention_cost.py --readme
-    python benchmarks/b4_attention_cost.py --tokens 64 256 1024    # a quick look
+    python -m benchmarks.b4_attention_cost --readme
+    python -m benchmarks.b4_attention_cost --tokens 64 256 1024    # a quick look
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from peak_memory import run_child
-from readme_block import ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block, run_child
 
 ATTENTIONS = ("softmax", "softmax_explicit", "cbsa", "agent", "mssa", "linear", "efficient",
               "focused_linear", "nystrom", "performer", "sinkformer")
@@ -127,7 +126,7 @@ def main() -> None:
                                "results": {k: {str(n): v for n, v in p.items()}
                                            for k, p in results.items()}}, indent=2))
     if args.readme:
-        command = ("python benchmarks/b4_attention_cost.py --tokens "
+        command = ("python -m benchmarks.b4_attention_cost --tokens "
                    + " ".join(map(str, args.tokens)) + f" --memory-gb {args.memory_gb:g} --readme")
         replace_readme_block("B4", machine_line(machine, command) + "\n\n" + markdown)
 

@@ -12,7 +12,7 @@ so it is the method whose distributed maths is most at stake):
   (each holding half of every view). The two-process loss is the mean of the processes' losses
   and the gradients are DDP's average; both must equal the one-process values.
 
-    python benchmarks/b5_distributed.py --readme
+    python -m benchmarks.b5_distributed --readme
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.config import load_config
 from attnssl.data.datasets import DatasetSpec, load_dataset
 from attnssl.methods import build_method, build_views
 from attnssl.nn.vit import build_vit, resolve_size
 from attnssl.train.environment import machine_description
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 PRESETS = {"bam": "bam_fashion_mnist", "dino": "dino_fashion_mnist",
            "simclr": "simclr_fashion_mnist"}
@@ -131,7 +131,7 @@ def main() -> None:
             print(f"{processes} process(es): {speeds[processes][-1]:.1f} images/s", flush=True)
     check = equality_check(preset, args.check_batch)
     median = {p: statistics.median(v) for p, v in speeds.items()}
-    command = "python benchmarks/b5_distributed.py " + " ".join(
+    command = "python -m benchmarks.b5_distributed " + " ".join(
         a for a in sys.argv[1:] if a != "--readme")
     result = {"machine": machine_description(), "command": command.strip(), "method": args.method,
               "subset": args.subset, "images_per_second": speeds, "median": median,

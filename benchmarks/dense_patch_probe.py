@@ -15,9 +15,9 @@ probe is trained on the patches of the first ``--images`` training images and sc
 of the first ``--test-images`` test images; each method is compared with the untrained backbone
 of its own initialisation.
 
-    python benchmarks/dense_patch_probe.py                 # udi, dino, bam; writes results/dense.json
-    python benchmarks/dense_patch_probe.py --readme        # and replaces the DENSE block (docs/results.md)
-    python benchmarks/dense_patch_probe.py --b1 --readme   # B1 checkpoints; block DENSE-B1
+    python -m benchmarks.dense_patch_probe                 # udi, dino, bam; writes results/dense.json
+    python -m benchmarks.dense_patch_probe --readme        # and replaces the DENSE block (docs/results.md)
+    python -m benchmarks.dense_patch_probe --b1 --readme   # B1 checkpoints; block DENSE-B1
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from b1_checkpoints import fp32_checkpoints, untrained_backbone
-from readme_block import ROOT, machine_line, replace_readme_block
 from safetensors.torch import load_file
 
 from attnssl.config import load_config
@@ -40,6 +38,8 @@ from attnssl.eval.linear import linear_probe_accuracy
 from attnssl.nn.vit import build_vit
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
+from benchmarks.b1_checkpoints import fp32_checkpoints, untrained_backbone
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 PRESETS = {"udi": "udi_synthetic", "dino": "dino_synthetic", "bam": "bam_synthetic"}
 BACKBONE = ["model.preset=vit_tiny_p4", "model.patch_size=null", "model.embed_dim=null",
@@ -148,7 +148,7 @@ def main() -> None:
     machine = machine_description()
     if args.b1:
         rows = b1_rows(args)
-        command = (f"python benchmarks/dense_patch_probe.py --b1 --images {args.images} "
+        command = (f"python -m benchmarks.dense_patch_probe --b1 --images {args.images} "
                    f"--test-images {args.test_images} --probe-epochs {args.probe_epochs}"
                    + (" --readme" if args.readme else ""))
         Path(args.out).with_name("dense_b1.json").write_text(
@@ -179,7 +179,7 @@ def main() -> None:
                      "image_knn_top1": metrics["eval"]["knn_top1"],
                      "train_minutes": metrics["train_seconds"] / 60})
         print(table(rows), flush=True)
-    command = (f"python benchmarks/dense_patch_probe.py --methods {' '.join(args.methods)} "
+    command = (f"python -m benchmarks.dense_patch_probe --methods {' '.join(args.methods)} "
                f"--images {args.images} --epochs {args.epochs} --batch {args.batch}")
     Path(args.out).write_text(json.dumps({"machine": machine, "command": command, "rows": rows},
                                          indent=2))

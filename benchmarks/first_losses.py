@@ -5,8 +5,8 @@ by running this before and after it on one machine and comparing the two files: 
 the first ``--steps`` steps must be identical, bit for bit (fp32, one thread, the synthetic
 presets, seed 0).
 
-    python benchmarks/first_losses.py --out before.json          # at the old commit
-    python benchmarks/first_losses.py --compare before.json      # at the new one
+    python -m benchmarks.first_losses --out before.json          # at the old commit
+    python -m benchmarks.first_losses --compare before.json      # at the new one
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ variant by variant in rounds on the same batches:
 Prints images/s (median over rounds) and each variant's speed relative to ``default``; writes
 ``results/fp32_levers.json``; ``--readme`` replaces the block LEVERS (docs/results.md).
 
-    python benchmarks/fp32_levers.py --readme
+    python -m benchmarks.fp32_levers --readme
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from b1_pretrain import PRESETS
-from b2_utilisation import batches, build_trainer
-from readme_block import ROOT, machine_line, replace_readme_block
 
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import Pretrainer
+from benchmarks.b1_pretrain import PRESETS
+from benchmarks.b2_utilisation import batches, build_trainer
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 VARIANTS = {"default": [], "explicit": ["model.attention=softmax_explicit"],
             "compiled": ["trainer.compile=true"]}
@@ -95,7 +95,7 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     machine = machine_description()
-    command = (f"python benchmarks/fp32_levers.py --methods {' '.join(args.methods)} "
+    command = (f"python -m benchmarks.fp32_levers --methods {' '.join(args.methods)} "
                f"--rounds {args.rounds} --round-steps {args.round_steps} --readme")
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows, "command": command},
                                          indent=2))

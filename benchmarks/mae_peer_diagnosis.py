@@ -7,7 +7,7 @@ difference, and optionally re-initialises the two linears that lightly 1.6's exa
 torch's ``nn.Linear`` default (the decoder's input embedding and pixel prediction) with the
 official xavier-uniform. Scores come from our k-NN and linear probe, as in ``b1_peers.py``.
 
-    python benchmarks/mae_peer_diagnosis.py --seeds 0 1 --io-init torch xavier
+    python -m benchmarks.mae_peer_diagnosis --seeds 0 1 --io-init torch xavier
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import argparse
 import json
 
 import torch
-from b1_peers import PeerMAE, peer_optimizer
-from readme_block import ROOT
 
 from attnssl.config import load_config
 from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
@@ -25,6 +23,8 @@ from attnssl.data.views import MultiCropViews
 from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.nn.mae import xavier_linears_
 from attnssl.train.environment import machine_description
+from benchmarks.b1_peers import PeerMAE, peer_optimizer
+from benchmarks.helpers import ROOT
 
 
 def train_lightly_on_our_views(config, images: torch.Tensor, epochs: int, seed: int,

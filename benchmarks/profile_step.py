@@ -7,7 +7,7 @@ colour on the batch), ``step/forward_and_loss``, ``step/backward``, ``step/optim
 Prints each phase's share of the step and the operators with the most self time; writes
 ``results/profile.json``; ``--readme`` replaces the block PROFILE (docs/results.md).
 
-    python benchmarks/profile_step.py --readme
+    python -m benchmarks.profile_step --readme
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from b2_utilisation import build_trainer
-from readme_block import ROOT, machine_line, replace_readme_block
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from attnssl.train.environment import machine_description
+from benchmarks.b2_utilisation import build_trainer
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 PHASES = ("data", "views", "forward_and_loss", "backward", "optimizer", "after_step")
 
@@ -91,7 +91,7 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     machine = machine_description()
-    command = ("python benchmarks/profile_step.py --methods " + " ".join(args.methods)
+    command = ("python -m benchmarks.profile_step --methods " + " ".join(args.methods)
                + " --precisions " + " ".join(args.precisions) + f" --steps {args.steps}"
                + (" --readme" if args.readme else f" --out {args.out}"))
     Path(args.out).write_text(json.dumps({"machine": machine, "command": command, "rows": rows},

@@ -9,9 +9,9 @@ skipped are listed with the reason, so a short budget refreshes the cheap tables
 refreshes them all. The B1 rows come first among the long jobs because the attention and dense
 analyses read their checkpoints.
 
-    python benchmarks/run_all.py --budget-minutes 30          # the cheap tables
-    python benchmarks/run_all.py --budget-minutes 600         # everything (about 8 h here)
-    python benchmarks/run_all.py --only b5 peers              # chosen jobs, by name
+    python -m benchmarks.run_all --budget-minutes 30          # the cheap tables
+    python -m benchmarks.run_all --budget-minutes 600         # everything (about 8 h here)
+    python -m benchmarks.run_all --only b5 peers              # chosen jobs, by name
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from readme_block import ROOT
+from benchmarks.helpers import ROOT
 
 B1_METHODS = ("bam", "dino", "udi", "simclr", "mae", "bam-cbsa")
 
@@ -92,7 +92,8 @@ def main() -> None:
         if expected > left:
             print(f"skip {job.name}: expects {expected:.0f} min, {left:.0f} left", flush=True)
             continue
-        command = [sys.executable, str(ROOT / "benchmarks" / job.argv[0]), *job.argv[1:], "--readme"]
+        module = "benchmarks." + job.argv[0].removesuffix(".py")
+        command = [sys.executable, "-m", module, *job.argv[1:], "--readme"]
         print(f"run  {job.name}: {' '.join(command[1:])}", flush=True)
         started = time.monotonic()
         try:

@@ -5,7 +5,7 @@ per-image torchvision pipeline (PIL, ``RandomResizedCrop`` + flip + ``ColorJitte
 ``ToTensor`` + ``Normalize`` per view), and with one SimCLR training step of the B1 backbone.
 Reports images per second for each and the share of a step the views would take.
 
-    python benchmarks/views_throughput.py [--batch 256] [--repeats 5]
+    python -m benchmarks.views_throughput [--batch 256] [--repeats 5]
 """
 
 from __future__ import annotations

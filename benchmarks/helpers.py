@@ -1,0 +1,75 @@
+"""What the benchmark scripts share: the repository root, the generated blocks of README.md and
+docs/ (``<!-- NAME:START -->`` ... ``<!-- NAME:END -->``), the machine line under each table, and
+time and peak memory measured in a fresh Python process.
+
+Peak memory (Linux): a child runs the measured code after one warm-up call, having reset its
+resident high-water mark (``/proc/self/clear_refs``); the peak above the resident memory at that
+point is the computation's peak. Large buffers come from mmap (``MALLOC_MMAP_THRESHOLD_``) and
+go back to the system when freed, so that the high-water mark measures this computation alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+
+
+def replace_readme_block(name: str, body: str, documents=DOCUMENTS) -> None:
+    pattern = re.compile(rf"<!-- {name}:START -->.*?<!-- {name}:END -->", flags=re.S)
+    holders = [path for path in documents if pattern.search(path.read_text())]
+    if len(holders) != 1:
+        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "no document"
+        raise SystemExit(f"<!-- {name}:START --> ... <!-- {name}:END --> must be in exactly one of "
+                         f"README.md and docs/*.md; found in {where}")
+    block = f"<!-- {name}:START -->\n{body}\n<!-- {name}:END -->"
+    holders[0].write_text(pattern.sub(lambda _: block, holders[0].read_text(), count=1))
+
+
+def machine_line(machine: dict, command: str) -> str:
+    bf16 = f" (bf16 {machine['cpu_bf16']})" if machine.get("cpu_bf16") else ""
+    return (f"Machine: {machine['cpu']}{bf16}, {machine['threads']} threads, torch {machine['torch']}. "
+            f"Command: `{command}`")
+
+# The child's prelude: ``timed_peak(fn, repeats)`` -> {"seconds": median, "peak_mb": ...}
+PRELUDE = r"""
+import json, sys, time
+import torch
+
+
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def timed_peak(fn, repeats):
+    fn()  # warm-up: kernels, thread pools, gradient buffers
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident high-water mark
+    base = status_kb("VmRSS")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"seconds": sorted(times)[len(times) // 2],
+            "peak_mb": (status_kb("VmHWM") - base) / 1024}
+"""
+
+
+def run_child(body: str, *args, timeout: int = 3600) -> dict:
+    """Run ``PRELUDE + body`` with ``args`` as ``sys.argv[1:]``; it prints one JSON line."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", PRELUDE + body, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,32 @@
+"""The benchmarks package: every module imports from the repository root, and one runs end to
+end as ``python -m benchmarks.NAME`` (its helpers' fresh-process timing included)."""
+
+import importlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULES = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_benchmark_module_imports_as_part_of_the_package(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.__doc__, f"benchmarks/{name}.py needs a docstring saying what it measures"
+
+
+@pytest.mark.integration
+def test_a_benchmark_runs_as_a_module_and_writes_its_results(tmp_path):
+    out = tmp_path / "b4.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.b4_attention_cost", "--tokens", "16",
+                           "64", "--attentions", "linear", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| linear |" in done.stdout
+    points = json.loads(out.read_text())["results"]["linear"]
+    assert set(points) == {"16", "64"}  # one record per measured point, each from a fresh process
+    assert all(p["seconds"] > 0 and p["peak_mb"] >= 0 for p in points.values())
