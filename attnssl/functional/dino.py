@@ -59,24 +59,29 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 def batch_center(values: torch.Tensor, weights: torch.Tensor | None = None,
                  distributed: bool = False) -> torch.Tensor:
-    """Mean row of ``values (..., K)`` (weighted by ``weights (...)``), averaged over processes.
+    """Mean row of ``values (..., K)`` (weighted by ``weights (...)``) over every process's rows.
 
-    Each process takes its own (weighted) mean and the means are averaged across processes,
-    as the official UDI ``Centering.update_center`` does; with equal row counts on every
-    process (DINO) this is the mean over the global batch, as DINO's ``update_center``.
+    Unweighted, each process's mean is averaged across processes: with the same row count on
+    every process (DINO's and UDI's image-level centres) that is the global batch's mean, as
+    DINO's ``update_center``. Weighted, the weighted sums and the total weight are all-reduced,
+    so the mean is the global batch's weighted mean; the official UDI ``Centering`` averages the
+    processes' own weighted means instead, which differs when their weights differ.
     Returns ``(1, K)``.
     """
     flat = values.reshape(-1, values.shape[-1])
+    spread = distributed and dist.is_available() and dist.is_initialized()
     if weights is None:
         mean = flat.mean(0, keepdim=True)
-    else:
-        w = weights.reshape(-1, 1).to(flat.dtype)
-        mean = (w * flat).sum(0, keepdim=True) / w.sum().clamp_min(1e-12)  # 0 if no weight
-    if distributed and dist.is_available() and dist.is_initialized():
-        mean = mean.clone()
-        dist.all_reduce(mean)
-        mean = mean / dist.get_world_size()
-    return mean
+        if spread:
+            mean = mean.clone()
+            dist.all_reduce(mean)
+            mean = mean / dist.get_world_size()
+        return mean
+    w = weights.reshape(-1, 1).to(flat.dtype)
+    total = torch.cat([(w * flat).sum(0), w.sum().reshape(1)])
+    if spread:
+        dist.all_reduce(total)
+    return (total[:-1] / total[-1].clamp_min(1e-12)).unsqueeze(0)  # 0 if no weight
 
 
 def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:

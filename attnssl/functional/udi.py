@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -27,11 +28,21 @@ def multimodal_logits(patch_logits: torch.Tensor, valid: torch.Tensor, cls_logit
 
 
 def masked_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor,
-                         mask: torch.Tensor, student_temp: float) -> torch.Tensor:
+                         mask: torch.Tensor, student_temp: float,
+                         distributed: bool = False) -> torch.Tensor:
     """``sum_i mask_i CE(p_i, softmax(s_i / T_s)) / sum_i mask_i`` over all leading axes.
 
     0 when nothing is valid, where the official code divides by the zero count and its loss
-    (and every gradient) turns NaN for that step; we keep the step finite on purpose."""
+    (and every gradient) turns NaN for that step; we keep the step finite on purpose.
+
+    ``distributed``: the count is the global batch's (all-reduced) and the local sum is scaled
+    by the number of processes ``W``, so that DDP's mean of the processes' gradients is the
+    gradient of the global batch's mean. The official code takes each process's own mean, which
+    differs from one process on the global batch whenever the processes' valid counts do."""
     ce = torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)
     mask = mask.to(ce.dtype)
-    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+    count, world = mask.sum(), 1
+    if distributed and dist.is_available() and dist.is_initialized():
+        count, world = count.detach().clone(), dist.get_world_size()
+        dist.all_reduce(count)
+    return world * (ce * mask).sum() / count.clamp_min(1.0)

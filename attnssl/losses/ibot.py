@@ -63,8 +63,8 @@ class IBOTLoss(DINOLoss):
     ``(G*B, K)``; ``student_patch`` and ``teacher_patch`` are ``(G*B, N, K')``, ``masks``
     ``(G*B, N)``. ``teacher_temp`` and ``teacher_patch_temp`` are the method's scheduled values
     for this step (the constructor's when omitted); the call returns an :class:`IBOTOutput`.
-    Computed in float32 with autocast off. The class-token half (its centre, temperatures and
-    view checks) is :class:`DINOLoss`'s.
+    Computed in float32 (float64 if given) with autocast off. The class-token half (its centre,
+    temperatures and view checks) is :class:`DINOLoss`'s.
     """
 
     def __init__(self, out_dim: int, patch_out_dim: int, n_views: int, n_global_views: int,
@@ -92,17 +92,18 @@ class IBOTLoss(DINOLoss):
                 f"outputs ({globals_}*B, N, K') and masks ({globals_}*B, N); got "
                 f"{tuple(student_cls.shape)}, {tuple(teacher_cls.shape)}, "
                 f"{tuple(student_patch.shape)}, {tuple(teacher_patch.shape)}, {tuple(masks.shape)}")
+        dtype = torch.promote_types(student_cls.dtype, torch.float32)
         with torch.autocast(student_cls.device.type, enabled=False):
-            teacher_cls, teacher_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
+            teacher_cls, teacher_patch = teacher_cls.detach().to(dtype), teacher_patch.detach().to(dtype)
             probs = self.targets(teacher_cls, teacher_temp)
-            cls_loss = distillation_loss(student_cls.float().view(views, batch, -1),
+            cls_loss = distillation_loss(student_cls.to(dtype).view(views, batch, -1),
                                          probs.view(globals_, batch, -1), self.student_temp)
             patch_temp = self.teacher_patch_temp if teacher_patch_temp is None \
                 else teacher_patch_temp
             patch_probs = teacher_probabilities(teacher_patch, self.center_patch, patch_temp)
             tokens = teacher_patch.shape[1]
             patch_loss = masked_patch_loss(
-                student_patch.float().view(globals_, batch, tokens, -1),
+                student_patch.to(dtype).view(globals_, batch, tokens, -1),
                 patch_probs.view(globals_, batch, tokens, -1),
                 masks.view(globals_, batch, tokens), self.student_temp)
             loss = self.lambda_cls * cls_loss + self.lambda_patch * patch_loss

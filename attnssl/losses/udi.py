@@ -53,12 +53,15 @@ class UDILoss(nn.Module):
       v's samples in g (centre ``c_1``); the mean over the same pairs as ``L_cls``;
     * ``L_patch``: each global view's patch representations against the teacher's at the
       matching positions of the other global view (centre ``c_2``), the mean over valid samples
-      of both directions;
+      of both directions in the global batch;
     * ``L = (L_cls + L_cls+ + L_patch) / 3``.
 
     The centres move after the loss: ``c_0`` from the teacher's ``cls``, ``c_1`` from every
     multimodal target (global and local), ``c_2`` from every valid teacher patch output
-    (global and local), each process's mean averaged across processes, as the official code.
+    (global and local), each the mean over the global batch. With several processes the
+    official code averages each process's own patch-level means (loss and ``c_2``); we count
+    the valid samples over all processes instead, so W processes equal one on the global
+    batch (the two agree whenever every process has as many valid samples).
     ``teacher_temp`` is the method's scheduled value for this step (the constructor's when
     omitted); the call returns a :class:`UDIOutput`. Computed in float32 (float64 if given)
     with autocast off.
@@ -99,7 +102,7 @@ class UDILoss(nn.Module):
             loss_cls_plus = pairwise_cross_entropy(
                 F.log_softmax(student_cls_plus.to(dtype) / self.student_temp, dim=-1), p_mm)
             loss_patch = masked_cross_entropy(p_patch, student_patch.to(dtype).flip(0), other_valid,
-                                              self.student_temp)
+                                              self.student_temp, distributed=True)
             loss = (loss_cls + loss_cls_plus + loss_patch) / 3
             entropy, kl = diagnostics(loss_cls, p_cls)
             self.update_centers(t_cls, mm_global, mm_local, t_patch, t_local, other_valid,

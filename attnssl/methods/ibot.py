@@ -200,11 +200,19 @@ class IBOT(SelfDistillation):
             block_mask(*grid, prediction_ratio(cfg.pred_ratio, cfg.pred_ratio_var) * grid[0]
                        * grid[1], cfg.pred_aspect_ratio) for _ in range(n_images)])
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor],
+                masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``masks (G*B, H, W)`` (bool, global views stacked view-major) say which patches the
+        student sees masked; drawn by :meth:`draw_masks` when not given."""
         globals_ = torch.cat(views[: self.n_global])
         patch = self.backbone.patch_embed.patch_size[0]
         grid = (globals_.shape[-2] // patch, globals_.shape[-1] // patch)
-        masks = self.draw_masks(globals_.shape[0], grid).to(globals_.device)
+        if masks is None:
+            masks = self.draw_masks(globals_.shape[0], grid)
+        elif masks.shape != (globals_.shape[0], *grid):
+            raise ValueError(f"masks must be (global views x images, *grid) = "
+                             f"{(globals_.shape[0], *grid)}, got {tuple(masks.shape)}")
+        masks = masks.to(globals_.device)
         tokens = masked_tokens(self.backbone, globals_, masks, self.mask_token)
         s_cls, s_patch = self.head.class_and_patches(tokens)
         if len(views) > self.n_global:

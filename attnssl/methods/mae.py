@@ -81,14 +81,21 @@ class MAE(Method):
             io_init=cfg.decoder_io_init,
         )
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor],
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``noise (B, N)`` ranks each image's patches for masking (the smallest stay visible);
+        drawn uniformly when not given, as the official ``random_masking``."""
         if len(views) != 1:
             raise ValueError(f"MAE takes one view per image, got {len(views)}; set "
                              f"views.global_crops=1 and views.local_crops=0")
         images = views[0]
         target = patchify(images, self.patch)
         batch, tokens = target.shape[:2]
-        noise = torch.rand(batch, tokens, device=images.device)
+        if noise is None:
+            noise = torch.rand(batch, tokens, device=images.device)
+        elif noise.shape != (batch, tokens):
+            raise ValueError(f"noise must be (images, patches) = {(batch, tokens)}, got "
+                             f"{tuple(noise.shape)}")
         keep_idx, mask, restore_idx = random_masking(noise, visible_count(tokens, self.mask_ratio))
         latent = encode_visible(self.backbone, images, keep_idx)
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
