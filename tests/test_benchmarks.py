@@ -30,3 +30,20 @@ def test_a_benchmark_runs_as_a_module_and_writes_its_results(tmp_path):
     points = json.loads(out.read_text())["results"]["linear"]
     assert set(points) == {"16", "64"}  # one record per measured point, each from a fresh process
     assert all(p["seconds"] > 0 and p["peak_mb"] >= 0 for p in points.values())
+
+
+@pytest.mark.integration
+def test_the_prepared_gpu_check_runs_on_the_cpu(tmp_path):
+    """``python -m benchmarks.gpu_check --device cpu --tiny`` end to end, on two methods (UDI
+    for its extra inputs); the full command covers every method."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu",
+                           "--tiny", "--methods", "simclr", "udi", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["method"] for row in result["rows"]] == ["simclr", "udi"]
+    for row in result["rows"]:
+        assert row["plain"]["finite"] and row["compiled"]["finite"]
+        assert row["resume_max_difference"] == 0.0  # resumed on the CPU: bit-exact
+    assert "| udi | yes |" in result["table"]
