@@ -1,4 +1,4 @@
-"""``attnssl pretrain | eval | sweep | analyze | export | theory | presets``."""
+"""``attnssl pretrain | eval | sweep | analyze | export | shard | theory | presets``."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    from pathlib import Path
+
+    from attnssl.data.shards import print_report, write_shards
+
+    report = write_shards(args.src, args.dst, args.image_size, args.chunk_mb)
+    print_report(report, Path(args.dst))
+    print(f"train from them: attnssl pretrain -c PRESET data.dataset=shards data.root={args.dst}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from attnssl.export import export_backbone
 
@@ -216,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     x.add_argument("overrides", nargs="*", help="section.key=value")
     x.set_defaults(func=cmd_export)
+
+    h = sub.add_parser("shard", help="write an image folder as litdata shards for "
+                       "data.dataset=shards (bad files listed and skipped)")
+    h.add_argument("src", help="image folder: class sub-folders (labels) or flat, with train/ and "
+                   "test/ (or val/) splits where present")
+    h.add_argument("dst", help="new folder for the shards")
+    h.add_argument("--image-size", type=int, default=256,
+                   help="stored side in pixels (shorter side resized, centre-cropped)")
+    h.add_argument("--chunk-mb", type=int, default=64, help="size of each shard file")
+    h.set_defaults(func=cmd_shard)
 
     t = sub.add_parser("theory", help="the theory paper's synthetic experiment: MAE against "
                        "contrastive learning on a one-layer softmax attention")

@@ -34,7 +34,8 @@ from attnssl.settings import MethodSection, Section
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "cifar10", "cifar100", "stl10"]
+DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "shards", "cifar10", "cifar100",
+                      "stl10"]
 # ``trainer.precision=32`` on the command line reads as the integer 32: accept it as "32".
 # ``auto``: bf16-mixed where the device runs bf16 natively, 32 elsewhere (attnssl.precision)
 Precision = Annotated[
@@ -77,8 +78,8 @@ class DataSection(Section):
     subset: int | None = Field(None, gt=0, description="use only the first N training images")
     synthetic_size: int = Field(2000, gt=0, description="training images of the synthetic set")
     image_size: int | None = Field(
-        None, gt=0, description="imagefolder only: side images are resized to before cropping"
-    )
+        None, gt=0, description="imagefolder and synthetic: side images are resized to before "
+        "cropping; shards: must be their stored size")
     skip_bad_images: bool = Field(
         False, description="imagefolder only: decode every file once at start and leave out "
         "those that cannot be read (listed on stderr) instead of stopping at the first")

@@ -1,7 +1,8 @@
 """Datasets by name, each returning uint8 image tensors ``(C, H, W)`` of one fixed size.
 
 Small datasets (Fashion-MNIST, CIFAR, STL-10, synthetic) are held in memory as one uint8 tensor so
-a batch is a single index; ``imagefolder`` decodes lazily, one file at a time, in loader workers.
+a batch is a single index; ``imagefolder`` decodes lazily, one file at a time, in loader workers;
+``shards`` reads stored pixels by index from litdata chunks (``attnssl shard``), in workers too.
 Views (crops, flips, colour) are made afterwards, on whole batches (``attnssl.data.views``).
 
 CIFAR and STL-10 are read from the files torchvision downloads, in the same layout under the given
@@ -13,6 +14,8 @@ unpickles through an allow-list of numpy array constructors, so a crafted file c
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,6 +436,76 @@ def load_imagefolder(root: str | None, split: str, image_size: int,
     )
 
 
+# ----------------------------------------------------------------------------- shards
+
+SHARDS_META = "shards.json"
+
+
+class ShardDataset(ImageDataset):
+    """One split of an ``attnssl shard`` folder (:func:`attnssl.data.shards.write_shards`),
+    read by index with litdata (``data.dataset=shards``).
+
+    The litdata reader opens lazily in each process and loader worker (it holds file handles
+    that do not cross a fork). Items are read by their global index: under several processes
+    litdata's own length is each process's share, but its random access is not, and the run's
+    batch order (:mod:`attnssl.data.loader`) splits the indices across processes itself.
+    """
+
+    in_memory = False
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        meta_path = self.root / SHARDS_META
+        if not meta_path.is_file():
+            raise DatasetNotFoundError(
+                f"shards: {meta_path} is missing; write shards with attnssl shard SRC "
+                f"{self.root}")
+        meta = json.loads(meta_path.read_text())
+        if split not in meta["splits"]:
+            raise DatasetNotFoundError(
+                f"shards: {self.root} has no {split!r} split (it has "
+                f"{', '.join(meta['splits'])})")
+        self.name, self.split = "shards", split
+        self.classes = tuple(meta["classes"])
+        self.image_size, self.channels = meta["image_size"], 3
+        self.count = meta["splits"][split]
+        self._reader = None
+        self._reader_pid = None
+
+    @property
+    def mean_std(self):
+        return NORMALISATION["imagefolder"]
+
+    def _stream(self):
+        if self._reader is None or self._reader_pid != os.getpid():
+            from litdata import StreamingDataset
+
+            self._reader = StreamingDataset(str(self.root / self.split))
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self._stream()[index]
+        return torch.from_numpy(item["image"]), int(item["label"])
+
+    def __getstate__(self):  # loader workers open their own reader
+        return {**self.__dict__, "_reader": None, "_reader_pid": None}
+
+
+def load_shards(root: str | None, split: str, image_size: int | None) -> ShardDataset:
+    if root is None:
+        raise DatasetNotFoundError("shards needs data.root=DIR (a folder written by attnssl shard)")
+    dataset = ShardDataset(root, split)
+    if image_size is not None and image_size != dataset.image_size:
+        raise ValueError(f"data.image_size={image_size}, but the shards in {root} hold "
+                         f"{dataset.image_size} px images; leave data.image_size unset or write "
+                         f"the shards again with attnssl shard --image-size {image_size}")
+    return dataset
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 SYNTHETIC_CLASSES = ("disc", "square", "diamond", "triangle", "ring", "cross", "bar", "saltire")
@@ -541,10 +614,12 @@ def _load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
         dataset = load_synthetic(split, spec.synthetic_size, spec.image_size or 32)
     elif name == "imagefolder":
         dataset = load_imagefolder(spec.root, split, spec.image_size or 64, spec.skip_bad_images)
+    elif name == "shards":
+        dataset = load_shards(spec.root, split, spec.image_size)
     else:
         raise ValueError(
             f"unknown dataset {name!r}; accepted: fashion-mnist, synthetic, imagefolder, "
-            f"cifar10, cifar100, stl10"
+            f"shards, cifar10, cifar100, stl10"
         )
     if spec.subset is not None and split == "train" and isinstance(dataset, TensorImageDataset):
         dataset = dataset.subset(spec.subset)
