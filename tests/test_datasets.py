@@ -180,3 +180,30 @@ def test_synthetic_splits_differ_and_subset_applies():
 def test_unknown_split_is_named():
     with pytest.raises(ValueError, match="splits 'train' and 'test', not 'val'"):
         load_dataset(DatasetSpec("synthetic"), "val")
+
+
+@pytest.mark.integration
+def test_loader_workers_that_persist_across_epochs_give_the_main_process_batches(tmp_path):
+    """An image folder read by two persistent workers over three epochs (and into a resumed
+    run) trains to exactly the weights of the same run read in the main process."""
+    from attnssl.cli import main
+    from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(24):
+            pixels = (rng.random((20, 20, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    common = ["pretrain", "-c", "simclr_synthetic", "data.dataset=imagefolder",
+              f"data.root={tmp_path / 'images'}", "data.image_size=16", "optim.batch_size=16",
+              "optim.epochs=3", "trainer.progress_bar=false", "trainer.num_threads=1",
+              "eval.at_end=false", f"run.out_dir={tmp_path}"]
+    assert main([*common, "run.name=main-process"]) == 0
+    assert main([*common, "run.name=workers", "data.num_workers=2", "trainer.max_steps=4"]) == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "workers"), "trainer.max_steps=null"]) == 0
+    final = {run: safe_torch_load(list_checkpoints(tmp_path / run)[-1]) for run in
+             ("main-process", "workers")}
+    assert final["workers"]["train"]["step"] == final["main-process"]["train"]["step"] == 9
+    for key, value in final["main-process"]["method"].items():
+        assert torch.equal(value, final["workers"]["method"][key]), key

@@ -36,16 +36,54 @@ def _stack(items):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+class _Batches:
+    """A batch sampler whose batches the loader replaces before each epoch: the DataLoader
+    built around it is made once, so its workers persist from one epoch to the next."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchLoader:
+    """``loader(batches)`` yields ``(images uint8 (B, C, H, W), labels (B,))`` for each index
+    batch in order.
+
+    In-memory sets, or ``num_workers=0``, are read in this process. Otherwise one DataLoader
+    reads them in ``num_workers`` workers that persist across epochs, each ``prefetch`` batches
+    ahead, into pinned memory when ``pin_memory`` (for a copy to a GPU that overlaps compute).
+    The batches are whatever the caller passes (:func:`epoch_batches`), so the order and a
+    resume mid-epoch are the same with workers or without.
+    """
+
+    def __init__(self, dataset: ImageDataset, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch: int = 2):
+        self.dataset = dataset
+        self._sampler = _Batches()
+        self._loader = None
+        if not dataset.in_memory and num_workers > 0:
+            self._loader = DataLoader(
+                dataset, batch_sampler=self._sampler, num_workers=num_workers,
+                collate_fn=_stack, persistent_workers=True, prefetch_factor=prefetch,
+                pin_memory=pin_memory)
+
+    def __call__(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._loader is None:
+            for indices in batches:
+                yield self.dataset.get_batch(indices)
+            return
+        self._sampler.batches = [b.tolist() for b in batches]
+        yield from self._loader
+
+
 def iterate_batches(
     dataset: ImageDataset, batches: list[torch.Tensor], num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images uint8 (B, C, H, W), labels (B,))`` for each index batch in order."""
-    if dataset.in_memory or num_workers == 0:
-        for indices in batches:
-            yield dataset.get_batch(indices)
-        return
-    loader = DataLoader(
-        dataset, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-        collate_fn=_stack, persistent_workers=False,
-    )
-    yield from loader
+    """Yield ``(images uint8 (B, C, H, W), labels (B,))`` for each index batch in order (a
+    :class:`BatchLoader` for one pass)."""
+    yield from BatchLoader(dataset, num_workers)(batches)

@@ -28,7 +28,7 @@ from torch.profiler import record_function
 
 from attnssl.config import Config, ConfigError, config_to_dict
 from attnssl.data.datasets import BadImageError, load_dataset
-from attnssl.data.loader import epoch_batches, iterate_batches
+from attnssl.data.loader import BatchLoader, epoch_batches
 from attnssl.data.views import MultiCropViews
 from attnssl.errors import RunStopped
 from attnssl.eval.evaluate import (
@@ -404,11 +404,13 @@ class Pretrainer:
                             dynamic_ncols=True)
         last_saved = state.step if self.resume_from is not None else -1
         window_images, window_start = 0, time.perf_counter()
+        loader = BatchLoader(self.train_set, config.data.num_workers,
+                             pin_memory=fabric.device.type == "cuda")
         while state.epoch < config.optim.epochs and state.step < stop_at:
             batches = epoch_batches(len(self.train_set), self.batch_per_process, state.epoch,
                                     config.run.seed, self.rank, self.world)
             remaining = batches[state.batch_in_epoch :]
-            for images, _ in iterate_batches(self.train_set, remaining, config.data.num_workers):
+            for images, _ in loader(remaining):
                 started = time.perf_counter()
                 logs = self.training_step(images)
                 state.train_seconds += time.perf_counter() - started
