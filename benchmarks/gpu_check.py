@@ -6,9 +6,10 @@ Per method and compile setting it reports whether every loss was finite, images/
 steps after the first (which include compilation) and the peak memory the device allocated;
 per method, the largest difference between the final weights of the resumed and the
 uninterrupted run (0 is bit-exact; GPU kernels that add in a nondeterministic order can leave
-a last-bit difference, shown as it is). Sized to finish within 8 minutes on one GPU; ``--tiny``
-runs the same checks on a small backbone at 32 px, so the script can be run here (a test
-calls it) and is ready whenever a GPU is.
+a last-bit difference, shown as it is), and between the views of one batch made on the device
+(as the trainer makes them) and on the CPU from the same seed. Sized to finish within 8
+minutes on one GPU; ``--tiny`` runs the same checks on a small backbone at 32 px, so the script
+can be run here (a test calls it) and is ready whenever a GPU is.
 
     python -m benchmarks.gpu_check                          # one GPU: the table for the docs
     python -m benchmarks.gpu_check --device cpu --tiny      # here, in a minute or two
@@ -91,6 +92,22 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
                for k, x in a.items() if x.is_floating_point())
 
 
+def views_difference(name: str, device: str, tiny: bool) -> float:
+    """Largest difference between the method's views of one batch made on ``device`` and on
+    the CPU from the same seed (the trainer makes them on the device)."""
+    from attnssl.methods import build_views
+
+    model, size, local, batch, _ = TINY if tiny else FULL
+    config = load_config(f"{name}_fashion_mnist", [*model, f"views.local_size={local}",
+                                                   "data.dataset=synthetic"])
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    patch = 4 if tiny else 16
+    made = [build_views(config, size, 3, (0.5,) * 3, (0.25,) * 3, patch, seed=0)(x)
+            for x in (images, images.to(device))]
+    return max((a - b.cpu()).abs().max().item() for a, b in zip(*made, strict=True))
+
+
 def check(methods: list[str], device: str, tiny: bool, out: Path) -> list[dict]:
     steps = (TINY if tiny else FULL)[-1]
     rows = []
@@ -103,7 +120,8 @@ def check(methods: list[str], device: str, tiny: bool, out: Path) -> list[dict]:
         difference = largest_difference(final_weights(runs[False]["run_dir"]),
                                         final_weights(resumed["run_dir"]))
         rows.append({"method": name, "plain": runs[False], "compiled": runs[True],
-                     "resume_max_difference": difference})
+                     "resume_max_difference": difference,
+                     "views_max_difference": views_difference(name, device, tiny)})
         print(json.dumps({"method": name, "finite": runs[False]["finite"] and runs[True]["finite"],
                           "resume_max_difference": difference}), flush=True)
     return rows
@@ -117,13 +135,15 @@ def table(rows: list[dict]) -> str:
         return f"{run['peak_mb']:.0f}" if run["peak_mb"] is not None else "-"
 
     lines = ["| method | finite losses | images/s | images/s compiled | peak MB | peak MB "
-             "compiled | resumed vs uninterrupted (largest weight difference) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "compiled | resumed vs uninterrupted (largest weight difference) | views on the "
+             "device vs the CPU (largest difference) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         plain, compiled = row["plain"], row["compiled"]
         finite = "yes" if plain["finite"] and compiled["finite"] else "NO"
         lines.append(f"| {row['method']} | {finite} | {speed(plain)} | {speed(compiled)} | "
-                     f"{peak(plain)} | {peak(compiled)} | {row['resume_max_difference']:.3g} |")
+                     f"{peak(plain)} | {peak(compiled)} | {row['resume_max_difference']:.3g} | "
+                     f"{row['views_max_difference']:.3g} |")
     return "\n".join(lines)
 
 

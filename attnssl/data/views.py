@@ -70,21 +70,23 @@ def crop_resize(
         raise ValueError(f"crop interpolation must be 'bilinear' or 'bicubic', got {mode!r}")
     batch, _, height, width = images.shape
     # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1]
-    x0, y0, x1, y1 = (boxes / torch.tensor([width, height, width, height])).unbind(1)
+    x0, y0, x1, y1 = (boxes.cpu() / torch.tensor([width, height, width, height])).unbind(1)
     scale_x = (x1 - x0) * torch.where(flipped, -1.0, 1.0)
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0] = scale_x
     theta[:, 0, 2] = x0 + x1 - 1
     theta[:, 1, 1] = y1 - y0
     theta[:, 1, 2] = y0 + y1 - 1
-    grid = F.affine_grid(theta.to(images.dtype), [batch, images.shape[1], size, size],
-                         align_corners=False)
+    grid = F.affine_grid(theta.to(images.device, images.dtype),
+                         [batch, images.shape[1], size, size], align_corners=False)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.clamp(0.0, 1.0) if mode == "bicubic" else out
 
 
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per image, shaped to broadcast over ``like`` and on its device (parameters
+    are drawn on the CPU, so a run draws the same ones whatever device makes its views)."""
+    return values.to(like.device).view(-1, 1, 1, 1)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -96,17 +98,17 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (images * _per_sample(factor)).clamp(0, 1)
+    return (images * _per_sample(factor, images)).clamp(0, 1)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
-    return ((images - mean) * _per_sample(factor) + mean).clamp(0, 1)
+    return ((images - mean) * _per_sample(factor, images) + mean).clamp(0, 1)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     gray = grayscale(images)
-    return ((images - gray) * _per_sample(factor) + gray).clamp(0, 1)
+    return ((images - gray) * _per_sample(factor, images) + gray).clamp(0, 1)
 
 
 def rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ def rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
-    matrix = from_yiq @ rotation @ to_yiq  # (B, 3, 3)
+    matrix = (from_yiq @ rotation @ to_yiq).to(images.device)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", matrix, images).clamp(0, 1)
 
 
@@ -129,7 +131,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     radius = kernel_size // 2
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
     kernel = torch.exp(-(offsets**2) / (2 * sigma.view(-1, 1).to(images.dtype) ** 2))
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, k)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(images.device)  # (B, k)
     kernel = kernel.repeat_interleave(channels, dim=0)  # (B*C, k)
     flat = images.reshape(1, batch * channels, height, width)
     flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
@@ -145,7 +147,7 @@ def solarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 def adjust_gamma(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """``x ** gamma`` per image (torchvision's ``adjust_gamma`` with gain 1) on [0, 1] pixels:
     gamma < 1 lifts the dark tones, > 1 deepens them; black and white stay."""
-    return images.clamp(0, 1).pow(_per_sample(gamma))
+    return images.clamp(0, 1).pow(_per_sample(gamma, images))
 
 
 def erase_rectangles(images: torch.Tensor, boxes: torch.Tensor, erase: torch.Tensor,
@@ -157,7 +159,7 @@ def erase_rectangles(images: torch.Tensor, boxes: torch.Tensor, erase: torch.Ten
     xs = torch.arange(width, dtype=boxes.dtype).view(1, 1, width)
     x0, y0, x1, y1 = (b.view(-1, 1, 1) for b in boxes.unbind(1))
     inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1) & erase.view(-1, 1, 1)
-    return images.masked_fill(inside.unsqueeze(1), value)
+    return images.masked_fill(inside.unsqueeze(1).to(images.device), value)
 
 
 def sample_erasing_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
@@ -178,7 +180,7 @@ def sample_erasing_boxes(batch: int, height: int, width: int, scale: tuple[float
 
 
 def _where(apply: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    return torch.where(_per_sample(apply), changed, original)
+    return torch.where(_per_sample(apply, original), changed, original)
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ class MultiCropViews:
             boxes = self._crop_boxes(index, batch, size, spec)
             flipped = self._bernoulli(batch, self.cfg.hflip_prob)
             view = self._colour(crop_resize(x, boxes, flipped, spec.size, self.cfg.interpolation), spec)
-            views.append((view - self.mean) / self.std)
+            views.append((view - self.mean.to(view.device)) / self.std.to(view.device))
             self.last_boxes.append(CropBoxes(boxes, flipped))
         return views
 

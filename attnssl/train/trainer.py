@@ -294,7 +294,9 @@ class Pretrainer:
         self.method.module.before_step(self.state.step, self.steps_per_epoch, self.total_steps)
         device = self.fabric.device
         with record_function("step/views"):
-            views = [v.to(device, non_blocking=True) for v in self.views(images)]
+            # the uint8 batch goes to the device and the views are made there, batched (their
+            # random parameters are drawn on the CPU, so the run is the same on any device)
+            views = self.views(images.to(device, non_blocking=True))
             extra = {k: v.to(device) for k, v in self.views.extra_inputs().items()}
         # a skipped step must leave no trace: the forward may update buffers (batch-norm
         # statistics, DINO's centres), so keep a copy to put back
