@@ -53,3 +53,20 @@ def test_schedules_endpoints():
     assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
     assert cosine(0, 10, 0.04, 0.4) == pytest.approx(0.04)
     assert cosine(10, 10, 0.04, 0.4) == pytest.approx(0.4)
+
+
+def test_images_stored_larger_than_the_crops_are_evaluated_resized_and_centre_cropped():
+    """Stored at 64 px, trained on 28 px crops: the evaluation resizes to round(28 / 0.875) = 32
+    and keeps the centre 28 px, as the official Resize(256) + CenterCrop(224); stored at the
+    crop size, the images are used as they are."""
+    import torch.nn.functional as F
+
+    from attnssl.eval.features import evaluation_images
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    out = evaluation_images(images, 28)
+    assert out.shape == (2, 3, 28, 28) and out.dtype == torch.uint8
+    expected = F.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True,
+                             align_corners=False)[..., 2:30, 2:30]
+    assert (out.float() - expected.round().clamp(0, 255)).abs().max() <= 1
+    assert evaluation_images(images, 64) is images and evaluation_images(images, None) is images

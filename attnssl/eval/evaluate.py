@@ -96,7 +96,7 @@ def evaluate_features(backbone: nn.Module, config, train: ImageDataset, test: Im
     ev = config.eval
     started = time.perf_counter()
     common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision,
-                  blocks=ev.blocks)
+                  blocks=ev.blocks, size=backbone_image_size(config, train))
     x_train, y_train = extract_features(backbone, train, limit=ev.max_train, **common)
     x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
     result = {
@@ -119,7 +119,7 @@ def low_shot_scores(backbone: nn.Module, config, train: ImageDataset,
     for every run, so methods are compared on the same images)."""
     ev = config.eval
     common = dict(kind=ev.features, batch_size=ev.batch_size, precision=ev.precision,
-                  blocks=ev.blocks)
+                  blocks=ev.blocks, size=backbone_image_size(config, train))
     x_train, y_train = extract_features(backbone, train, **common)
     x_test, y_test = extract_features(backbone, test, limit=ev.max_test, **common)
     scores = {}

@@ -45,14 +45,30 @@ def split_batches(dataset: ImageDataset, limit: int | None = None, batch_size: i
         yield (indices, *dataset.get_batch(indices))
 
 
+CENTRE_CROP = 0.875  # DINO's and MAE's evaluation: Resize(256) then CenterCrop(224)
+
+
+def evaluation_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The images the backbone is evaluated on: as stored, or, when ``size`` differs from the
+    stored side, resized so that a centre crop of ``size`` keeps 87.5 % of the side (the
+    official evaluations' ``Resize(size / 0.875)`` and ``CenterCrop(size)``, antialiased)."""
+    if size is None or size == images.shape[-1]:
+        return images
+    from torchvision.transforms.functional import center_crop, resize
+
+    resized = resize(images, [round(size / CENTRE_CROP)] * 2, antialias=True)
+    return center_crop(resized, [size, size])
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, dataset: ImageDataset, kind: str = "cls", batch_size: int = 512,
-    precision: str = "32", limit: int | None = None, blocks: int = 1,
+    precision: str = "32", limit: int | None = None, blocks: int = 1, size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, D) float32, labels (N,))`` of the un-augmented images, backbone in eval
     mode: ``kind`` pooled from the normalised tokens of each of the last ``blocks`` blocks,
-    concatenated (``D = blocks x`` the width of one pooling)."""
+    concatenated (``D = blocks x`` the width of one pooling). ``size``: the side the backbone
+    was trained at (see :func:`evaluation_images`)."""
     mean, std = dataset.mean_std
     device = next(backbone.parameters()).device
     features, labels = [], []
@@ -60,7 +76,8 @@ def extract_features(
         for _, images, y in split_batches(dataset, limit, batch_size):
             with autocast_context(precision, device.type):
                 per_block = last_block_tokens(
-                    backbone, normalise(images, mean, std).to(device), blocks)
+                    backbone, normalise(evaluation_images(images, size), mean, std).to(device),
+                    blocks)
             pooled = [pool_features(t, kind, backbone.num_prefix_tokens) for t in per_block]
             features.append(torch.cat(pooled, dim=-1).float().cpu())
             labels.append(y)
