@@ -72,6 +72,18 @@ def _encode(item, image_size: int, skipped_file: str):
     yield {"image": pixels.numpy(), "label": int(label)}
 
 
+def _optimize(optimize, **kwargs) -> None:
+    """litdata's ``optimize``, leaving the process's multiprocessing start method as it was
+    (litdata sets it to spawn for the whole process)."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        optimize(**kwargs)
+    finally:
+        multiprocessing.set_start_method(method, force=True)
+
+
 def write_shards(src: str | Path, dst: str | Path, image_size: int = 256,
                  chunk_mb: int = 64) -> ShardReport:
     """Shards of the image folder ``src`` under ``dst`` (see the module docstring)."""
@@ -89,10 +101,9 @@ def write_shards(src: str | Path, dst: str | Path, image_size: int = 256,
         classes = listing.classes if classes is None else classes
         skipped_file = dst / f".skipped-{split}.jsonl"
         inputs = [(str(path), label) for path, label in listing.samples]
-        optimize(fn=partial(_encode, image_size=image_size, skipped_file=str(skipped_file)),
-                 inputs=inputs,
-                 output_dir=str(dst / split), chunk_bytes=f"{chunk_mb}MB", num_workers=1,
-                 mode="overwrite")
+        _optimize(optimize, inputs=inputs, output_dir=str(dst / split), num_workers=1,
+                  fn=partial(_encode, image_size=image_size, skipped_file=str(skipped_file)),
+                  chunk_bytes=f"{chunk_mb}MB", mode="overwrite")
         skipped = ([tuple(json.loads(line)) for line in skipped_file.read_text().splitlines()]
                    if skipped_file.exists() else [])
         skipped_file.unlink(missing_ok=True)
