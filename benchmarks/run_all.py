@@ -57,6 +57,7 @@ JOBS = [
     Job("profile", ("profile_step.py",), 5),
     Job("levers", ("fp32_levers.py",), 6),
     Job("b5", ("b5_distributed.py",), 6),
+    Job("b6", ("b6_input_pipeline.py",), 8),
     Job("peers", ("b1_peers.py",), 55),
     *b1_jobs(),
     Job("attention", ("attention_real_vits.py",), 6),
