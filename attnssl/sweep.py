@@ -230,6 +230,15 @@ def floor_key(config: Config) -> str:
 TRAINED = "sweep-trained.json"
 
 
+class SweepStopped(Exception):
+    """A stop signal (Ctrl-C, SIGTERM) ended a point's training: the whole sweep stops, the
+    point's checkpoint is kept, and rerunning the command continues it."""
+
+    def __init__(self, signal_name: str, run_dir: Path):
+        super().__init__(f"stopped by {signal_name} while training {run_dir}")
+        self.signal_name = signal_name
+
+
 def train_point(config: Config, run_dir: Path) -> dict:
     """Pretrain one point in ``run_dir`` to the end of its schedule, continuing from its newest
     checkpoint if it has one; returns the run summary (``metrics.json``). A finished point
@@ -245,6 +254,8 @@ def train_point(config: Config, run_dir: Path) -> dict:
     config.trainer.max_steps = None
     resume = newest_readable_checkpoint(run_dir)
     metrics = pretrain(config, resume=str(resume) if resume else None)
+    if metrics.get("stopped_by"):
+        raise SweepStopped(metrics["stopped_by"], run_dir)
     if not metrics["finished"]:
         raise RuntimeError(f"{run_dir} stopped before the end of its schedule")
     atomic_write(marker, lambda p: p.write_text(json.dumps(metrics, indent=2)))
@@ -532,7 +543,12 @@ def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | 
     folder = Path(out) if out else Path("runs") / f"sweep-{Path(preset).stem}"
     points = spec.trials or len(spec.grid())
     print(f"sweep: {points} point{'s' * (points != 1)} of {preset} into {folder}")
-    results = run_sweep(spec, folder)
+    try:
+        results = run_sweep(spec, folder)
+    except SweepStopped as stop:  # the point stays running in the study: a rerun requeues it
+        print(f"sweep {stop}; its checkpoint is kept, and the same command continues the "
+              f"sweep from it", file=sys.stderr)
+        return 130 if stop.signal_name == "SIGINT" else 143
     print(markdown_table(spec, results), end="")
     print(f"wrote {folder}/results.json, results.md, sweep.png")
     if any("error" in r for r in results):

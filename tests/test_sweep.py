@@ -120,6 +120,36 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
         run_sweep(other, out)
 
 
+def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(tmp_path):
+    """SIGTERM (what a scheduler sends) while the first point trains: the point keeps its
+    checkpoint, the sweep exits 143 instead of going on to the next point, and the same
+    command resumes the point from its checkpoint and then trains the other."""
+    out = tmp_path / "sweep"
+    args = [*_sweep_command(out)]
+    args[args.index("optim.epochs=1")] = "optim.epochs=4"  # 16 steps, a checkpoint every 2
+    args.append("trainer.checkpoint_every_steps=2")
+    child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list((out / "points").glob("*/checkpoints/*.ckpt")) and time.time() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 143, stdout + stderr
+    assert "point 2/2" not in stdout and "the same command continues the sweep" in stderr
+    (point,) = list((out / "points").iterdir())
+    assert not (point / "sweep-trained.json").exists() and list((point / "checkpoints").iterdir())
+
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
+    assert all("error" not in r for r in results)
+    log = (point / "metrics.csv").read_text().splitlines()
+    assert int(log[-1].split(",")[0]) == 16  # the stopped point trained to its end, resumed
+
+
 def test_points_that_differ_only_in_evaluation_share_one_training_run(tmp_path):
     spec = SweepSpec.from_arguments(
         "simclr_synthetic", [*TINY, "eval.features=cls,mean", "eval.blocks=1"], **SCORE)
