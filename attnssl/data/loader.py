@@ -80,10 +80,3 @@ class BatchLoader:
         self._sampler.batches = [b.tolist() for b in batches]
         yield from self._loader
 
-
-def iterate_batches(
-    dataset: ImageDataset, batches: list[torch.Tensor], num_workers: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images uint8 (B, C, H, W), labels (B,))`` for each index batch in order (a
-    :class:`BatchLoader` for one pass)."""
-    yield from BatchLoader(dataset, num_workers)(batches)
