@@ -248,3 +248,24 @@ def test_a_scheduled_eps_given_per_call_is_the_one_used(generator):
     per_call = BAMLoss(2, sinkhorn_eps=0.05)(z, sinkhorn_eps=0.2).loss
     assert per_call.item() == pytest.approx(BAMLoss(2, sinkhorn_eps=0.2)(z).loss.item(), rel=1e-12)
     assert per_call.item() != pytest.approx(BAMLoss(2, sinkhorn_eps=0.05)(z).loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 10])
+def test_any_number_of_sinkhorn_rounds_matches_the_loop_on_both_paths(iters):
+    """0 rounds is the plain (masked) softmax target, the ablation of the balancing."""
+    n_views, n_targets, batch, dim = 3, 2, 4, 5
+    student, teacher = _embeddings(4, n_views, batch, dim, True)
+    ref = reference_bam(list(student), list(teacher), n_views, n_targets, 0.1, 0.05, iters,
+                        True, 0)
+    for blockwise in (False, True):
+        loss = BAMLoss(n_views, n_targets, temperature=0.1, sinkhorn_eps=0.05,
+                       sinkhorn_iters=iters, blockwise=blockwise, block_images=1)(
+            student, teacher).loss
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-9), blockwise
+    if iters == 0:  # the target is each row's softmax over its unmasked columns
+        from attnssl.functional.bam import positive_mask, sinkhorn
+
+        z = torch.nn.functional.normalize(teacher, dim=-1)
+        scores, mask = z @ z[: n_targets * batch].T, positive_mask(batch, n_views, n_targets)
+        expected = (scores / 0.05).masked_fill(mask, float("-inf")).softmax(-1)
+        torch.testing.assert_close(sinkhorn(scores, 0.05, 0, mask, n_targets), expected)

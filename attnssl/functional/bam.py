@@ -80,6 +80,9 @@ def sinkhorn(scores: torch.Tensor, eps: float, iters: int, mask: torch.Tensor | 
        processes), then each row to sum ``1/(W*n)``;
     4. ``P = Q / rowsum(Q)``.
 
+    With ``iters = 0`` nothing is balanced: ``P`` is the row softmax of ``scores / eps`` (masked
+    entries 0), the target without Sinkhorn (BAM's ablation of the balancing).
+
     ``distributed`` all-reduces the maximum and the sums (global normalisation, the paper's);
     without it each process balances its own rows alone.
 
@@ -269,6 +272,8 @@ def sinkhorn_column_scaling(target_rows: torch.Tensor, target_columns: torch.Ten
     shift = _all_reduce(shift, dist.ReduceOp.MAX, spec.distributed)
 
     n_cols = target_columns.shape[0]
+    if spec.sinkhorn_iters == 0:  # no balancing: each row is the plain softmax of its kernel
+        return target_columns.new_ones(n_cols), shift
     column_mass = 1.0 / (n_cols - spec.n_masked)
     row_mass = 1.0 / (world * spec.n_views * batch)
     column_sums = target_columns.new_zeros(n_cols)

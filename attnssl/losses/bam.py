@@ -70,9 +70,9 @@ class BAMLoss(nn.Module):
             raise ValueError(f"normalization must be 'global' or 'local', got {normalization!r}")
         if blockwise not in ("auto", True, False):
             raise ValueError(f"blockwise must be 'auto', true or false, got {blockwise!r}")
-        if temperature <= 0 or sinkhorn_eps <= 0 or sinkhorn_iters < 1 or top_k < 0:
-            raise ValueError("temperature and sinkhorn_eps must be > 0, sinkhorn_iters >= 1, "
-                             "top_k >= 0")
+        if temperature <= 0 or sinkhorn_eps <= 0 or sinkhorn_iters < 0 or top_k < 0:
+            raise ValueError("temperature and sinkhorn_eps must be > 0, sinkhorn_iters >= 0 "
+                             "(0: no balancing), top_k >= 0")
         self.n_views, self.n_global_views = n_views, n_global_views
         self.temperature, self.sinkhorn_eps, self.sinkhorn_iters = (
             temperature, sinkhorn_eps, sinkhorn_iters)

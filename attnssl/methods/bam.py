@@ -33,7 +33,8 @@ class BAMSection(MethodSection):
     sinkhorn_eps_end: float | None = Field(
         None, gt=0, description="eps reached linearly after sinkhorn_eps_warmup_epochs (null: constant)")
     sinkhorn_eps_warmup_epochs: float = Field(30.0, gt=0)
-    sinkhorn_iters: int = Field(3, ge=1)
+    sinkhorn_iters: int = Field(3, ge=0, description="Sinkhorn rounds (0: the plain softmax "
+                                "target, no balancing)")
     positive_masking: bool = True
     top_k: int = Field(0, ge=0, description="keep the top-k target columns per image (0: off)")
     teacher: bool = Field(True, description="EMA teacher gives the targets (false: self-targets)")
