@@ -19,8 +19,10 @@ def _unit(v):
     return v / torch.sqrt(sum(x * x for x in v))
 
 
-def reference_bam(student, teacher, n_views, n_targets, tau, eps, iters, masking, top_k):
-    """Scalar loops over rows and columns, float64, no shift: the equations as written."""
+def reference_bam(student, teacher, n_views, n_targets, tau, eps, iters, masking, top_k,
+                  masked_images=None):
+    """Scalar loops over rows and columns, float64, no shift: the equations as written.
+    ``masked_images``: the images whose own columns are masked (all, with ``masking``)."""
     rows = [_unit(r) for r in student]
     t_rows = rows if teacher is None else [_unit(r.detach()) for r in teacher]
     batch = len(rows) // n_views
@@ -28,7 +30,8 @@ def reference_bam(student, teacher, n_views, n_targets, tau, eps, iters, masking
     n_cols = len(columns)
 
     def masked(r, c):
-        return masking and (c % batch) == (r % batch)
+        chosen = masked_images is None or bool(masked_images[r % batch])
+        return masking and chosen and (c % batch) == (r % batch)
 
     def dot(a, b):
         return sum(x * y for x, y in zip(a, b, strict=True))
@@ -269,3 +272,22 @@ def test_any_number_of_sinkhorn_rounds_matches_the_loop_on_both_paths(iters):
         scores, mask = z @ z[: n_targets * batch].T, positive_mask(batch, n_views, n_targets)
         expected = (scores / 0.05).masked_fill(mask, float("-inf")).softmax(-1)
         torch.testing.assert_close(sinkhorn(scores, 0.05, 0, mask, n_targets), expected)
+
+
+def test_partial_positive_masking_masks_only_the_drawn_images_on_both_paths():
+    n_views, n_targets, batch, dim = 3, 2, 4, 5
+    student, teacher = _embeddings(5, n_views, batch, dim, True)
+    chosen = torch.tensor([True, False, False, True])
+    ref = reference_bam(list(student), list(teacher), n_views, n_targets, 0.1, 0.05, 3, True, 0,
+                        masked_images=chosen)
+    for blockwise in (False, True):
+        loss = BAMLoss(n_views, n_targets, blockwise=blockwise, block_images=1)(
+            student, teacher, masked_images=chosen).loss
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-9), blockwise
+    # all drawn is the official rule, none drawn is no masking
+    everyone = BAMLoss(n_views, n_targets)(student, teacher).loss
+    assert BAMLoss(n_views, n_targets)(student, teacher, masked_images=torch.ones(
+        batch, dtype=torch.bool)).loss.item() == pytest.approx(everyone.item(), rel=1e-12)
+    unmasked = BAMLoss(n_views, n_targets, positive_masking=False)(student, teacher).loss
+    assert BAMLoss(n_views, n_targets)(student, teacher, masked_images=torch.zeros(
+        batch, dtype=torch.bool)).loss.item() == pytest.approx(unmasked.item(), rel=1e-9)

@@ -98,3 +98,17 @@ def test_bad_bam_settings_are_named():
         load_config("bam_synthetic", ["method.sinkhorn_iter=3"])
     with pytest.raises(ConfigError, match="normalization"):
         load_config("bam_synthetic", ["method.normalization=batch"])
+
+
+def test_partial_positive_masking_draws_each_image_from_torchs_generator():
+    config, method = _bam("method.positive_masking_prob=0.5")
+    views = _views(config)
+    torch.manual_seed(7)
+    drawn = method._masked_images(views)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(8) < 0.5) and 0 < drawn.sum() < 8
+    torch.manual_seed(7)
+    partial = method(views)["loss"]
+    _, official = _bam()
+    assert official._masked_images(views) is None
+    assert torch.isfinite(partial) and partial.item() != pytest.approx(official(views)["loss"].item())

@@ -37,11 +37,13 @@ def _all_reduce(tensor: torch.Tensor, op, distributed: bool) -> torch.Tensor:
 
 
 def positive_mask_for_images(images: torch.Tensor, n_views: int, n_targets: int, batch: int,
-                             world: int = 1, rank: int = 0) -> torch.Tensor:
+                             world: int = 1, rank: int = 0,
+                             masked_images: torch.Tensor | None = None) -> torch.Tensor:
     """Mask rows ``v*n + k`` (view v of local image ``images[k]``), shape ``(V*n, G*B*W)``.
 
     Row (v, i) is True at columns ``g*B*W + rank*B + i``, g < G: every global view of its own
-    image (the official ``get_positive_mask``, cut to the target columns).
+    image (the official ``get_positive_mask``, cut to the target columns). ``masked_images``
+    (bool, one per local image) leaves the rows of the images where it is False unmasked.
     """
     n = images.numel()
     mask = torch.zeros(n_views * n, n_targets * batch * world, dtype=torch.bool,
@@ -50,14 +52,17 @@ def positive_mask_for_images(images: torch.Tensor, n_views: int, n_targets: int,
     image = images.repeat(n_views)
     for g in range(n_targets):
         mask[rows, g * batch * world + rank * batch + image] = True
+    if masked_images is not None:
+        mask &= masked_images.to(images.device)[image].unsqueeze(1)
     return mask
 
 
 def positive_mask(batch: int, n_views: int, n_targets: int, world: int = 1, rank: int = 0,
-                  device=None) -> torch.Tensor:
+                  device=None, masked_images: torch.Tensor | None = None) -> torch.Tensor:
     """The ``(V*B, G*B*W)`` positive mask of a whole local batch (see above)."""
     images = torch.arange(batch, device=device)
-    return positive_mask_for_images(images, n_views, n_targets, batch, world, rank)
+    return positive_mask_for_images(images, n_views, n_targets, batch, world, rank,
+                                    masked_images)
 
 
 def _masked_logits(scores: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -162,6 +167,10 @@ class BAMSpec:
     world: int = 1
     rank: int = 0
     distributed: bool = False
+    # this step's draw of partial positive masking: which local images have their own columns
+    # masked (None: every image, the official rule); the Sinkhorn marginals need no change, a
+    # constant column mass cancels in the final row normalisation
+    masked_images: torch.Tensor | None = None
 
     @property
     def n_masked(self) -> int:
@@ -210,7 +219,7 @@ def bam_loss(sources: torch.Tensor, columns: torch.Tensor, target_rows: torch.Te
     """
     batch = _check_shapes(spec, sources, columns, target_rows, target_columns)
     mask = (positive_mask(batch, spec.n_views, spec.n_targets, spec.world, spec.rank,
-                          sources.device) if spec.positive_masking else None)
+                          sources.device, spec.masked_images) if spec.positive_masking else None)
     with torch.no_grad():
         targets = _targets_from_matrix(spec, target_rows.detach(), target_columns.detach(),
                                        mask, batch)
@@ -244,7 +253,8 @@ def _block_kernel(spec: BAMSpec, rows: torch.Tensor, target_columns: torch.Tenso
 def _block_mask(spec: BAMSpec, images: torch.Tensor, batch: int, n_views: int):
     if not spec.positive_masking:
         return None
-    return positive_mask_for_images(images, n_views, spec.n_targets, batch, spec.world, spec.rank)
+    return positive_mask_for_images(images, n_views, spec.n_targets, batch, spec.world, spec.rank,
+                                    spec.masked_images)
 
 
 @torch.no_grad()

@@ -54,8 +54,9 @@ class BAMLoss(nn.Module):
     ``"local"`` on a single process is the same as ``"global"`` (a warning says so).
 
     ``sinkhorn_eps`` is the method's scheduled value for this step (the constructor's when
-    omitted); the call returns a :class:`attnssl.functional.bam.BAMOutput` (the loss and the
-    source and target entropies).
+    omitted); ``masked_images`` (bool, one per local image) limits positive masking to those
+    images this step (partial masking); the call returns a
+    :class:`attnssl.functional.bam.BAMOutput` (the loss and the source and target entropies).
     """
 
     def __init__(self, n_views: int, n_global_views: int = 2, temperature: float = 0.1,
@@ -81,7 +82,8 @@ class BAMLoss(nn.Module):
             normalization, blockwise, block_images)
         self._warned_local = False
 
-    def spec(self, sinkhorn_eps: float | None = None) -> BAMSpec:
+    def spec(self, sinkhorn_eps: float | None = None,
+             masked_images: torch.Tensor | None = None) -> BAMSpec:
         distributed = self.normalization == "global" and world_size() > 1
         return BAMSpec(
             n_views=self.n_views, n_targets=self.n_global_views, temperature=self.temperature,
@@ -89,12 +91,13 @@ class BAMLoss(nn.Module):
             sinkhorn_iters=self.sinkhorn_iters,
             positive_masking=self.positive_masking, top_k=self.top_k,
             world=world_size() if distributed else 1, rank=rank() if distributed else 0,
-            distributed=distributed,
+            distributed=distributed, masked_images=masked_images,
         )
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor | None = None,
-                sinkhorn_eps: float | None = None) -> BAMOutput:
-        spec = self.spec(sinkhorn_eps)
+                sinkhorn_eps: float | None = None,
+                masked_images: torch.Tensor | None = None) -> BAMOutput:
+        spec = self.spec(sinkhorn_eps, masked_images)
         if self.normalization == "local" and world_size() == 1 and not self._warned_local:
             warnings.warn("BAM normalization='local' with one process is the same as 'global'",
                           stacklevel=2)

@@ -36,6 +36,9 @@ class BAMSection(MethodSection):
     sinkhorn_iters: int = Field(3, ge=0, description="Sinkhorn rounds (0: the plain softmax "
                                 "target, no balancing)")
     positive_masking: bool = True
+    positive_masking_prob: float = Field(
+        1.0, ge=0, le=1, description="with positive_masking: the chance each step that an "
+        "image's own columns are masked (1: always, the official; 0.5: partial masking)")
     top_k: int = Field(0, ge=0, description="keep the top-k target columns per image (0: off)")
     teacher: bool = Field(True, description="EMA teacher gives the targets (false: self-targets)")
     teacher_momentum: float = Field(0.995, ge=0, le=1, description="EMA momentum, cosine to 1")
@@ -122,6 +125,15 @@ class BAM(Method):
         self.teacher.update_from(self._student_modules(), step, total_steps)
         self.momentum = self.teacher.momentum
 
+    def _masked_images(self, views: list[torch.Tensor]) -> torch.Tensor | None:
+        """Partial positive masking: which images have their own columns masked this step,
+        each with ``positive_masking_prob`` (drawn from torch's generator, which checkpoints
+        keep); None when every image is (the official rule)."""
+        prob = self.cfg.positive_masking_prob
+        if not self.cfg.positive_masking or prob >= 1.0:
+            return None
+        return torch.rand(views[0].shape[0]) < prob
+
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z = multicrop_forward(self.backbone, self.projector, views)
         z_teacher = None
@@ -129,7 +141,7 @@ class BAM(Method):
             with torch.no_grad():
                 z_teacher = multicrop_forward(self.teacher["backbone"],
                                               self.teacher["projector"], views)
-        out = self.criterion(z, z_teacher, self.sinkhorn_eps)
+        out = self.criterion(z, z_teacher, self.sinkhorn_eps, self._masked_images(views))
         batch = views[0].shape[0]
         with torch.no_grad():
             first_view = z[:batch]  # this process's images only
