@@ -5,6 +5,7 @@ parameters, the EMA teacher, centres and batch-norm statistics)."""
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +87,8 @@ def _step(method, views, extra, backward, optimizer):
     return loss.detach(), grads, {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _worker(rank: int, name: str, port: int, folder: str) -> None:
+def _worker(rank: int, port: int, folder: str) -> None:
+    """One process of two: every method's step in turn, under one Fabric DDP setup each."""
     from lightning_fabric import Fabric
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
@@ -94,31 +96,39 @@ def _worker(rank: int, name: str, port: int, folder: str) -> None:
     fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp", precision="64-true")
     fabric.launch()
     try:
-        _, method = _method(name)
-        optimizer = torch.optim.SGD(method.parameters(), lr=LR)
-        method, optimizer = fabric.setup(method, optimizer)
-        views, extra = _share(torch.load(os.path.join(folder, "inputs.pt"), weights_only=False),
-                              rank)
-        loss, grads, state = _step(method, views, extra, fabric.backward, optimizer)
-        losses = fabric.all_gather(loss)
-        torch.save({"losses": losses, "grads": grads, "state": state},
-                   os.path.join(folder, f"rank{rank}.pt"))
+        for name in method_names():
+            _, method = _method(name)
+            optimizer = torch.optim.SGD(method.parameters(), lr=LR)
+            method, optimizer = fabric.setup(method, optimizer)
+            inputs = torch.load(os.path.join(folder, f"{name}-inputs.pt"), weights_only=False)
+            views, extra = _share(inputs, rank)
+            loss, grads, state = _step(method, views, extra, fabric.backward, optimizer)
+            torch.save({"losses": fabric.all_gather(loss), "grads": grads, "state": state},
+                       os.path.join(folder, f"{name}-rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", method_names())
-def test_two_processes_take_the_step_one_process_takes_on_the_global_batch(tmp_path, name):
-    inputs = _inputs(name)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_worker, args=(name, _free_port(), str(tmp_path)), nprocs=WORLD)
+@pytest.fixture(scope="module")
+def two_process_steps(tmp_path_factory) -> Path:
+    """Every registered method's step on two real gloo processes (one launch for all)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    for name in method_names():
+        torch.save(_inputs(name), folder / f"{name}-inputs.pt")
+    mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD)
+    return folder
 
+
+@pytest.mark.parametrize("name", method_names())
+def test_two_processes_take_the_step_one_process_takes_on_the_global_batch(two_process_steps,
+                                                                            name):
+    inputs = torch.load(two_process_steps / f"{name}-inputs.pt", weights_only=False)
     _, method = _method(name)
     optimizer = torch.optim.SGD(method.parameters(), lr=LR)
     loss, grads, state = _step(method, inputs["views"], inputs["extra"],
                                lambda value: value.backward(), optimizer)
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        got = torch.load(two_process_steps / f"{name}-rank{rank}.pt", weights_only=False)
         # each process's loss is its share of the global mean: their mean is the global loss
         assert got["losses"].mean().item() == pytest.approx(loss.item(), rel=1e-7, abs=1e-10)
         assert got["grads"].keys() == grads.keys()
