@@ -148,7 +148,8 @@ class AttentionPass:
 def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown: int = 4,
                    batch_size: int = 64, flow_images: int = 0) -> AttentionPass:
     """Run the backbone (eval mode) on the first ``count`` test images, recording attention;
-    the class token's attention flow is solved for the first ``flow_images`` of them."""
+    the class token's attention flow is solved for the first ``flow_images`` of the ``shown``
+    images whose maps are kept."""
     count = min(count, len(dataset))
     if count < 1:
         raise ValueError("analysis needs at least one image")
@@ -180,7 +181,7 @@ def attention_pass(backbone: nn.Module, dataset: ImageDataset, count: int, shown
                                    for m in maps], dim=1)
                 first = (cls.float(), images[:shown],
                          None if foreground is None else foreground[:shown],
-                         rollout_and_flow(maps, prefix, flow_images))
+                         rollout_and_flow(maps, prefix, min(flow_images, shown)))
     return AttentionPass({k: v / count for k, v in totals.items()}, *first)
 
 

@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--images", type=int, default=256,
                    help="test images the attention statistics average over")
     a.add_argument("--flow-images", type=int, default=2,
-                   help="images whose class-token attention flow is solved (0: none; a few "
-                   "seconds each for 4 layers of 50 tokens, growing as layers x tokens^3)")
+                   help="images (of the 4 drawn) whose class-token attention flow is solved "
+                   "(0: none; seconds each for 4 layers of 50 tokens, growing as layers x "
+                   "tokens^3)")
     a.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     a.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.features=mean")
     a.set_defaults(func=cmd_analyze)
