@@ -105,6 +105,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             loss, grads, state = _step(method, views, extra, fabric.backward, optimizer)
             torch.save({"losses": fabric.all_gather(loss), "grads": grads, "state": state},
                        os.path.join(folder, f"{name}-rank{rank}.pt"))
+        torch.distributed.barrier()  # both done before either tears down
     finally:
         torch.distributed.destroy_process_group()
 

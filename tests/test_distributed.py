@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir: str
         dist.all_gather(losses, loss.detach().float())
         torch.save({"grad": grad, "loss": torch.stack(losses).mean()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
     finally:
         dist.destroy_process_group()
 
@@ -103,6 +104,7 @@ def _bam_worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir:
             # DDP averages gradients over processes; do the same here
             results[str(case)] = {"loss": torch.stack(losses), "grad": local.grad / world}
         torch.save(results, os.path.join(out_dir, f"bam{rank}.pt"))
+        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
     finally:
         dist.destroy_process_group()
 
@@ -192,6 +194,7 @@ def _dino_worker(rank: int, world: int, port: int, batch: int, out_dir: str) -> 
         dist.all_gather(losses, loss.detach())
         torch.save({"loss": torch.stack(losses), "grad": local.grad / world,
                     "center": criterion.center}, os.path.join(out_dir, f"dino{rank}.pt"))
+        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
     finally:
         dist.destroy_process_group()
 
@@ -257,6 +260,7 @@ def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...],
         torch.save({"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
                     "bias_grad": layer.bias.grad, "state": layer.state_dict()},
                    os.path.join(out_dir, f"bn{rank}.pt"))
+        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
     finally:
         dist.destroy_process_group()
 
