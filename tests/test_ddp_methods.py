@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from attnssl.config import load_config
+from attnssl.data.udi_views import UDISampling
 from attnssl.methods import build_method, build_views, method_names
 from attnssl.nn.vit import build_vit
 
@@ -46,7 +47,8 @@ def _inputs(name: str) -> dict:
     images = torch.randint(0, 256, (IMAGES, 3, SIZE, SIZE), generator=generator, dtype=torch.uint8)
     views_maker = build_views(config, SIZE, 3, (0.5,) * 3, (0.25,) * 3, PATCH, seed=2)
     views = [v.double() for v in views_maker(images)]
-    extra = dict(views_maker.extra_inputs())
+    extra = {k: dict(vars(v)) if k == "sampling" else v  # plain tensors, for weights_only loads
+             for k, v in views_maker.extra_inputs().items()}
     grid = SIZE // PATCH
     if name == "mae":
         extra["noise"] = torch.rand(IMAGES, grid * grid, generator=generator, dtype=torch.float64)
@@ -63,9 +65,8 @@ def _share(inputs: dict, rank: int) -> tuple[list[torch.Tensor], dict]:
     extra = {}
     for key, value in inputs["extra"].items():
         if key == "sampling":  # images on axis 1 of the global tensors, 2 of the local ones
-            fields = vars(value)
-            extra[key] = type(value)(**{
-                f: t[:, :, part] if f.startswith("local") else t[:, part] for f, t in fields.items()})
+            extra[key] = {f: t[:, :, part] if f.startswith("local") else t[:, part]
+                          for f, t in value.items()}
         elif key == "masks":  # (global views x images, H, W), view-major
             masks = value.view(-1, IMAGES, *value.shape[1:])
             extra[key] = masks[:, part].reshape(-1, *value.shape[1:])
@@ -74,11 +75,16 @@ def _share(inputs: dict, rank: int) -> tuple[list[torch.Tensor], dict]:
     return views, extra
 
 
+def _method_inputs(extra: dict) -> dict:
+    """The method's keyword inputs: UDI's sampling as the dataclass it takes."""
+    return {k: UDISampling(**v) if k == "sampling" else v for k, v in extra.items()}
+
+
 def _step(method, views, extra, backward, optimizer):
     """One training step as the trainer takes it; returns the loss and the gradients."""
     module = getattr(method, "module", method)
     module.before_step(0, 10, 10)
-    loss = method(views, **extra)["loss"]
+    loss = method(views, **_method_inputs(extra))["loss"]
     backward(loss)
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     module.before_optimizer_step()
@@ -100,7 +106,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             _, method = _method(name)
             optimizer = torch.optim.SGD(method.parameters(), lr=LR)
             method, optimizer = fabric.setup(method, optimizer)
-            inputs = torch.load(os.path.join(folder, f"{name}-inputs.pt"), weights_only=False)
+            inputs = torch.load(os.path.join(folder, f"{name}-inputs.pt"), weights_only=True)
             views, extra = _share(inputs, rank)
             loss, grads, state = _step(method, views, extra, fabric.backward, optimizer)
             torch.save({"losses": fabric.all_gather(loss), "grads": grads, "state": state},
@@ -123,13 +129,13 @@ def two_process_steps(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", method_names())
 def test_two_processes_take_the_step_one_process_takes_on_the_global_batch(two_process_steps,
                                                                             name):
-    inputs = torch.load(two_process_steps / f"{name}-inputs.pt", weights_only=False)
+    inputs = torch.load(two_process_steps / f"{name}-inputs.pt", weights_only=True)
     _, method = _method(name)
     optimizer = torch.optim.SGD(method.parameters(), lr=LR)
     loss, grads, state = _step(method, inputs["views"], inputs["extra"],
                                lambda value: value.backward(), optimizer)
     for rank in range(WORLD):
-        got = torch.load(two_process_steps / f"{name}-rank{rank}.pt", weights_only=False)
+        got = torch.load(two_process_steps / f"{name}-rank{rank}.pt", weights_only=True)
         # each process's loss is its share of the global mean: their mean is the global loss
         assert got["losses"].mean().item() == pytest.approx(loss.item(), rel=1e-7, abs=1e-10)
         assert got["grads"].keys() == grads.keys()
