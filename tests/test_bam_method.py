@@ -112,3 +112,15 @@ def test_partial_positive_masking_draws_each_image_from_torchs_generator():
     _, official = _bam()
     assert official._masked_images(views) is None
     assert torch.isfinite(partial) and partial.item() != pytest.approx(official(views)["loss"].item())
+
+
+def test_positive_masking_prob_zero_is_positive_masking_off():
+    _, never = _bam("method.positive_masking_prob=0")
+    config, off = _bam("method.positive_masking=false")
+    off.load_state_dict(never.state_dict())
+    views = _views(config)
+    torch.manual_seed(3)
+    expected = off(views)["loss"]
+    torch.manual_seed(3)
+    assert never._masked_images(views) is None
+    assert torch.equal(never(views)["loss"], expected)

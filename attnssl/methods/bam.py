@@ -58,6 +58,11 @@ class BAMSection(MethodSection):
         return self
 
 
+def masks_positives(cfg) -> bool:
+    """Whether any image's own columns are ever masked (``positive_masking_prob=0`` is off)."""
+    return cfg.positive_masking and cfg.positive_masking_prob > 0
+
+
 def evaluates_teacher(cfg) -> bool:
     """Whether the teacher's backbone is the one evaluated and exported."""
     return cfg.teacher and cfg.eval_backbone != "student"
@@ -95,7 +100,7 @@ class BAM(Method):
         self.criterion = BAMLoss(
             n_views=n_global + n_local, n_global_views=n_global, temperature=cfg.temperature,
             sinkhorn_eps=cfg.sinkhorn_eps, sinkhorn_iters=cfg.sinkhorn_iters,
-            positive_masking=cfg.positive_masking, top_k=cfg.top_k,
+            positive_masking=masks_positives(cfg), top_k=cfg.top_k,
             normalization=cfg.normalization, blockwise=cfg.blockwise,
             block_images=cfg.block_images,
         )
@@ -130,7 +135,7 @@ class BAM(Method):
         each with ``positive_masking_prob`` (drawn from torch's generator, which checkpoints
         keep); None when every image is (the official rule)."""
         prob = self.cfg.positive_masking_prob
-        if not self.cfg.positive_masking or prob >= 1.0:
+        if not masks_positives(self.cfg) or prob >= 1.0:
             return None
         return torch.rand(views[0].shape[0]) < prob
 
