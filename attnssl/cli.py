@@ -143,7 +143,7 @@ def cmd_theory(args) -> int:
     data = DataModel(grid=args.grid, local_scale=args.local_scale, seed=args.seed)
     settings = TrainSettings(steps=args.steps, lr=args.lr, mask_prob=args.mask_prob,
                              log_every=max(1, args.steps // 30), seed=args.seed,
-                             attention=args.attention)
+                             attention=args.attention, layers=args.layers)
     run_theory(out, data, settings, args.imbalance)
     print((out / "theory.md").read_text(), end="")
     print(f"wrote {out}/theory.json, theory.md, theory.png")
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="magnitude of the local features (global: imbalance x this range)")
     t.add_argument("--imbalance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=1,
+                   help="attention layers in the stack (each its own Q, all from 0)")
     t.add_argument("--attention", choices=["softmax", "linear"], default="softmax",
                    help="the one layer's attention: softmax (the paper's) or linear (elu+1)")
     t.set_defaults(func=cmd_theory)

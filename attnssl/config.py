@@ -170,6 +170,10 @@ class OptimSection(Section):
     batch_size: int = Field(256, gt=0, description="images per step over all processes")
     epochs: int = Field(5, gt=0)
     lr: float = Field(1e-3, gt=0)
+    lr_scaling_batch: int | None = Field(
+        None, gt=0, description="the linear scaling rule: the peak learning rate is lr * "
+        "batch_size / lr_scaling_batch (DINO's and BAM's code scale by batch / 256); null: lr "
+        "as given")
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -180,6 +184,13 @@ class OptimSection(Section):
     clip_mode: Literal["global_norm", "per_parameter"] = Field(
         "global_norm", description="global_norm: all gradients together (torch's "
         "clip_grad_norm_, BAM's code); per_parameter: each parameter's own (DINO's and UDI's)")
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, times ``batch_size / lr_scaling_batch`` under the linear scaling rule."""
+        if self.lr_scaling_batch is None:
+            return self.lr
+        return self.lr * self.batch_size / self.lr_scaling_batch
 
 
 def _check_devices(devices: int | str) -> int | str:

@@ -21,6 +21,10 @@ The paper has no official code; this is our reconstruction of its data model and
   on the same query ``Q h_p`` and key ``h_q``: ``a_pq = phi(Q h_p).phi(h_q) / sum_q'
   phi(Q h_p).phi(h_q')`` with ``phi = elu + 1``; at ``Q = 0`` it is nearly uniform (each key
   weighted by ``sum_d phi(h_q)_d``, between ``d`` and ``d + 3`` here).
+* ``layers = L > 1`` stacks ``L`` such attentions, each with its own ``Q_l`` (all from 0) and
+  no residual or value matrix, so that the one-layer model is the case ``L = 1``: layer ``l``
+  attends on ``h^l = x^l + e`` and outputs ``x^{l+1}_p = sum_q softmax_q(h^l_q^T Q_l h^l_p)
+  x^l_q`` with ``x^0 = x``; ``F = x^L``. Each layer is measured on its own inputs.
 * MAE: each patch is masked with probability ``gamma``; loss ``1/2 sum_{p masked} ||F_p - x_p||^2``
   (mean over images). CL: two independently masked views of each image, pooled outputs
   ``mean_p F_p``, InfoNCE (NT-Xent) against the batch's other images.
@@ -125,10 +129,22 @@ def attention(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor,
     raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {kind!r}")
 
 
+def stack_attention(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor,
+                    kind: str = "softmax") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each layer's attention and the stack's output ``F = x^L`` for ``q`` of shape ``(d, d)``
+    (one layer) or ``(L, d, d)``: ``x^{l+1} = A_l(x^l + e) x^l``, ``x^0 = x``."""
+    maps = []
+    for q_layer in (q.unsqueeze(0) if q.dim() == 2 else q):
+        maps.append(attention(q_layer, x, e, kind))
+        x = maps[-1] @ x
+    return maps, x
+
+
 def forward(q: torch.Tensor, x: torch.Tensor, e: torch.Tensor,
             kind: str = "softmax") -> torch.Tensor:
-    """``F (B, P, d)``: each query's attention-weighted sum of the patch features."""
-    return attention(q, x, e, kind) @ x
+    """``F (B, P, d)``: each query's attention-weighted sum of the patch features (through every
+    layer of a stack)."""
+    return stack_attention(q, x, e, kind)[1]
 
 
 def mae_loss(q, x, e, mask, kind: str = "softmax") -> torch.Tensor:
@@ -145,11 +161,17 @@ def cl_loss(q, x, e, mask_a, mask_b, temperature: float, kind: str = "softmax") 
 
 
 @torch.no_grad()
-def measure(q, batch: dict, e: torch.Tensor, kind: str = "softmax") -> dict[str, float]:
+def measure(q, batch: dict, e: torch.Tensor, kind: str = "softmax") -> dict:
     """Attention mass of local and global queries on their own area and on the global area,
-    and the diversity across areas, on clean images."""
-    attn = attention(q, batch["x"], e, kind)  # (B, P, P)
-    area = batch["area"]
+    and the diversity across areas, on clean images: the last layer's at the top level and
+    every layer's under ``per_layer`` (first to last)."""
+    maps, _ = stack_attention(q, batch["x"], e, kind)
+    per_layer = [measure_map(attn, batch["area"]) for attn in maps]
+    return {**per_layer[-1], "per_layer": per_layer}
+
+
+def measure_map(attn: torch.Tensor, area: torch.Tensor) -> dict[str, float]:
+    """The four measurements of one attention map ``(B, P, P)``."""
     same_area = (area.unsqueeze(2) == area.unsqueeze(1)).float()  # (B, query, key)
     on_global = (area == 0).float().unsqueeze(1)  # (B, 1, key)
     own = (attn * same_area).sum(-1)  # (B, P)
@@ -175,6 +197,7 @@ class TrainSettings:
     eval_images: int = 256
     seed: int = 0
     attention: str = "softmax"
+    layers: int = 1
 
 
 @dataclass
@@ -199,7 +222,11 @@ def train(objective: str, data: DataModel, settings: TrainSettings) -> Curve:
     generator = torch.Generator().manual_seed(settings.seed)
     eval_batch = sample_images(data, settings.eval_images, torch.Generator().manual_seed(10**6),
                                areas)
-    q = torch.zeros(data.width, data.width, requires_grad=True)
+    if settings.layers < 1:
+        raise ValueError(f"layers must be at least 1, got {settings.layers}")
+    shape = (data.width, data.width) if settings.layers == 1 else \
+        (settings.layers, data.width, data.width)
+    q = torch.zeros(shape, requires_grad=True)
     curve = Curve(objective, data.imbalance)
     for step in range(settings.steps + 1):
         if step % settings.log_every == 0 or step == settings.steps:

@@ -201,3 +201,23 @@ def test_pretrain_from_python_follows_the_resume_policy(tmp_path, capsys):
         pretrain(config("optim.lr=0.5"))
     with pytest.raises(ConfigError, match="trained with other settings: optim.lr"):
         pretrain(config("optim.lr=0.5", "run.resume=never"), resume=str(tmp_path / "p"))
+
+
+def test_linear_scaling_rule_sets_the_peak_learning_rate(tmp_path):
+    from attnssl.config import load_config
+    from attnssl.functional.schedules import warmup_cosine
+    from attnssl.train.trainer import pretrain
+
+    config = load_config("simclr_synthetic", [
+        f"run.out_dir={tmp_path}", "run.name=scaled", *TINY, "eval.at_end=false",
+        "trainer.log_every_steps=1", "optim.lr=0.004", "optim.lr_scaling_batch=256",
+        "optim.warmup_epochs=1"])
+    assert config.optim.peak_lr == pytest.approx(0.004 * 32 / 256)
+    pretrain(config)
+    logged = MetricsLog(tmp_path / "scaled" / "metrics.csv").read()
+    total, warmup = 16, 8  # 256 images / 32 per step, 2 epochs, warm-up 1 epoch
+    expected = [warmup_cosine(step, total, warmup, 0.004 * 32 / 256, config.optim.min_lr)
+                for step in range(total)]
+    lrs = [float(row["lr"]) for row in logged]
+    assert lrs == pytest.approx(expected)
+    assert max(lrs) < 0.004 / 4  # not the unscaled 0.004

@@ -13,6 +13,7 @@ from attnssl.theory import (
     phase_table,
     positions,
     sample_images,
+    stack_attention,
 )
 
 
@@ -98,3 +99,39 @@ def test_theory_runs_with_linear_attention(tmp_path, capsys):
     assert result["settings"]["attention"] == "linear"
     mae = result["curves"][0]["metrics"]
     assert mae[-1]["local_own_area"] > mae[0]["local_own_area"]
+
+
+def test_a_stack_of_attentions_feeds_each_layer_the_last_ones_output(generator):
+    data = DataModel()
+    batch = sample_images(data, 2, torch.Generator().manual_seed(0), data.areas())
+    x, e = batch["x"], positions(data)
+    q = torch.randn(3, data.width, data.width, generator=generator) * 0.05
+    maps, out = stack_attention(q, x, e)
+    features = x.clone()
+    for layer in range(3):  # the equations, one query patch at a time
+        h = features + e
+        nxt = torch.zeros_like(features)
+        for b in range(2):
+            for p in range(data.patches):
+                weights = torch.softmax(h[b] @ (q[layer] @ h[b, p]), dim=0)
+                torch.testing.assert_close(maps[layer][b, p], weights)
+                nxt[b, p] = weights @ features[b]
+        features = nxt
+    torch.testing.assert_close(out, features)
+    one_maps, one_out = stack_attention(q[0], x, e)  # a (d, d) matrix is the one-layer model
+    assert len(one_maps) == 1 and torch.equal(one_out, maps[0] @ x)
+
+
+def test_theory_runs_a_two_layer_stack(tmp_path):
+    out = tmp_path / "theory"
+    assert main(["theory", "--out", str(out), "--steps", "60", "--imbalance", "2",
+                 "--local-scale", "1.0", "--layers", "2"]) == 0
+    result = json.loads((out / "theory.json").read_text())
+    assert result["settings"]["layers"] == 2
+    mae = result["curves"][0]["metrics"]
+    assert [len(m["per_layer"]) for m in (mae[0], mae[-1])] == [2, 2]
+    assert mae[-1]["per_layer"][-1] == {k: mae[-1][k] for k in mae[-1] if k != "per_layer"}
+    start = mae[0]["per_layer"]
+    assert all(abs(layer["diversity"]) < 1e-5 for layer in start)  # uniform at Q = 0
+    assert max(layer["local_own_area"] for layer in mae[-1]["per_layer"]) > \
+        max(layer["local_own_area"] for layer in start)

@@ -281,7 +281,8 @@ class Pretrainer:
 
     def _set_schedules(self) -> tuple[float, float]:
         optim, step = self.config.optim, self.state.step
-        lr = warmup_cosine(step, self.total_steps, self.warmup_steps, optim.lr, optim.min_lr)
+        lr = warmup_cosine(step, self.total_steps, self.warmup_steps, optim.peak_lr,
+                           optim.min_lr)
         wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
         wd = cosine(step, self.total_steps, optim.weight_decay, wd_end)
         for group in self.optimizer.param_groups:

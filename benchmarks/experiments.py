@@ -1,0 +1,481 @@
+"""The papers' open questions at small scale (docs/experiments.md): one command per section.
+
+Each section is one or more sweeps (:mod:`attnssl.sweep`) of a B1 v2 preset at the screening
+budget (240 steps on 12,288 images: ``data.subset=12288 optim.epochs=5``) with two seeds, or
+(the theory paper's synthetic model, which trains no preset) runs of :mod:`attnssl.theory`.
+A sweep section's rows group the seeds of each setting: their mean, each seed's score, and the
+section's spread (the largest seed-to-seed difference of any setting). A row's difference to
+the preset's own setting is called noise when it is inside that spread.
+
+    python -m benchmarks.experiments --list
+    python -m benchmarks.experiments bam-positive-masking --docs   # train, score, write docs
+    python -m benchmarks.experiments bam-sinkhorn-iters --dataset cifar10 --data-root DIR
+
+Every point trains in ``RUNS/SECTION/[ARM/]points/HASH`` and a rerun skips finished points
+(the sweep's journal), so a section can be run in pieces (Ctrl-C, then the same command).
+``--dataset`` (with ``--data-root``) reruns a section on another dataset: the preset's
+``data.dataset`` is replaced, everything else is kept. Outputs: ``results/experiments/
+SECTION.json`` (every point), ``SECTION.md`` (the table) and ``SECTION.png``; ``--docs`` puts
+the table into its block of docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.helpers import ROOT, machine_line, replace_readme_block
+
+SCREEN = ("data.subset=12288", "optim.epochs=5")
+SEEDS = (0, 1)
+EVAL_TRAIN, EVAL_TEST = 20_000, 5_000
+RESULTS = ROOT / "benchmarks" / "results" / "experiments"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One sweep of a section: a preset, settings on top of the screening budget (``key=a,b``
+    sweeps, ``key=a`` fixes) and what each point measures besides the k-NN."""
+
+    label: str
+    preset: str
+    settings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    paper: str
+    question: str
+    arms: tuple[Arm, ...] = ()
+    linear: bool = False
+    measures: tuple[str, ...] = ()  # "bam_entropies", "attention"
+    budget: tuple[str, ...] = SCREEN
+    run: Callable | None = None  # sections that train no preset: run(args) -> markdown
+
+    def swept_keys(self) -> list[str]:
+        return [s.partition("=")[0] for s in self.arms[0].settings if "," in s]
+
+
+def _arm(preset: str, *settings: str, label: str | None = None) -> Arm:
+    return Arm(label or preset.split("_")[0], preset, settings)
+
+
+# ---------------------------------------------------------------- measures of a trained point
+
+
+def training_log_means(run_dir: Path, columns: tuple[str, ...], last: int = 5) -> dict:
+    """The mean of each column over the last ``last`` logged steps of ``metrics.csv``."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if all(r.get(c) not in (None, "") for c in columns)]
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.csv logs none of {', '.join(columns)}")
+    return {c: statistics.fmean(float(r[c]) for r in rows[-last:]) for c in columns}
+
+
+def attention_measures(run_dir: Path, images: int = 256) -> dict:
+    """Per layer (first to last) of the trained backbone on the first test images: the
+    patch-to-patch attention entropy (nats), mean attention distance (px), diversity across
+    queries and the class token's attention entropy (:func:`attnssl.analysis.analyze_backbone`)."""
+    from attnssl.analysis import analyze_backbone
+    from attnssl.eval.evaluate import load_trained_backbone
+
+    loaded = load_trained_backbone(run_dir)
+    result, _ = analyze_backbone(loaded.backbone, loaded.test, loaded.config.eval.features, images)
+    layers = result["per_layer"]
+    return {"attention_entropy": layers["entropy"], "attention_distance": layers["distance"],
+            "attention_diversity": layers["diversity"], "cls_entropy": layers["cls_entropy"],
+            "uniform_entropy": result["uniform_entropy"]}
+
+
+def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
+    """The section's extra measures of one trained point, kept in its folder once computed."""
+    cache = run_dir / "experiment-measures.json"
+    found = json.loads(cache.read_text()) if cache.is_file() else {}
+    for measure in measures:
+        if measure in found:
+            continue
+        if measure == "bam_entropies":
+            found[measure] = training_log_means(run_dir, ("source_entropy", "target_entropy"))
+        elif measure == "attention":
+            found[measure] = attention_measures(run_dir)
+        else:
+            raise ValueError(f"unknown measure {measure!r}; accepted: bam_entropies, attention")
+    cache.write_text(json.dumps(found, indent=2))
+    return found
+
+
+# ---------------------------------------------------------------- running a section
+
+
+def arm_settings(experiment: Experiment, arm: Arm, args) -> list[str]:
+    settings = [*experiment.budget]
+    if args.dataset:
+        settings.append(f"data.dataset={args.dataset}")
+    settings += [f"run.seed={','.join(map(str, args.seeds))}", *arm.settings]
+    settings += [f"trainer.num_threads={args.threads}", "trainer.progress_bar=false"]
+    if args.data_root:
+        settings.append(f"data.root={args.data_root}")
+    return settings
+
+
+def arm_folder(experiment: Experiment, arm: Arm, runs_dir: Path) -> Path:
+    base = runs_dir / experiment.name
+    return base if len(experiment.arms) == 1 else base / arm.label
+
+
+def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
+    from attnssl.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec.from_arguments(arm.preset, arm_settings(experiment, arm, args),
+                                    eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
+                                    linear=experiment.linear)
+    results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)))
+    rows = []
+    for result in results:
+        if "error" in result:
+            raise SystemExit(f"{experiment.name}: point {result['point']} failed: "
+                             f"{result['error']}")
+        measured = point_measures(Path(result["run_dir"]), experiment.measures)
+        rows.append({"arm": arm.label, **result, **measured})
+    return rows
+
+
+def preset_point(arm: Arm, keys: list[str]) -> dict[str, str]:
+    """The preset's own value of each swept key, as the sweep writes it (YAML text)."""
+    from attnssl.config import config_to_dict, load_config
+
+    tree = config_to_dict(load_config(arm.preset))
+    values = {}
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        values[key] = json.dumps(node) if isinstance(node, (list, bool)) or node is None \
+            else str(node)
+    return values
+
+
+def same_value(a: str, b: str) -> bool:
+    import yaml
+
+    return yaml.safe_load(a) == yaml.safe_load(b)
+
+
+def group_seeds(rows: list[dict]) -> list[dict]:
+    """One row per arm and setting: each seed's scores and their mean."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        point = {k: v for k, v in row["point"].items() if k != "run.seed"}
+        groups.setdefault((row["arm"], tuple(point.items())), []).append(row)
+    grouped = []
+    for (arm, point), members in groups.items():
+        members.sort(key=lambda r: int(r["point"].get("run.seed", 0)))
+        entry = {"arm": arm, "point": dict(point), "seeds": [int(m["point"].get("run.seed", 0))
+                                                             for m in members]}
+        for score in ("knn_top1", "linear_top1", "knn_floor", "images_per_second"):
+            values = [m[score] for m in members if m.get(score) is not None]
+            if values:
+                entry[score] = statistics.fmean(values)
+                entry[f"{score}_each"] = values
+        for measure in ("bam_entropies", "attention"):
+            if measure in members[0]:
+                entry[measure] = _mean_tree([m[measure] for m in members])
+        grouped.append(entry)
+    return grouped
+
+
+def _mean_tree(trees: list):
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _mean_tree([t[k] for t in trees]) for k in first}
+    if isinstance(first, list):
+        return [_mean_tree([t[i] for t in trees]) for i in range(len(first))]
+    return statistics.fmean(trees)
+
+
+def spread(grouped: list[dict], score: str = "knn_top1") -> float:
+    """The largest seed-to-seed difference of any setting (0 with one seed)."""
+    gaps = [max(g[f"{score}_each"]) - min(g[f"{score}_each"]) for g in grouped
+            if len(g.get(f"{score}_each", [])) > 1]
+    return max(gaps, default=0.0)
+
+
+def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
+    """Each row's k-NN difference to its arm's preset setting, and whether it is noise."""
+    keys = [k for k in experiment.swept_keys() if k != "run.seed"]
+    noise = spread(grouped)
+    for arm in experiment.arms:
+        own = preset_point(arm, keys)
+        members = [g for g in grouped if g["arm"] == arm.label]
+        reference = next((g for g in members if all(same_value(g["point"][k], own[k])
+                                                    for k in keys)), None)
+        for g in members:
+            g["is_preset"] = g is reference
+            if reference is None or g is reference:
+                continue
+            g["knn_vs_preset"] = g["knn_top1"] - reference["knn_top1"]
+            g["verdict"] = "noise" if abs(g["knn_vs_preset"]) <= noise else "beyond the spread"
+
+
+def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
+    keys = [k for k in experiment.swept_keys() if k != "run.seed"]
+    arms = len(experiment.arms) > 1
+    header = [*(["method"] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
+              *(["linear (seeds)"] if experiment.linear else []), "random init",
+              "vs preset"]
+    if "bam_entropies" in experiment.measures:
+        header += ["source entropy", "target entropy"]
+    if "attention" in experiment.measures:
+        header += ["attention entropy, last layer", "CLS entropy, last layer"]
+    header.append("images/s")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for g in grouped:
+        cells = [g["arm"]] if arms else []
+        cells += [g["point"][k] + (" (preset)" if g.get("is_preset") else "") for k in keys]
+        cells.append(_with_seeds(g, "knn_top1"))
+        if experiment.linear:
+            cells.append(_with_seeds(g, "linear_top1"))
+        cells.append(f"{g['knn_floor']:.2f}")
+        cells.append(f"{g['knn_vs_preset']:+.2f} ({g['verdict']})" if "verdict" in g else "-")
+        if "bam_entropies" in g:
+            cells += [f"{g['bam_entropies']['source_entropy']:.2f}",
+                      f"{g['bam_entropies']['target_entropy']:.2f}"]
+        if "attention" in g:
+            cells += [f"{g['attention']['attention_entropy'][-1]:.2f}",
+                      f"{g['attention']['cls_entropy'][-1]:.2f}"]
+        cells.append(f"{g['images_per_second']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({s for g in grouped for s in g["seeds"]})
+    notes = [f"Seeds {', '.join(map(str, seeds))}; spread (largest seed-to-seed k-NN "
+             f"difference of any row): {spread(grouped):.2f} points. Budget: "
+             f"`{' '.join(experiment.budget)}`; weighted k-NN (k=20) on the preset's read-out "
+             f"with the first {EVAL_TRAIN} training images as the bank and the first "
+             f"{EVAL_TEST} test images scored."]
+    if "attention" in experiment.measures:
+        uniform = grouped[0]["attention"]["uniform_entropy"]
+        notes.append(f"Attention entropies on the first 256 test images, mean over heads; "
+                     f"uniform attention over the patches is {uniform:.2f} nats.")
+    notes.append(machine_line(machine, command))
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+
+
+def _with_seeds(g: dict, score: str) -> str:
+    if score not in g:
+        return "-"
+    each = g[f"{score}_each"]
+    seeds = f" ({' / '.join(f'{v:.2f}' for v in each)})" if len(each) > 1 else ""
+    return f"{g[score]:.2f}{seeds}"
+
+
+def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
+    """k-NN (and linear) of each setting: every seed a dot, the mean a bar; the random-init
+    floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in experiment.swept_keys() if k != "run.seed"]
+    labels = [(f"{g['arm']}\n" if len(experiment.arms) > 1 else "")
+              + "\n".join(f"{k.split('.')[-1]}={g['point'][k]}" for k in keys) for g in grouped]
+    scores = ["knn_top1", *(["linear_top1"] if experiment.linear else [])]
+    fig, axes = plt.subplots(1, len(scores), figsize=(max(5, 1.1 * len(grouped)) * len(scores),
+                                                     3.6), squeeze=False)
+    for axis, score in zip(axes[0], scores, strict=True):
+        xs = range(len(grouped))
+        axis.bar(xs, [g.get(score, 0) for g in grouped], color="C0", alpha=0.4)
+        for x, g in zip(xs, grouped, strict=True):
+            each = g.get(f"{score}_each", [])
+            axis.scatter([x] * len(each), each, color="C0", s=14)
+        floors = [g["knn_floor"] for g in grouped]
+        axis.plot(xs, floors, "k--", linewidth=1, label="random init (k-NN)")
+        low = min(min(floors), *(v for g in grouped for v in g.get(f"{score}_each", [100])))
+        axis.set_ylim(low - 2, None)
+        axis.set_xticks(list(xs), labels, fontsize=7)
+        axis.set_ylabel(f"{'k-NN' if score == 'knn_top1' else 'linear'} top-1 (%)")
+        axis.legend(fontsize=7)
+    fig.suptitle(experiment.name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_sweep_section(experiment: Experiment, args) -> str:
+    rows = [row for arm in experiment.arms for row in run_arm(experiment, arm, args)]
+    grouped = group_seeds(rows)
+    compare_to_preset(grouped, experiment)
+    # the machine the points trained on, as their runs recorded it
+    machine = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())["machine"]
+    command = section_command(experiment, args)
+    table = markdown(experiment, grouped, machine, command)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{experiment.name}.json").write_text(json.dumps(
+        {"section": experiment.name, "machine": machine, "command": command,
+         "rows": grouped, "points": rows}, indent=2))
+    plot(experiment, grouped, out / f"{experiment.name}.png")
+    return table
+
+
+def section_command(experiment: Experiment, args) -> str:
+    extra = f" --dataset {args.dataset}" if args.dataset else ""
+    seeds = "" if tuple(args.seeds) == SEEDS else " --seeds " + " ".join(map(str, args.seeds))
+    return f"python -m benchmarks.experiments {experiment.name}{extra}{seeds} --docs"
+
+
+# ---------------------------------------------------------------- the theory sections
+
+
+def theory_depth(args) -> str:
+    """Section 11: the synthetic experiment with 1 (the paper's), 2 and 4 attention layers."""
+    return _theory_table(args, "theory-depth", [(layers, "softmax") for layers in (1, 2, 4)])
+
+
+def theory_linear(args) -> str:
+    """Section 13: the same contrast with linear attention, one and two layers."""
+    return _theory_table(args, "theory-linear-attention",
+                         [(1, "softmax"), (1, "linear"), (2, "linear")])
+
+
+def _theory_table(args, name: str, models: list[tuple[int, str]]) -> str:
+    from attnssl.theory import DataModel, TrainSettings, run_theory
+    from attnssl.train.environment import machine_description
+
+    out = Path(args.results) / name
+    rows = []
+    for layers, kind in models:
+        for seed in args.seeds:
+            settings = TrainSettings(steps=args.theory_steps, lr=0.5, seed=seed, attention=kind,
+                                     layers=layers, log_every=max(1, args.theory_steps // 30))
+            folder = out / f"{kind}-layers{layers}-seed{seed}"
+            found = folder / "theory.json"
+            if found.is_file() and json.loads(found.read_text())["settings"] == \
+                    settings.__dict__:
+                result = json.loads(found.read_text())
+            else:
+                result = run_theory(folder, DataModel(seed=0), settings, [1.0, 2.0, 4.0])
+            for curve in result["curves"]:
+                rows.append({"attention": kind, "layers": layers, "seed": seed,
+                             "objective": curve["objective"], "imbalance": curve["imbalance"],
+                             "final": curve["metrics"][-1]})
+    machine = machine_description()
+    command = f"python -m benchmarks.experiments {name} --docs"
+    (out / "summary.json").write_text(json.dumps({"machine": machine, "command": command,
+                                                  "rows": rows}, indent=2))
+    lines = ["| attention | layers | objective | imbalance | local query: own area, layers 1..L "
+             "| diversity, layers 1..L | seed spread (own area, last layer) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    keyed: dict[tuple, list[dict]] = {}
+    for row in rows:
+        keyed.setdefault((row["attention"], row["layers"], row["objective"], row["imbalance"]),
+                         []).append(row["final"])
+    for (kind, layers, objective, imbalance), finals in keyed.items():
+        per_layer = _mean_tree([f["per_layer"] for f in finals])
+        last = [f["local_own_area"] for f in finals]
+        lines.append(f"| {kind} | {layers} | {objective.upper()} | {imbalance:g} | "
+                     + " / ".join(f"{m['local_own_area']:.2f}" for m in per_layer) + " | "
+                     + " / ".join(f"{m['diversity']:.2f}" for m in per_layer)
+                     + f" | {max(last) - min(last):.3f} |")
+    return (("\n".join(lines)) + f"\n\nFinal step ({args.theory_steps}) of each run, mean over "
+            f"seeds {', '.join(map(str, args.seeds))}; local areas' own-area mass is 1/12 "
+            f"(0.08) for uniform attention.\n\n" + machine_line(machine, command))
+
+
+# ---------------------------------------------------------------- the sections
+
+BAM = "bam_fashion_mnist"
+EXPERIMENTS = (
+    Experiment(
+        "bam-positive-masking", "BAM",
+        "Does masking each image's own views out of the target help, and does partial masking "
+        "(each image masked with probability 0.5) sit between on and off?",
+        (_arm(BAM, "method.positive_masking_prob=1,0.5,0"),), linear=True,
+        measures=("bam_entropies", "attention")),
+    Experiment(
+        "bam-sinkhorn-iters", "BAM",
+        "Is balancing needed: the plain softmax of the teacher's similarities (0 iterations) "
+        "against 1, 3 (the official) and 10 Sinkhorn iterations.",
+        (_arm(BAM, "method.sinkhorn_iters=0,1,3,10"),), linear=True,
+        measures=("bam_entropies",)),
+    Experiment(
+        "bam-entropy-gap", "BAM",
+        "The entropy gap between source and target: source temperature against Sinkhorn eps.",
+        (_arm(BAM, "method.temperature=0.05,0.1,0.2", "method.sinkhorn_eps=0.025,0.05,0.1"),),
+        measures=("bam_entropies",)),
+    Experiment(
+        "bam-batch-size", "BAM",
+        "Does BAM keep gaining with the batch (256 to 2,048 at an equal number of images "
+        "seen)? The peak learning rate follows the linear scaling rule (lr x batch / 256, as "
+        "BAM's and DINO's code), so batch 256 is the preset.",
+        (_arm(BAM, "optim.lr_scaling_batch=256", "optim.batch_size=256,512,1024,2048"),),
+        measures=("bam_entropies",)),
+    Experiment(
+        "bam-vs-simclr-views", "BAM",
+        "Which method depends more on the augmentations: four view sets for BAM and SimCLR "
+        "(crops and flips; + brightness/contrast jitter, the presets' set; + blur; + both).",
+        tuple(_arm(preset, "views.color_jitter_prob=0.0,0.8",
+                   "views.blur_prob=[0.0,0.0],[1.0,0.1]")
+              for preset in (BAM, "simclr_fashion_mnist"))),
+    Experiment(
+        "udi-alpha", "UDI",
+        "The blend alpha of the multimodal target (patch share) against the read-out: the "
+        "k-NN against linear trade-off on cls, cls+ and both.",
+        (_arm("udi_fashion_mnist", "method.alpha=0,0.25,0.5,0.75,1",
+              "eval.features=cls,cls_plus,cls+cls_plus"),), linear=True),
+    Experiment(
+        "udi-sampling-windows", "UDI",
+        "Stratified sampling's window sizes on the global and local grids, against sampling "
+        "every patch (windows of 1).",
+        (_arm("udi_fashion_mnist", "method.sampling_window_global=1,2,3",
+              "method.sampling_window_local=1,2"),)),
+)
+EXPERIMENTS += (
+    Experiment("theory-depth", "theory",
+               "Does the contrast hold past one layer: MAE against contrastive learning on "
+               "stacks of 2 and 4 attention layers?", run=theory_depth),
+    Experiment("theory-linear-attention", "theory",
+               "The same contrast with linear attention (Katharopoulos et al. 2020).",
+               run=theory_linear),
+)
+BY_NAME = {e.name: e for e in EXPERIMENTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("section", nargs="?", help="section name (--list shows them)")
+    parser.add_argument("--list", action="store_true", help="list the sections and stop")
+    parser.add_argument("--dataset", help="rerun on this dataset (data.dataset=NAME)")
+    parser.add_argument("--data-root", help="folder holding the dataset")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs-dir", default="runs/experiments")
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--theory-steps", type=int, default=3000)
+    parser.add_argument("--docs", action="store_true",
+                        help="write the table into its block of docs/experiments.md")
+    args = parser.parse_args()
+    if args.list or not args.section:
+        for e in EXPERIMENTS:
+            print(f"{e.name:<28} {e.paper:<7} {e.question}")
+        return
+    if args.section not in BY_NAME:
+        raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")
+    experiment = BY_NAME[args.section]
+    table = experiment.run(args) if experiment.run else run_sweep_section(experiment, args)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{experiment.name}.md").write_text(table + "\n")
+    print(table)
+    if args.docs:
+        replace_readme_block(f"EXPERIMENT-{experiment.name}", table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""benchmarks/experiments.py: a section trains its points through the sweep runner, groups the
+seeds, names noise, and reruns without training again."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks.experiments import (
+    BY_NAME,
+    Arm,
+    Experiment,
+    compare_to_preset,
+    group_seeds,
+    run_sweep_section,
+    spread,
+)
+
+pytestmark = pytest.mark.integration
+
+TINY = ("data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1",
+        "trainer.checkpoint_every_steps=100")
+
+
+def _args(tmp_path, seeds=(0, 1)):
+    return argparse.Namespace(runs_dir=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                              seeds=list(seeds), threads=1, dataset=None, data_root=None)
+
+
+def test_a_section_groups_seeds_measures_entropies_and_skips_done_points(tmp_path):
+    section = Experiment("masking", "BAM", "q", (Arm("bam", "bam_synthetic", (
+        "method.positive_masking_prob=1,0",)),), linear=True,
+        measures=("bam_entropies", "attention"), budget=TINY)
+    table = run_sweep_section(section, _args(tmp_path))
+    saved = json.loads((tmp_path / "results" / "masking.json").read_text())
+    assert len(saved["points"]) == 4 and len(saved["rows"]) == 2
+    on, off = sorted(saved["rows"], key=lambda r: r["point"]["method.positive_masking_prob"],
+                     reverse=True)
+    assert on["is_preset"] and not off["is_preset"]  # the preset masks always
+    assert on["seeds"] == [0, 1] and len(on["knn_top1_each"]) == 2
+    assert on["knn_top1"] == pytest.approx(sum(on["knn_top1_each"]) / 2)
+    assert off["knn_vs_preset"] == pytest.approx(off["knn_top1"] - on["knn_top1"])
+    assert off["verdict"] == ("noise" if abs(off["knn_vs_preset"]) <= spread(saved["rows"])
+                              else "beyond the spread")
+    entropies = off["bam_entropies"]
+    assert entropies["source_entropy"] > 0 and entropies["target_entropy"] > 0
+    from attnssl.eval.evaluate import load_trained_backbone
+
+    blocks = len(load_trained_backbone(saved["points"][0]["run_dir"]).backbone.blocks)
+    assert len(off["attention"]["attention_entropy"]) == blocks  # one per block, first to last
+    assert "| 1 (preset) |" in table and "Seeds 0, 1" in table
+    assert (tmp_path / "results" / "masking.png").stat().st_size > 5_000
+    run_dirs = sorted(p["run_dir"] for p in saved["points"])
+    assert len(set(run_dirs)) == 4
+    stamps = {d: (tmp_path / d / "sweep-trained.json").stat().st_mtime_ns for d in run_dirs}
+    run_sweep_section(section, _args(tmp_path))  # done points are not trained again
+    assert stamps == {d: (tmp_path / d / "sweep-trained.json").stat().st_mtime_ns
+                      for d in run_dirs}
+
+
+def test_spread_is_the_largest_seed_gap_and_noise_is_inside_it():
+    rows = [{"arm": "bam", "point": {"run.seed": str(s), "method.sinkhorn_iters": it},
+             "knn_top1": k, "knn_floor": 50.0, "images_per_second": 1.0}
+            for it, scores in (("3", (70.0, 71.0)), ("0", (68.0, 68.5)), ("10", (73.0, 72.0)))
+            for s, k in enumerate(scores)]
+    grouped = group_seeds(rows)
+    assert [g["knn_top1"] for g in grouped] == [70.5, 68.25, 72.5]
+    assert spread(grouped) == 1.0
+    section = Experiment("iters", "BAM", "q", (Arm("bam", "bam_fashion_mnist", (
+        "method.sinkhorn_iters=0,3,10",)),))
+    compare_to_preset(grouped, section)
+    by_iters = {g["point"]["method.sinkhorn_iters"]: g for g in grouped}
+    assert by_iters["3"]["is_preset"]  # the preset's 3 iterations
+    assert by_iters["0"]["verdict"] == "beyond the spread"  # -2.25 against a spread of 1
+    assert by_iters["10"]["verdict"] == "beyond the spread"
+    rows[0]["knn_top1"] = 72.5  # iters=3 now 72.5 / 71.0: spread 1.5, iters=10 +0.75 inside
+    grouped = group_seeds(rows)
+    compare_to_preset(grouped, section)
+    assert {g["point"]["method.sinkhorn_iters"]: g.get("verdict") for g in grouped}["10"] == "noise"
+
+
+def test_every_section_names_valid_settings():
+    from attnssl.sweep import SweepSpec
+
+    for experiment in BY_NAME.values():
+        for arm in experiment.arms:  # validates every grid point's config, trains nothing
+            SweepSpec.from_arguments(arm.preset, [*experiment.budget, "run.seed=0,1",
+                                                  *arm.settings])
