@@ -344,11 +344,15 @@ def theory_linear(args) -> str:
                          [(1, "softmax"), (1, "linear"), (2, "linear")])
 
 
+def _same_theory_run(result: dict, settings, imbalances: list[float]) -> bool:
+    return result["settings"] == settings.__dict__ and result["imbalances"] == imbalances
+
+
 def _theory_table(args, name: str, models: list[tuple[int, str]]) -> str:
     from attnssl.theory import DataModel, TrainSettings, run_theory
     from attnssl.train.environment import machine_description
 
-    out = Path(args.results) / name
+    out = Path(args.results) / "theory"  # runs shared by the theory sections
     rows = []
     for layers, kind in models:
         for seed in args.seeds:
@@ -356,18 +360,20 @@ def _theory_table(args, name: str, models: list[tuple[int, str]]) -> str:
                                      layers=layers, log_every=max(1, args.theory_steps // 30))
             folder = out / f"{kind}-layers{layers}-seed{seed}"
             found = folder / "theory.json"
-            if found.is_file() and json.loads(found.read_text())["settings"] == \
-                    settings.__dict__:
+            if found.is_file() and _same_theory_run(json.loads(found.read_text()), settings,
+                                                    args.imbalance):
                 result = json.loads(found.read_text())
             else:
-                result = run_theory(folder, DataModel(seed=0), settings, [1.0, 2.0, 4.0])
+                result = run_theory(folder, DataModel(seed=0), settings, args.imbalance)
             for curve in result["curves"]:
                 rows.append({"attention": kind, "layers": layers, "seed": seed,
                              "objective": curve["objective"], "imbalance": curve["imbalance"],
                              "final": curve["metrics"][-1]})
     machine = machine_description()
-    command = f"python -m benchmarks.experiments {name} --docs"
-    (out / "summary.json").write_text(json.dumps({"machine": machine, "command": command,
+    imbalance = "" if args.imbalance == [2.0] else \
+        " --imbalance " + " ".join(f"{v:g}" for v in args.imbalance)
+    command = f"python -m benchmarks.experiments {name}{imbalance} --docs"
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine, "command": command,
                                                   "rows": rows}, indent=2))
     lines = ["| attention | layers | objective | imbalance | local query: own area, layers 1..L "
              "| diversity, layers 1..L | seed spread (own area, last layer) |",
@@ -458,6 +464,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/experiments")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--theory-steps", type=int, default=3000)
+    parser.add_argument("--imbalance", type=float, nargs="+", default=[2.0],
+                        help="theory sections: strengths of the global feature")
     parser.add_argument("--docs", action="store_true",
                         help="write the table into its block of docs/experiments.md")
     args = parser.parse_args()
@@ -468,6 +476,10 @@ def main() -> None:
     if args.section not in BY_NAME:
         raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")
     experiment = BY_NAME[args.section]
+    if experiment.run:  # the theory model trains in this process
+        import torch
+
+        torch.set_num_threads(args.threads)
     table = experiment.run(args) if experiment.run else run_sweep_section(experiment, args)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
