@@ -244,6 +244,7 @@ def train_point(config: Config, run_dir: Path) -> dict:
     checkpoint if it has one; returns the run summary (``metrics.json``). A finished point
     leaves ``sweep-trained.json`` and is not trained again."""
     from attnssl.runs.checkpoint import atomic_write, newest_readable_checkpoint
+    from attnssl.train.environment import process_count
     from attnssl.train.trainer import pretrain
 
     marker = run_dir / TRAINED
@@ -253,13 +254,63 @@ def train_point(config: Config, run_dir: Path) -> dict:
     config.run.out_dir, config.run.name = str(run_dir.parent), run_dir.name
     config.trainer.max_steps = None
     resume = newest_readable_checkpoint(run_dir)
-    metrics = pretrain(config, resume=str(resume) if resume else None)
+    if process_count(config.trainer) > 1:
+        metrics = pretrain_in_child(config, run_dir, resume)
+    else:
+        metrics = pretrain(config, resume=str(resume) if resume else None)
     if metrics.get("stopped_by"):
         raise SweepStopped(metrics["stopped_by"], run_dir)
     if not metrics["finished"]:
         raise RuntimeError(f"{run_dir} stopped before the end of its schedule")
     atomic_write(marker, lambda p: p.write_text(json.dumps(metrics, indent=2)))
     return metrics
+
+
+def pretrain_in_child(config: Config, run_dir: Path, resume: Path | None) -> dict:
+    """Train a point of several processes with ``attnssl pretrain`` in a child process.
+
+    Fabric starts the other processes of a run by running the command that started it again;
+    in the sweep's own process that command would be the sweep. The child runs in a session of
+    its own, and a SIGINT or SIGTERM the sweep receives goes once to the child and the
+    processes Fabric started, which stop after their step with a checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    import yaml
+
+    from attnssl.config import config_to_dict
+    from attnssl.runs.checkpoint import atomic_write
+
+    if resume is None:
+        config_file = run_dir.parent / f"{run_dir.name}.yaml"
+        atomic_write(config_file, lambda p: p.write_text(
+            yaml.safe_dump(config_to_dict(config), sort_keys=False)))
+        command = ["-c", str(config_file)]
+    else:
+        command = ["--resume", str(resume), "trainer.max_steps=null"]
+    child = subprocess.Popen([sys.executable, "-m", "attnssl", "pretrain", *command],
+                             start_new_session=True)
+
+    def forward(signum, _frame):
+        os.killpg(child.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {name: signal.signal(name, forward) for name in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+    if code in (130, 143):
+        raise SweepStopped("SIGINT" if code == 130 else "SIGTERM", run_dir)
+    if code != 0:
+        raise RuntimeError(f"{run_dir}: its training process (attnssl pretrain) exited with "
+                           f"code {code}; its output is above")
+    # exit code 0 without max_steps: trained to the end of the schedule
+    return {**json.loads((run_dir / "metrics.json").read_text()), "finished": True}
 
 
 def score_point(config: Config, run_dir: Path, linear: bool) -> dict:

@@ -405,6 +405,13 @@ EXPERIMENTS = (
         (_arm(BAM, "method.positive_masking_prob=1,0.5,0"),), linear=True,
         measures=("bam_entropies", "attention")),
     Experiment(
+        "bam-normalization", "BAM",
+        "Global against local Sinkhorn normalisation with two real processes (local: each "
+        "process balances its own block of the batch).",
+        (_arm(BAM, "trainer.accelerator=cpu", "trainer.devices=2",
+              "method.normalization=global,local"),), linear=True,
+        measures=("bam_entropies",)),
+    Experiment(
         "bam-sinkhorn-iters", "BAM",
         "Is balancing needed: the plain softmax of the teacher's similarities (0 iterations) "
         "against 1, 3 (the official) and 10 Sinkhorn iterations.",

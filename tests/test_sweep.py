@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnssl.cli import main
 from attnssl.config import ConfigError
@@ -169,3 +170,40 @@ def test_sampled_sweep_runs_the_asked_number_of_trials(tmp_path):
     for row in results:
         assert 1e-4 <= float(row["point"]["optim.lr"]) <= 1e-2
         assert row["point"]["method.temperature"] in ("0.1", "0.5")
+
+
+def test_two_process_points_train_in_their_own_command_and_resume_after_a_stop(tmp_path):
+    """Points with trainer.devices=2 (real gloo processes): Fabric relaunches the child's
+    ``attnssl pretrain``, not the sweep; a SIGTERM to the sweep stops the point with a
+    checkpoint, and the rerun continues it. Local and global Sinkhorn balancing differ."""
+    from attnssl.runs.checkpoint import list_checkpoints, safe_torch_load
+
+    out = tmp_path / "sweep"
+    args = ["sweep", "-c", "bam_synthetic", "--out", str(out), "--eval-train", "96",
+            "--eval-test", "64", *TINY, "optim.epochs=4", "trainer.checkpoint_every_steps=2",
+            "trainer.accelerator=cpu", "trainer.devices=2", "method.normalization=global,local"]
+    args.remove("optim.epochs=1")
+    sweep = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not list((out / "points").glob("*/checkpoints/*.ckpt")) and time.time() < deadline:
+        assert sweep.poll() is None, sweep.communicate()
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 143, stdout + stderr
+    (stopped,) = [p for p in (out / "points").iterdir() if p.is_dir()]
+    assert not (stopped / "sweep-trained.json").exists()
+
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["point"]["method.normalization"] for r in results) == ["global", "local"]
+    assert all("error" not in r and r["steps"] == 16 for r in results)
+    log = (stopped / "metrics.csv").read_text().splitlines()
+    assert int(log[-1].split(",")[0]) == 16  # the stopped point trained to its end, resumed
+    weights = {r["point"]["method.normalization"]:
+               safe_torch_load(list_checkpoints(Path(r["run_dir"]))[-1])["method"]
+               for r in results}
+    assert any(not torch.equal(weights["global"][k], weights["local"][k])
+               for k in weights["global"])

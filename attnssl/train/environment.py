@@ -68,11 +68,15 @@ def is_collective_failure(err: BaseException) -> bool:
                             "timed out", "Timed out", "Broken pipe"))
 
 
+def process_count(trainer) -> int:
+    """Processes a run asks for: ``trainer.devices`` (a count) times ``trainer.num_nodes``."""
+    return (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
+
+
 def build_strategy(trainer):
     """``trainer.strategy``; for several processes, DDP with ``trainer.collective_timeout_s``
     so that a process whose peers stopped answering errors out instead of waiting forever."""
-    processes = (trainer.devices if isinstance(trainer.devices, int) else 1) * trainer.num_nodes
-    if trainer.strategy == "ddp" or (trainer.strategy == "auto" and processes > 1):
+    if trainer.strategy == "ddp" or (trainer.strategy == "auto" and process_count(trainer) > 1):
         from datetime import timedelta
 
         from lightning_fabric.strategies import DDPStrategy
