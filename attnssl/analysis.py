@@ -6,7 +6,9 @@ For one backbone, over the first test images of its dataset:
   renormalised): the entropy ``mean_i H(a_i)`` (nats; ``log P`` is uniform), the mean attention
   distance ``mean_i sum_j a_ij ||x_i - x_j||`` in input pixels (Dosovitskiy et al. 2021), and the
   diversity ``1 - mean_{i != j} cos(a_i, a_j)`` across query patches (the theory paper's
-  measure: 0 when every query attends to the same place);
+  measure: 0 when every query attends to the same place), and the map's effective rank
+  ``exp H(sigma / sum sigma)`` over its singular values (1: every query attends alike; CBSA's
+  maps have at most m);
 * the class token's attention to the patches: its entropy, and, where the dataset has
   foreground masks, attention-map segmentation: the Jaccard of the patches holding the top 60 %
   of its mass (DINO's ``visualize_attention.py`` threshold) against the mask, per head and for
@@ -41,6 +43,7 @@ from attnssl.functional.attention_metrics import (
     attention_segmentation_jaccard,
     class_token_attention,
     grid_positions,
+    map_effective_rank,
     mean_attention_distance,
     patch_attention,
     rank_collapse_residual,
@@ -51,9 +54,10 @@ from attnssl.nn.attention import attention_maps
 from attnssl.nn.vit import pool_features
 
 SEGMENTATION_MASS = 0.6
-HEAD_METRICS = ("entropy", "distance", "diversity", "cls_entropy")
+HEAD_METRICS = ("entropy", "distance", "diversity", "rank", "cls_entropy")
 FOREGROUND_SOURCES = {
     "synthetic": "the dataset's shape masks",
+    "imbalance": "the dataset's shape masks (the class feature)",
     "fashion-mnist": "non-zero pixels (the garments lie on a black background)",
 }
 
@@ -99,6 +103,7 @@ def head_statistics(maps: list[torch.Tensor], prefix: int, grid: tuple[int, int]
         stats["entropy"].append(attention_entropy(patches).mean(0))
         stats["distance"].append(mean_attention_distance(patches, positions).mean(0))
         stats["diversity"].append(attention_diversity(patches).mean(0))
+        stats["rank"].append(map_effective_rank(patches).mean(0))
         stats["cls_entropy"].append(attention_entropy(cls.unsqueeze(-2)).mean(0))
         if foreground is not None:
             batch, heads, _ = cls.shape
@@ -289,12 +294,14 @@ def summary_table(result: dict) -> str:
     """Markdown: one row per layer, each metric averaged over heads."""
     layer = result["per_layer"]
     has_jaccard = "jaccard" in layer
-    columns = ["layer", "entropy (nats)", "distance (px)", "diversity", "CLS entropy"]
+    columns = ["layer", "entropy (nats)", "distance (px)", "diversity", "effective rank",
+               "CLS entropy"]
     columns += ["Jaccard (head mean)"] if has_jaccard else []
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for i in range(len(layer["entropy"])):
         row = (f"| {i + 1} | {layer['entropy'][i]:.3f} | {layer['distance'][i]:.2f} | "
-               f"{layer['diversity'][i]:.3f} | {layer['cls_entropy'][i]:.3f} |")
+               f"{layer['diversity'][i]:.3f} | {layer['rank'][i]:.1f} | "
+               f"{layer['cls_entropy'][i]:.3f} |")
         if has_jaccard:
             row += f" {layer['jaccard_head_mean'][i]:.3f} |"
         lines.append(row)

@@ -34,8 +34,8 @@ from attnssl.settings import MethodSection, Section
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-DatasetName = Literal["fashion-mnist", "synthetic", "imagefolder", "shards", "cifar10", "cifar100",
-                      "stl10"]
+DatasetName = Literal["fashion-mnist", "synthetic", "imbalance", "imagefolder", "shards", "cifar10",
+                      "cifar100", "stl10"]
 # ``trainer.precision=32`` on the command line reads as the integer 32: accept it as "32".
 # ``auto``: bf16-mixed where the device runs bf16 natively, 32 elsewhere (attnssl.precision)
 Precision = Annotated[
@@ -76,7 +76,11 @@ class DataSection(Section):
     train_split: str = "train"
     test_split: str = "test"
     subset: int | None = Field(None, gt=0, description="use only the first N training images")
-    synthetic_size: int = Field(2000, gt=0, description="training images of the synthetic set")
+    synthetic_size: int = Field(2000, gt=0, description="training images of the synthetic and "
+                                "imbalance sets (test: a quarter and a sixth as many)")
+    synthetic_imbalance: float = Field(
+        4.0, ge=0, description="imbalance set: the shared global grating's strength over the "
+        "class shape's")
     image_size: int | None = Field(
         None, gt=0, description="imagefolder and synthetic: side images are resized to before "
         "cropping; shards: must be their stored size")

@@ -81,7 +81,8 @@ def training_log_means(run_dir: Path, columns: tuple[str, ...], last: int = 5) -
 def attention_measures(run_dir: Path, images: int = 256) -> dict:
     """Per layer (first to last) of the trained backbone on the first test images: the
     patch-to-patch attention entropy (nats), mean attention distance (px), diversity across
-    queries and the class token's attention entropy (:func:`attnssl.analysis.analyze_backbone`)."""
+    queries, effective rank, and the class token's attention entropy
+    (:func:`attnssl.analysis.analyze_backbone`)."""
     from attnssl.analysis import analyze_backbone
     from attnssl.eval.evaluate import load_trained_backbone
 
@@ -90,7 +91,23 @@ def attention_measures(run_dir: Path, images: int = 256) -> dict:
     layers = result["per_layer"]
     return {"attention_entropy": layers["entropy"], "attention_distance": layers["distance"],
             "attention_diversity": layers["diversity"], "cls_entropy": layers["cls_entropy"],
-            "uniform_entropy": result["uniform_entropy"]}
+            "attention_rank": layers["rank"], "uniform_entropy": result["uniform_entropy"]}
+
+
+def dense_measures(run_dir: Path, images: int = 4000, test_images: int = 2000,
+                   epochs: int = 10) -> dict:
+    """The dense patch probe (:mod:`benchmarks.dense_patch_probe`): a linear probe on the
+    frozen patch tokens of the first training images, scored on the first test images' patches,
+    all of them and the foreground ones (the dataset's masks, or Fashion-MNIST's silhouettes)."""
+    from attnssl.eval.evaluate import load_trained_backbone
+    from benchmarks.dense_patch_probe import dense_scores, silhouette_labels
+
+    loaded = load_trained_backbone(run_dir)
+    patch = loaded.backbone.patch_embed.patch_size[0]
+    train, test = loaded.train.subset(images), loaded.test.subset(test_images)
+    labels = (None, None) if train.masks is not None else \
+        (silhouette_labels(train, patch), silhouette_labels(test, patch))
+    return dense_scores(loaded.backbone, train, test, patch, epochs, *labels)
 
 
 def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
@@ -104,8 +121,11 @@ def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
             found[measure] = training_log_means(run_dir, ("source_entropy", "target_entropy"))
         elif measure == "attention":
             found[measure] = attention_measures(run_dir)
+        elif measure == "dense":
+            found[measure] = dense_measures(run_dir)
         else:
-            raise ValueError(f"unknown measure {measure!r}; accepted: bam_entropies, attention")
+            raise ValueError(f"unknown measure {measure!r}; accepted: bam_entropies, attention, "
+                             f"dense")
     cache.write_text(json.dumps(found, indent=2))
     return found
 
@@ -183,7 +203,7 @@ def group_seeds(rows: list[dict]) -> list[dict]:
             if values:
                 entry[score] = statistics.fmean(values)
                 entry[f"{score}_each"] = values
-        for measure in ("bam_entropies", "attention"):
+        for measure in ("bam_entropies", "attention", "dense"):
             if measure in members[0]:
                 entry[measure] = _mean_tree([m[measure] for m in members])
         grouped.append(entry)
@@ -232,7 +252,11 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
     if "bam_entropies" in experiment.measures:
         header += ["source entropy", "target entropy"]
     if "attention" in experiment.measures:
-        header += ["attention entropy, last layer", "CLS entropy, last layer"]
+        header += ["attention entropy, last layer", "CLS entropy, last layer",
+                   "attention distance (px), layers 1..L", "attention diversity, layers 1..L"]
+        header.append("attention effective rank, layers 1..L")
+    if "dense" in experiment.measures:
+        header += ["dense probe: all patches", "dense probe: foreground patches"]
     header.append("images/s")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for g in grouped:
@@ -248,7 +272,12 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
                       f"{g['bam_entropies']['target_entropy']:.2f}"]
         if "attention" in g:
             cells += [f"{g['attention']['attention_entropy'][-1]:.2f}",
-                      f"{g['attention']['cls_entropy'][-1]:.2f}"]
+                      f"{g['attention']['cls_entropy'][-1]:.2f}",
+                      " / ".join(f"{v:.1f}" for v in g["attention"]["attention_distance"]),
+                      " / ".join(f"{v:.2f}" for v in g["attention"]["attention_diversity"])]
+            cells.append(" / ".join(f"{v:.1f}" for v in g["attention"]["attention_rank"]))
+        if "dense" in g:
+            cells += [f"{g['dense']['all_patches']:.2f}", f"{g['dense']['shape_patches']:.2f}"]
         cells.append(f"{g['images_per_second']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s for g in grouped for s in g["seeds"]})
@@ -259,8 +288,10 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
              f"{EVAL_TEST} test images scored."]
     if "attention" in experiment.measures:
         uniform = grouped[0]["attention"]["uniform_entropy"]
-        notes.append(f"Attention entropies on the first 256 test images, mean over heads; "
+        notes.append(f"Attention measures on the first 256 test images, mean over heads; "
                      f"uniform attention over the patches is {uniform:.2f} nats.")
+        notes.append("Effective rank: of each head's patch-to-patch attention map (at most the "
+                     "number of patches).")
     notes.append(machine_line(machine, command))
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
@@ -449,13 +480,43 @@ EXPERIMENTS = (
         (_arm("udi_fashion_mnist", "method.sampling_window_global=1,2,3",
               "method.sampling_window_local=1,2"),)),
 )
+IMBALANCE = ("data.dataset=imbalance", "data.synthetic_size=12288",
+             "data.synthetic_imbalance=1,4,16")
 EXPERIMENTS += (
-    Experiment("theory-depth", "theory",
+    Experiment(
+        "udi-shared-head", "UDI",
+        "One head shared by the image and patch levels (the official) against a head for each, "
+        "with the dense patch probe.",
+        (_arm("udi_fashion_mnist", "method.patch_head=shared,separate"),), linear=True,
+        measures=("dense",)),
+    Experiment(
+        "cbsa-representatives", "CBSA",
+        "The number of representatives m, and representatives pooled from the grid against "
+        "learned ones: k-NN, images/s and the rank of the attention maps (the paper argues "
+        "pooling keeps the rank). BAM's preset with the attention swapped.",
+        (_arm(BAM, "model.attention=cbsa,cbsa_learned", "model.cbsa_pool=2,4,7"),),
+        measures=("attention",)),
+    Experiment(
+        "theory-depth", "theory",
                "Does the contrast hold past one layer: MAE against contrastive learning on "
                "stacks of 2 and 4 attention layers?", run=theory_depth),
+    Experiment(
+        "imbalance-vits", "theory",
+        "Real ViTs on images whose shared global grating is 1, 4 and 16 times as strong as the "
+        "class shape: does MAE keep the local (class) feature that SimCLR loses as the "
+        "imbalance grows, and how do attention distance and diversity per layer follow?",
+        tuple(_arm(preset, *IMBALANCE) for preset in ("mae_fashion_mnist",
+                                                       "simclr_fashion_mnist")),
+        measures=("attention",)),
     Experiment("theory-linear-attention", "theory",
-               "The same contrast with linear attention (Katharopoulos et al. 2020).",
-               run=theory_linear),
+               "The same contrast with linear attention (Katharopoulos et al. 2020): the "
+               "synthetic model.", run=theory_linear),
+    Experiment(
+        "imbalance-vits-linear", "theory",
+        "The imbalance experiment on real ViTs with linear attention in every block.",
+        tuple(_arm(preset, "model.attention=linear", *IMBALANCE)
+              for preset in ("mae_fashion_mnist", "simclr_fashion_mnist")),
+        measures=("attention",)),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 

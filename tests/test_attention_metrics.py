@@ -163,3 +163,14 @@ def test_rank_collapse_residual_is_zero_for_identical_tokens_and_one_for_centred
     assert torch.allclose(rank_collapse_residual(centred), torch.ones(3))
     mixed = same + 0.1 * centred
     assert (rank_collapse_residual(mixed) < 0.5).all()
+
+
+def test_effective_rank_of_maps_is_one_for_rank_one_and_n_for_orthogonal():
+    from attnssl.functional.attention_metrics import map_effective_rank
+
+    uniform = torch.full((5, 5), 0.2)  # every query attends the same way: rank one
+    eye = torch.eye(5)
+    block = torch.block_diag(torch.full((2, 2), 0.5), torch.full((3, 3), 1 / 3))  # two groups
+    ranks = map_effective_rank(torch.stack([uniform, eye, block]).view(1, 3, 5, 5))
+    assert ranks.shape == (1, 3)
+    torch.testing.assert_close(ranks[0], torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))

@@ -262,3 +262,24 @@ def test_cbsa_pools_the_configured_grid_and_handles_two_class_tokens():
     with torch.no_grad():
         tokens = vit.forward_features(torch.randn(2, 1, 28, 28))
     assert tokens.shape == (2, 51, 128) and torch.isfinite(tokens).all()
+
+
+@torch.no_grad()
+def test_learned_representatives_replace_the_pooling_and_need_no_grid():
+    from attnssl.nn.cbsa_learned_attention import CBSALearnedAttention
+
+    layer = make_layer(CBSALearnedAttention, side=2)
+    assert layer.representatives.shape == (3, 4, 4)  # heads, side^2, head width
+    learned = layer.representatives.double()
+    as_tokens = learned.transpose(0, 1).reshape(1, 4, 12)  # (1, m, heads * head width)
+    for tokens in (1 + 9, 1 + 7):  # a 3x3 grid, and 7 patches that form no grid at all
+        x = torch.randn(2, tokens, 12, dtype=torch.float64)
+        expected, extraction = loop_cbsa(layer, x, (0, 0), 2,
+                                         pool=lambda w: as_tokens.expand(w.shape[0], -1, -1))
+        layer.record_attention = True
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(layer.attention_maps,
+                                   extraction.transpose(-2, -1) @ extraction, rtol=0, atol=1e-10)
+    from attnssl.nn.vit import takes_weight_decay
+
+    assert not takes_weight_decay("blocks.0.attn.representatives", layer.representatives)

@@ -1,6 +1,7 @@
 """Each dataset read from files written here in the dataset's own format."""
 
 import gzip
+import math
 import pickle
 import struct
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attnssl.config import ConfigError, load_config
 from attnssl.data.datasets import (
     DatasetNotFoundError,
     DatasetSpec,
@@ -207,3 +209,40 @@ def test_loader_workers_that_persist_across_epochs_give_the_main_process_batches
     assert final["workers"]["train"]["step"] == final["main-process"]["train"]["step"] == 9
     for key, value in final["main-process"]["method"].items():
         assert torch.equal(value, final["workers"]["method"][key]), key
+
+
+def test_imbalance_images_are_a_shared_grating_over_a_class_shape():
+    from attnssl.data.datasets import make_imbalance
+
+    images, labels, masks, (grating_amp, shape_amp) = make_imbalance(64, 28, imbalance=3.0)
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.equal(masks.amax((1, 2)), labels + 1)  # one shape of the image's class
+    assert torch.all((grating_amp >= 1.5) & (grating_amp <= 3.0))  # imbalance * U[0.5, 1]
+    assert torch.all((shape_amp >= 0.5) & (shape_amp <= 1.0))
+    # undo the mapping to [0, 1]; off the shape, a least-squares fit of the grating (period
+    # half the side, at 30 degrees) recovers each image's amplitude
+    value = images[:, 0].double() / 255 * (2 * 3.0 + 1) - 3.0
+    yy, xx = torch.meshgrid(torch.arange(28) + 0.5, torch.arange(28) + 0.5, indexing="ij")
+    t = 2 * math.pi * (xx * math.cos(math.pi / 6) + yy * math.sin(math.pi / 6)) / 14
+    basis = torch.stack([t.cos(), t.sin()], -1).double()
+    for n in range(64):
+        off = masks[n] == 0
+        coef = torch.linalg.lstsq(basis[off], value[n][off].unsqueeze(1)).solution
+        assert coef.norm().item() == pytest.approx(grating_amp[n].item(), abs=0.05)
+        on = value[n][~off] - (basis[~off] @ coef).squeeze(1)  # the shape, over the grating
+        assert on.mean().item() == pytest.approx(shape_amp[n].item(), abs=0.1)
+    plain, _, plain_masks, _ = make_imbalance(8, 28, imbalance=0.0)
+    shape_pixels = plain[:, 0][plain_masks > 0].double() / 255
+    assert shape_pixels.mean() > 0.45 and plain[:, 0][plain_masks == 0].double().mean() / 255 < 0.05
+
+
+def test_imbalance_dataset_loads_by_name_with_its_strength():
+    config = load_config("mae_fashion_mnist", ["data.dataset=imbalance", "data.synthetic_size=60",
+                                               "data.synthetic_imbalance=2"])
+    from attnssl.eval.evaluate import load_eval_splits
+
+    train, test = load_eval_splits(config)
+    assert (len(train), len(test), train.channels, train.image_size) == (60, 10, 1, 28)
+    assert train.num_classes == 8 and train.masks is not None
+    with pytest.raises(ConfigError, match="synthetic_imbalance"):
+        load_config("mae_fashion_mnist", ["data.synthetic_imbalance=-1"])

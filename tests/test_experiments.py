@@ -30,7 +30,7 @@ def _args(tmp_path, seeds=(0, 1)):
 def test_a_section_groups_seeds_measures_entropies_and_skips_done_points(tmp_path):
     section = Experiment("masking", "BAM", "q", (Arm("bam", "bam_synthetic", (
         "method.positive_masking_prob=1,0",)),), linear=True,
-        measures=("bam_entropies", "attention"), budget=TINY)
+        measures=("bam_entropies", "attention", "dense"), budget=TINY)
     table = run_sweep_section(section, _args(tmp_path))
     saved = json.loads((tmp_path / "results" / "masking.json").read_text())
     assert len(saved["points"]) == 4 and len(saved["rows"]) == 2
@@ -48,6 +48,8 @@ def test_a_section_groups_seeds_measures_entropies_and_skips_done_points(tmp_pat
 
     blocks = len(load_trained_backbone(saved["points"][0]["run_dir"]).backbone.blocks)
     assert len(off["attention"]["attention_entropy"]) == blocks  # one per block, first to last
+    assert len(off["attention"]["attention_rank"]) == blocks
+    assert 0 <= off["dense"]["shape_patches"] <= 100 and "dense probe" in table
     assert "| 1 (preset) |" in table and "Seeds 0, 1" in table
     assert (tmp_path / "results" / "masking.png").stat().st_size > 5_000
     run_dirs = sorted(p["run_dir"] for p in saved["points"])

@@ -321,3 +321,50 @@ def test_udi_loss_gradients_reach_the_student_only(generator):
     grad = inputs["student_patch"].grad
     invalid = ~inputs["valid"]
     assert grad[invalid].abs().sum() == 0
+
+
+def _udi_step_inputs(*overrides):
+    from attnssl.methods import build_method, build_views
+
+    small = ["data.dataset=synthetic", "model.preset=null", "model.patch_size=4",
+             "model.embed_dim=32", "model.depth=1", "model.num_heads=2", *overrides]
+    config = load_config("udi_fashion_mnist", small)
+    torch.manual_seed(0)
+    method = build_method(config, build_vit(config.model, 32, 3)).double()
+    images = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(1),
+                           dtype=torch.uint8)
+    views_maker = build_views(config, 32, 3, (0.5,) * 3, (0.25,) * 3, 4, seed=2)
+    views = [v.double() for v in views_maker(images)]
+    return method, views, views_maker.extra_inputs()["sampling"]
+
+
+def test_a_separate_patch_head_projects_only_the_patch_representations():
+    shared, views, sampling = _udi_step_inputs()
+    separate, _, _ = _udi_step_inputs("method.patch_head=separate")
+    assert "patch_head.mlp.0.weight" in separate.state_dict()
+    assert "teacher.patch_head.mlp.0.weight" in separate.state_dict()
+    assert not any(k.startswith(("patch_head", "teacher.patch_head")) for k in shared.state_dict())
+    # with the patch head a copy of the shared head, the step is the shared head's step
+    copied = {**shared.state_dict(),
+              **{"patch_head." + k[5:]: v for k, v in shared.state_dict().items()
+                 if k.startswith("head.")},
+              **{"teacher.patch_head." + k[13:]: v for k, v in shared.state_dict().items()
+                 if k.startswith("teacher.head.")}}
+    separate.load_state_dict(copied)
+    torch.testing.assert_close(separate(views, sampling)["loss"], shared(views, sampling)["loss"],
+                               rtol=0, atol=1e-12)
+    # the shared head's gradient is the sum of the two heads' gradients: the image-level terms
+    # reach only the head, the patch term only the patch head
+    def trained(head):
+        return [p for p in head.parameters() if p.requires_grad]
+
+    shared_grads = torch.autograd.grad(shared(views, sampling)["loss"], trained(shared.head))
+    head_grads = torch.autograd.grad(separate(views, sampling)["loss"],
+                                     [*trained(separate.head), *trained(separate.patch_head)])
+    count = len(shared_grads)
+    assert any(g.abs().sum() > 0 for g in head_grads[count:])
+    for total, image_level, patch_level in zip(shared_grads, head_grads[:count],
+                                               head_grads[count:], strict=True):
+        torch.testing.assert_close(total, image_level + patch_level, rtol=0, atol=1e-12)
+    assert any((total - image_level).abs().sum() > 0 for total, image_level
+               in zip(shared_grads, head_grads[:count], strict=True))

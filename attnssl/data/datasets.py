@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ NORMALISATION = {
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "imbalance": ((0.5,), (0.2,)),
 }
 
 
@@ -576,6 +578,56 @@ def load_synthetic(split: str, size: int, image_size: int = 32) -> TensorImageDa
     return TensorImageDataset("synthetic", images, labels, SYNTHETIC_CLASSES, masks)
 
 
+def make_imbalance(count: int, image_size: int = 28, imbalance: float = 4.0, seed: int = 0,
+                   period: float = 0.5, angle: float = 0.5236):
+    """Grayscale images of one dominant global feature shared by every image and a weaker
+    local one that carries the class (the theory paper's feature imbalance, on pixels).
+
+    Pixel ``(y, x)`` of image ``n`` is ``v = g_n cos(2 pi (x cos a + y sin a) / (period S) +
+    phi_n) + l_n m_n(y, x)``, mapped to [0, 1] by ``(v + imbalance) / (2 imbalance + 1)`` plus
+    noise (std 0.02): a grating of one orientation ``a`` and period over the whole image with a
+    random phase ``phi_n`` and amplitude ``g_n ~ imbalance * U[0.5, 1]``, and one small shape
+    ``m_n`` of the image's class (:data:`SYNTHETIC_CLASSES`, radius 12-18 % of the side, at a
+    random place) of strength ``l_n ~ U[0.5, 1]``. ``imbalance`` is the ratio of the two
+    strengths; 0 leaves the shapes alone. Returns images ``(N, 1, S, S)`` uint8, labels, the
+    shapes' masks (``label + 1`` on the shape) and the amplitudes ``(g, l)``.
+    """
+    if imbalance < 0:
+        raise ValueError(f"imbalance must be at least 0, got {imbalance}")
+    g = torch.Generator().manual_seed(seed)
+    n, s = count, image_size
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=g)
+
+    label = torch.randint(0, len(SYNTHETIC_CLASSES), (n,), generator=g)
+    r = uniform(n, 1, 1, low=0.12 * s, high=0.18 * s)
+    cx = uniform(n, 1, 1) * (s - 2 * r - 2) + r + 1
+    cy = uniform(n, 1, 1) * (s - 2 * r - 2) + r + 1
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    shape = _shape_masks(label, xx - cx, yy - cy, r)
+    phase = uniform(n, 1, 1, high=2 * math.pi)
+    along = xx * math.cos(angle) + yy * math.sin(angle)
+    grating = torch.cos(2 * math.pi * along / (period * s) + phase)
+    global_amp = imbalance * uniform(n, 1, 1, low=0.5, high=1.0)
+    local_amp = uniform(n, 1, 1, low=0.5, high=1.0)
+    value = global_amp * grating + local_amp * shape
+    image = (value + imbalance) / (2 * imbalance + 1) + 0.02 * torch.randn(n, s, s, generator=g)
+    images = (image.clamp(0, 1) * 255).round().to(torch.uint8).unsqueeze(1)
+    masks = torch.where(shape, label.view(n, 1, 1) + 1, torch.zeros_like(label).view(n, 1, 1))
+    return images, label, masks, (global_amp.flatten(), local_amp.flatten())
+
+
+def load_imbalance(split: str, size: int, imbalance: float,
+                   image_size: int = 28) -> TensorImageDataset:
+    seeds = {"train": 0, "test": 1}
+    if split not in seeds:
+        raise ValueError(f"imbalance has splits 'train' and 'test', not {split!r}")
+    count = size if split == "train" else max(size // 6, 1)
+    images, labels, masks, _ = make_imbalance(count, image_size, imbalance, seed=seeds[split])
+    return TensorImageDataset("imbalance", images, labels, SYNTHETIC_CLASSES, masks)
+
+
 # ----------------------------------------------------------------------------- by name
 
 
@@ -587,6 +639,7 @@ class DatasetSpec:
     image_size: int | None = None
     subset: int | None = None
     skip_bad_images: bool = False
+    synthetic_imbalance: float = 4.0
 
 
 def load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
@@ -612,14 +665,17 @@ def _load_dataset(spec: DatasetSpec, split: str) -> ImageDataset:
         dataset = load_stl10(spec.root, split)
     elif name == "synthetic":
         dataset = load_synthetic(split, spec.synthetic_size, spec.image_size or 32)
+    elif name == "imbalance":
+        dataset = load_imbalance(split, spec.synthetic_size, spec.synthetic_imbalance,
+                                 spec.image_size or 28)
     elif name == "imagefolder":
         dataset = load_imagefolder(spec.root, split, spec.image_size or 64, spec.skip_bad_images)
     elif name == "shards":
         dataset = load_shards(spec.root, split, spec.image_size)
     else:
         raise ValueError(
-            f"unknown dataset {name!r}; accepted: fashion-mnist, synthetic, imagefolder, "
-            f"shards, cifar10, cifar100, stl10"
+            f"unknown dataset {name!r}; accepted: fashion-mnist, synthetic, imbalance, "
+            f"imagefolder, shards, cifar10, cifar100, stl10"
         )
     if spec.subset is not None and split == "train" and isinstance(dataset, TensorImageDataset):
         dataset = dataset.subset(spec.subset)

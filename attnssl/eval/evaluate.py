@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,13 @@ from attnssl.runs.trained import backbone_from_method_state, config_from_checkpo
 def dataset_spec(config) -> DatasetSpec:
     data = config.data
     return DatasetSpec(data.dataset, data.root, data.synthetic_size, data.image_size, data.subset,
-                       data.skip_bad_images)
+                       data.skip_bad_images, data.synthetic_imbalance)
 
 
 def load_eval_splits(config) -> tuple[ImageDataset, ImageDataset]:
     """The labelled train split (the k-NN bank, without ``data.subset``) and the test split."""
     spec = dataset_spec(config)
-    full = DatasetSpec(spec.name, spec.root, spec.synthetic_size, spec.image_size, None,
-                       spec.skip_bad_images)
+    full = dataclasses.replace(spec, subset=None)
     train = load_dataset(full, config.data.train_split)
     test = load_dataset(full, config.data.test_split)
     for split, ds in (("train", train), ("test", test)):

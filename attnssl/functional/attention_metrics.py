@@ -176,3 +176,12 @@ def rank_collapse_residual(tokens: torch.Tensor) -> torch.Tensor:
     bounds the composite l1,inf norm). 0: every token is the same."""
     centred = tokens - tokens.mean(dim=1, keepdim=True)
     return centred.flatten(1).norm(dim=1) / tokens.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def map_effective_rank(maps: torch.Tensor) -> torch.Tensor:
+    """Effective rank (Roy & Vetterli 2007) of each attention map ``(..., N, N)``: ``exp(H(p))``
+    with ``p = sigma / sum(sigma)`` over the map's singular values (float64); 1 for a rank-one
+    map, N for an orthogonal one. Returns the leading shape ``(...)``."""
+    sigma = torch.linalg.svdvals(maps.double())
+    p = sigma / sigma.sum(-1, keepdim=True).clamp_min(torch.finfo(sigma.dtype).tiny)
+    return torch.exp(-(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1))

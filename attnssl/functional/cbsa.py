@@ -41,11 +41,21 @@ def cbsa_heads(w: torch.Tensor, pool: torch.Tensor, step_rep: torch.Tensor,
     and ``R = R0`` (with ``P = I``, MSSA).
     """
     rep = pool.unsqueeze(1) @ w  # (B, h, m, p)
-    if extract:
-        extraction = ((rep @ w.transpose(-2, -1)) * scale).softmax(dim=-1)
-        rep = rep + step_rep * (extraction @ w)
-    else:
+    if not extract:
         extraction = pool.unsqueeze(1).expand(w.shape[0], w.shape[1], -1, -1)
+        contracted = self_attention(rep, scale)[0] if contract else rep
+        return step_x * (extraction.transpose(-2, -1) @ contracted), extraction
+    return cbsa_from_representatives(w, rep, step_rep, step_x, scale, contract)
+
+
+def cbsa_from_representatives(w: torch.Tensor, rep: torch.Tensor, step_rep: torch.Tensor,
+                              step_x: torch.Tensor, scale: float,
+                              contract: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CBSA from initial representatives ``R0 = rep`` (``(B or 1, h, m, p)``): ``A =
+    softmax(R0 W^T scale)``, ``R = R0 + s_rep A W``, ``C = softmax(R R^T scale) R`` (``C = R``
+    without ``contract``); returns ``s_x A^T C`` ``(B, h, N, p)`` and ``A`` ``(B, h, m, N)``."""
+    extraction = ((rep @ w.transpose(-2, -1)) * scale).softmax(dim=-1)
+    rep = rep + step_rep * (extraction @ w)
     contracted = self_attention(rep, scale)[0] if contract else rep
     return step_x * (extraction.transpose(-2, -1) @ contracted), extraction
 

@@ -34,6 +34,10 @@ class UDISection(_DistillationSection):
     sampling_window_local: int = Field(2, gt=0)
     patch_attention_heads: int | None = Field(
         None, gt=0, description="heads of the patch-representation layer (null: the backbone's)")
+    patch_head: Literal["shared", "separate"] = Field(
+        "shared", description="shared: one head projects cls, cls+ and the patch "
+        "representations (the official); separate: a second head of the same shape (and its "
+        "EMA teacher) projects the patch representations")
 
 
 @register_method
@@ -46,7 +50,8 @@ class UDI(SelfDistillation):
     backbone once (the official runs it once per map set), and the student computes no patch
     representations for local views (the official computes and discards them). The patch
     attention has the backbone's number of heads unless ``patch_attention_heads`` is set (the
-    official fixes 6, ViT-S's).
+    official fixes 6, ViT-S's). ``patch_head=separate`` (not in the paper; its ablation
+    question) gives the patch representations a head of their own.
     """
 
     name = "udi"
@@ -73,6 +78,9 @@ class UDI(SelfDistillation):
         heads = cfg.patch_attention_heads or backbone.blocks[0].attn.num_heads
         self.patch_attention = SampledPatchAttention(backbone.embed_dim, heads)
         self.head = build_head(backbone.embed_dim, cfg)
+        if cfg.patch_head == "separate":
+            self.patch_head = build_head(backbone.embed_dim, cfg)
+            self.student_keys = (*type(self).student_keys, "patch_head")
         self.criterion = UDILoss(cfg.out_dim, cfg.alpha, cfg.student_temp,
                                  cfg.warmup_teacher_temp, cfg.center_momentum)
         self._make_teacher()
@@ -99,19 +107,23 @@ class UDI(SelfDistillation):
         if sampling.local_maps.shape[0]:
             local_rows = teacher["patch_attention"](patches, sampling.local_maps.flatten(1, 2))
         head = teacher["head"]
+        # ModuleDict has no get()
+        patch_head = teacher["patch_head"] if "patch_head" in teacher else head  # noqa: SIM401
         t_cls = head(normed[:, 0]).view(2, batch, -1)
-        t_patch = head(global_rows[0]).view(2, batch, global_rows.shape[2], -1)
+        t_patch = patch_head(global_rows[0]).view(2, batch, global_rows.shape[2], -1)
         if local_rows is None:
             t_local = t_cls.new_zeros(0, 2, batch, 0, t_cls.shape[-1])
         else:
-            t_local = head(local_rows).view(local_rows.shape[0], 2, batch, local_rows.shape[2], -1)
+            t_local = patch_head(local_rows).view(local_rows.shape[0], 2, batch,
+                                                  local_rows.shape[2], -1)
         return t_cls, t_patch, t_local
 
     def forward(self, views: list[torch.Tensor], sampling: UDISampling) -> dict[str, torch.Tensor]:
         n_views, batch = len(views), views[0].shape[0]
         class_tokens, patch_out = self._student_outputs(views, sampling)
         logits = self.head(class_tokens).view(n_views, batch, 2, -1)
-        s_patch = self.head(patch_out).view(2, batch, patch_out.shape[1], -1)
+        patch_head = self.patch_head if self.cfg.patch_head == "separate" else self.head
+        s_patch = patch_head(patch_out).view(2, batch, patch_out.shape[1], -1)
         t_cls, t_patch, t_local = self._teacher_outputs(views, sampling)
         out = self.criterion(logits[:, :, 0], logits[:, :, 1], s_patch, t_cls, t_patch, t_local,
                              sampling.valid, sampling.local_valid, self.teacher_temp)

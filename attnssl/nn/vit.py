@@ -183,6 +183,8 @@ def pool_features(tokens: torch.Tensor, kind: str, num_prefix_tokens: int = 1) -
 
 
 def takes_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Weight decay on weight matrices only: none on biases and norms (1-D), class tokens and
-    positions (the rule of MAE's and timm's parameter groups)."""
-    return not (param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")))
+    """Weight decay on weight matrices only: none on biases and norms (1-D), class tokens,
+    positions (the rule of MAE's and timm's parameter groups) and CBSA's learned
+    representatives (tokens of their own)."""
+    return not (param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token",
+                                                  "representatives")))

@@ -1,0 +1,49 @@
+"""CBSA with learned representatives: the CBSA paper's ablation of its pooling.
+
+CBSA (QishuaiWen/CBSA, :class:`attnssl.nn.attention.CBSAAttention`) starts its ``m``
+representatives from the tokens, ``R0 = P W`` with ``P`` an average pooling of the patch grid.
+Here ``R0`` is a learned parameter per head, ``(h, m, p)`` with ``m = cbsa_pool^2``
+(initialised N(0, 0.02^2), as timm initialises its extra tokens), the same for every image;
+the rest is CBSA's: ``A = softmax(R0 W^T scale)``, ``R = R0 + s_rep A W``, ``C = softmax(R R^T
+scale) R``, ``out = to_out(concat_h s_x A^T C)``. No patch grid is needed, and ``m`` is not
+capped by it. The paper argues that pooled representatives keep the attention's rank, which
+learned ones need not; ``benchmarks/experiments.py cbsa-representatives`` measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from attnssl.functional.cbsa import cbsa_from_representatives
+from attnssl.nn.attention import CBSAAttention, register_attention
+
+
+@register_attention("cbsa_learned")
+class CBSALearnedAttention(CBSAAttention):
+    """CBSA whose initial representatives are learned, ``m = pool_side^2`` of them per head."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **timm_kwargs):
+        super().__init__(dim, num_heads, **timm_kwargs)
+        self.pool_side = 8  # build_vit sets model.cbsa_pool, which sizes the parameter
+
+    @property
+    def pool_side(self) -> int:
+        return self._pool_side
+
+    @pool_side.setter
+    def pool_side(self, side: int) -> None:
+        self._pool_side = side
+        self.representatives = nn.Parameter(
+            torch.randn(self.num_heads, side * side, self.head_dim) * 0.02)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
+        if attn_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not take an attention mask")
+        w = self.split_heads(self.proj(x))
+        rep = self.representatives.to(w.dtype).unsqueeze(0)
+        out, extraction = cbsa_from_representatives(w, rep, self.step_rep, self.step_x,
+                                                    self.scale, contract=self.contract)
+        if self.record_attention:
+            self.attention_maps = (extraction.transpose(-2, -1) @ extraction).detach()
+        return self.to_out(self.merge_heads(out))
