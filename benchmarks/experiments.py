@@ -293,6 +293,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
         notes.append("Effective rank: of each head's patch-to-patch attention map (at most the "
                      "number of patches).")
     notes.append(machine_line(machine, command))
+    notes.append(f"![{experiment.name}](../benchmarks/results/experiments/{experiment.name}.png)")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
@@ -422,7 +423,10 @@ def _theory_table(args, name: str, models: list[tuple[int, str]]) -> str:
                      + f" | {max(last) - min(last):.3f} |")
     return (("\n".join(lines)) + f"\n\nFinal step ({args.theory_steps}) of each run, mean over "
             f"seeds {', '.join(map(str, args.seeds))}; local areas' own-area mass is 1/12 "
-            f"(0.08) for uniform attention.\n\n" + machine_line(machine, command))
+            f"(0.08) for uniform attention.\n\n" + machine_line(machine, command) + "\n\n"
+            + " ".join(f"![{kind}, {layers} layers](../benchmarks/results/experiments/theory/"
+                       f"{kind}-layers{layers}-seed{args.seeds[0]}/theory.png)"
+                       for layers, kind in models))
 
 
 # ---------------------------------------------------------------- the sections
