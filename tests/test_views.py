@@ -171,3 +171,23 @@ def test_gamma_and_erasing_in_the_views_follow_their_probabilities():
     assert torch.allclose(view, cropped ** 2, atol=1e-6)
     with pytest.raises(ValueError, match="erasing_scale upper bound must be <= 1"):
         ViewsSection(erasing_scale=(0.1, 1.5))
+
+
+def test_an_effect_is_computed_on_the_chosen_images_only():
+    from attnssl.data.views import adjust_brightness, on_chosen
+
+    images = torch.rand(6, 3, 8, 8)
+    factor = torch.linspace(0.5, 1.5, 6)
+    chosen = torch.tensor([True, False, True, False, False, True])
+    seen = []
+
+    def brighten(batch, f):
+        seen.append(batch.shape[0])
+        return adjust_brightness(batch, f)
+
+    expected = torch.where(chosen.view(-1, 1, 1, 1), adjust_brightness(images, factor), images)
+    assert torch.equal(on_chosen(images.clone(), chosen, brighten, factor), expected)
+    assert seen == [3]  # three images changed, three never computed
+    untouched = images.clone()
+    assert on_chosen(untouched, torch.zeros(6, dtype=torch.bool), brighten, factor) is untouched
+    assert torch.equal(untouched, images) and seen == [3]

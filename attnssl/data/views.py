@@ -14,7 +14,8 @@ each operation is one tensor call over the batch:
   per-view probabilities; gamma (``x ** g``) and random erasing (a rectangle set to black), which
   suit grayscale images too. Hue is rotated in YIQ space, a linear stand-in for torchvision's HSV
   shift; the four jitters are applied in a fixed order rather than a random one. Grayscale
-  datasets get brightness and contrast only.
+  datasets get brightness and contrast only. Each effect is computed on the images drawn for
+  it only (:func:`on_chosen`), its parameters drawn for every image as before.
 
 Boxes are returned in pixel coordinates of the source image so later methods can map positions
 between views.
@@ -102,7 +103,12 @@ def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    """Blend with the image's mean luma: ``(x - m) * factor + m``; ``m`` is the luma weights
+    applied to the channel means (no luma image is made)."""
+    if images.shape[1] == 1:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    else:
+        mean = (images.mean(dim=(2, 3)) @ images.new_tensor(LUMA)).view(-1, 1, 1, 1)
     return ((images - mean) * _per_sample(factor, images) + mean).clamp(0, 1)
 
 
@@ -179,8 +185,22 @@ def sample_erasing_boxes(batch: int, height: int, width: int, scale: tuple[float
     return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
 
 
-def _where(apply: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    return torch.where(_per_sample(apply, original), changed, original)
+def on_chosen(images: torch.Tensor, chosen: torch.Tensor, change, *per_image: torch.Tensor
+              ) -> torch.Tensor:
+    """``change(images, *per_image)`` on the images where ``chosen`` (bool, one per image) and
+    the others left as they are, computing the change on the chosen images only; ``images`` is
+    updated in place (the caller owns it). ``per_image`` are parameters drawn for every image,
+    cut to the chosen ones, so the random stream does not depend on which were chosen.
+
+    Elementwise changes give the same bits as changing the whole batch; a blur of a subset can
+    differ from the whole batch's in the last bit (convolution kernels are picked by size)."""
+    if bool(chosen.all()):
+        return change(images, *per_image)
+    index = chosen.nonzero().flatten()
+    if index.numel() == 0:
+        return images
+    changed = change(images[index.to(images.device)], *(p[index] for p in per_image))
+    return images.index_copy_(0, index.to(images.device), changed)
 
 
 @dataclass(frozen=True)
@@ -240,32 +260,41 @@ class MultiCropViews:
         cfg, batch = self.cfg, x.shape[0]
         if cfg.color_jitter_prob > 0:
             jitter = self._bernoulli(batch, cfg.color_jitter_prob)
-            y = x
+            steps, params = [], []
             if cfg.brightness > 0:
-                b = self._uniform(batch, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
-                y = adjust_brightness(y, b)
+                steps.append(adjust_brightness)
+                params.append(self._uniform(batch, max(0.0, 1 - cfg.brightness),
+                                            1 + cfg.brightness))
             if cfg.contrast > 0:
-                c = self._uniform(batch, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
-                y = adjust_contrast(y, c)
+                steps.append(adjust_contrast)
+                params.append(self._uniform(batch, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast))
             if self.channels == 3 and cfg.saturation > 0:
-                s = self._uniform(batch, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
-                y = adjust_saturation(y, s)
+                steps.append(adjust_saturation)
+                params.append(self._uniform(batch, max(0.0, 1 - cfg.saturation),
+                                            1 + cfg.saturation))
             if self.channels == 3 and cfg.hue > 0:
-                y = rotate_hue(y, self._uniform(batch, -cfg.hue, cfg.hue))
-            x = _where(jitter, y, x)
+                steps.append(rotate_hue)
+                params.append(self._uniform(batch, -cfg.hue, cfg.hue))
+
+            def jittered(y, *factors):
+                for step, factor in zip(steps, factors, strict=True):
+                    y = step(y, factor)
+                return y
+
+            x = on_chosen(x, jitter, jittered, *params)
         if cfg.gamma_prob > 0:
             gamma = self._bernoulli(batch, cfg.gamma_prob)
-            x = _where(gamma, adjust_gamma(x, self._uniform(batch, *cfg.gamma)), x)
+            x = on_chosen(x, gamma, adjust_gamma, self._uniform(batch, *cfg.gamma))
         if self.channels == 3 and cfg.grayscale_prob > 0:
             gray = self._bernoulli(batch, cfg.grayscale_prob)
-            x = _where(gray, grayscale(x).expand_as(x), x)
+            x = on_chosen(x, gray, lambda y: grayscale(y).expand_as(y))
         if spec.blur_prob > 0:
             blur = self._bernoulli(batch, spec.blur_prob)
             sigma = self._uniform(batch, *cfg.blur_sigma)
             kernel = max(3, int(0.1 * spec.size) // 2 * 2 + 1)
-            x = _where(blur, gaussian_blur(x, sigma, kernel), x)
+            x = on_chosen(x, blur, lambda y, s: gaussian_blur(y, s, kernel), sigma)
         if spec.solarize_prob > 0:
-            x = _where(self._bernoulli(batch, spec.solarize_prob), solarize(x), x)
+            x = on_chosen(x, self._bernoulli(batch, spec.solarize_prob), solarize)
         if cfg.erasing_prob > 0:
             erase = self._bernoulli(batch, cfg.erasing_prob)
             boxes = sample_erasing_boxes(batch, *x.shape[-2:], cfg.erasing_scale, self.generator)
