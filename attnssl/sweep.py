@@ -478,9 +478,27 @@ def _load_floors(out: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def point_folder(out: Path, config: Config) -> Path:
+    """A point's run folder, ``points/<training key>``; or a folder of an earlier version whose
+    saved config has the same training settings under today's settings schema (a setting added
+    since, at its default, changes the key), so that an upgrade does not retrain a point."""
+    key = training_key(config)
+    folder = out / "points" / key
+    if folder.exists():
+        return folder
+    for saved in sorted((out / "points").glob("*/config.yaml")):
+        try:
+            earlier = load_config(str(saved))
+        except ConfigError:  # a setting since removed or renamed: not the same training
+            continue
+        if training_key(earlier) == key:
+            return saved.parent
+    return folder
+
+
 def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) -> dict:
     config = spec.config(point)
-    run_dir = out / "points" / training_key(config)
+    run_dir = point_folder(out, config)
     started = time.perf_counter()
     metrics = train_point(config, run_dir)
     scores = score_point(config, run_dir, spec.linear)

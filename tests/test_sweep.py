@@ -207,3 +207,20 @@ def test_two_process_points_train_in_their_own_command_and_resume_after_a_stop(t
                for r in results}
     assert any(not torch.equal(weights["global"][k], weights["local"][k])
                for k in weights["global"])
+
+
+def test_a_point_trained_under_an_older_key_is_found_by_its_settings(tmp_path):
+    """A setting added to the schema (at its default) changes the training key; the folder of
+    a point trained before is found by its saved config and not trained again."""
+    import shutil
+
+    spec = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3"], **SCORE)
+    first = run_sweep(spec, tmp_path / "before", log=lambda _: None)[0]
+    trained = Path(first["run_dir"])
+    older = tmp_path / "after" / "points" / "0123456789ab"  # the key an older version gave it
+    shutil.copytree(trained, older)
+    stamp = (older / "sweep-trained.json").stat().st_mtime_ns
+    again = run_sweep(spec, tmp_path / "after", log=lambda _: None)[0]
+    assert Path(again["run_dir"]) == older and again["knn_top1"] == first["knn_top1"]
+    assert [p.name for p in (tmp_path / "after" / "points").iterdir()] == [older.name]
+    assert (older / "sweep-trained.json").stat().st_mtime_ns == stamp
