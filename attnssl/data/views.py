@@ -103,12 +103,8 @@ def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with the image's mean luma: ``(x - m) * factor + m``; ``m`` is the luma weights
-    applied to the channel means (no luma image is made)."""
-    if images.shape[1] == 1:
-        mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    else:
-        mean = (images.mean(dim=(2, 3)) @ images.new_tensor(LUMA)).view(-1, 1, 1, 1)
+    """Blend with the image's mean luma: ``(x - m) * factor + m``."""
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
     return ((images - mean) * _per_sample(factor, images) + mean).clamp(0, 1)
 
 
