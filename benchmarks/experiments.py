@@ -523,6 +523,12 @@ EXPERIMENTS += (
         measures=("attention",)),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
+# minutes on the 2-core reference machine at one thread: points times a point's training
+MINUTES = {"bam-positive-masking": 75, "bam-normalization": 60, "bam-sinkhorn-iters": 100,
+           "bam-entropy-gap": 220, "bam-batch-size": 100, "bam-vs-simclr-views": 200,
+           "udi-alpha": 180, "udi-sampling-windows": 220, "udi-shared-head": 80,
+           "cbsa-representatives": 170, "theory-depth": 30, "imbalance-vits": 100,
+           "theory-linear-attention": 15, "imbalance-vits-linear": 100}
 
 
 def main() -> None:
@@ -538,12 +544,12 @@ def main() -> None:
     parser.add_argument("--theory-steps", type=int, default=3000)
     parser.add_argument("--imbalance", type=float, nargs="+", default=[2.0],
                         help="theory sections: strengths of the global feature")
-    parser.add_argument("--docs", action="store_true",
+    parser.add_argument("--docs", "--readme", action="store_true", dest="docs",
                         help="write the table into its block of docs/experiments.md")
     args = parser.parse_args()
     if args.list or not args.section:
         for e in EXPERIMENTS:
-            print(f"{e.name:<28} {e.paper:<7} {e.question}")
+            print(f"{e.name:<28} {e.paper:<7} ~{MINUTES[e.name]:>3} min  {e.question}")
         return
     if args.section not in BY_NAME:
         raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")

@@ -10,7 +10,8 @@ refreshes them all. The B1 rows come first among the long jobs because the atten
 analyses read their checkpoints.
 
     python -m benchmarks.run_all --budget-minutes 30          # the cheap tables
-    python -m benchmarks.run_all --budget-minutes 600         # everything (about 8 h here)
+    python -m benchmarks.run_all --budget-minutes 600         # the benchmarks (about 8 h here)
+    python -m benchmarks.run_all --budget-minutes 2400        # and the papers' questions
     python -m benchmarks.run_all --only b5 peers              # chosen jobs, by name
 """
 
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from benchmarks.experiments import MINUTES as EXPERIMENT_MINUTES
 from benchmarks.helpers import ROOT
 
 B1_METHODS = ("bam", "dino", "udi", "simclr", "mae", "bam-cbsa")
@@ -64,6 +66,8 @@ JOBS = [
     Job("dense-b1", ("dense_patch_probe.py", "--b1", "--images", "10000", "--test-images", "2000",
                      "--probe-epochs", "10"), 15),
 ]
+JOBS += [Job(f"experiment-{name}", ("experiments.py", name), minutes)
+         for name, minutes in EXPERIMENT_MINUTES.items()]
 RECORD = ROOT / "benchmarks" / "results" / "run_all.json"
 
 

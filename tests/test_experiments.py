@@ -88,3 +88,13 @@ def test_every_section_names_valid_settings():
         for arm in experiment.arms:  # validates every grid point's config, trains nothing
             SweepSpec.from_arguments(arm.preset, [*experiment.budget, "run.seed=0,1",
                                                   *arm.settings])
+
+
+def test_every_section_has_a_cost_and_a_run_all_job():
+    from benchmarks.experiments import MINUTES
+    from benchmarks.run_all import JOBS
+
+    assert set(MINUTES) == set(BY_NAME)
+    jobs = {j.name: j for j in JOBS}
+    for name in BY_NAME:
+        assert jobs[f"experiment-{name}"].argv == ("experiments.py", name)
