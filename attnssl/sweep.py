@@ -9,8 +9,9 @@ and swept keys:
   ranges and lists is searched by Optuna's TPE sampler for N points in all.
 
 Each point trains in its own run folder under ``OUT/points/``, named by a hash of its training
-settings (a folder an older version named otherwise is found by its saved settings), and is scored by the weighted k-NN on a fixed evaluation subset (``--eval-train``
-bank images, ``--eval-test`` scored images, the first of each split). Points that differ only
+settings (a folder an older version named otherwise is found by its saved settings), and is
+scored by the weighted k-NN on a fixed evaluation subset (``--eval-train`` bank images,
+``--eval-test`` scored images, the first of each split). Points that differ only
 in ``eval.*`` keys share one training run. The random-init floor on the same read-out is
 computed once per distinct model and read-out and shown beside the scores.
 
