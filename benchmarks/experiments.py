@@ -59,7 +59,11 @@ class Experiment:
     run: Callable | None = None  # sections that train no preset: run(args) -> markdown
 
     def swept_keys(self) -> list[str]:
-        return [s.partition("=")[0] for s in self.arms[0].settings if "," in s]
+        """The keys the arms sweep (more than one value; a list such as ``[0.2,1.0]`` is one)."""
+        from attnssl.sweep import split_values
+
+        return [key for key, _, values in (s.partition("=") for s in self.arms[0].settings)
+                if len(split_values(values)) > 1]
 
 
 def _arm(preset: str, *settings: str, label: str | None = None) -> Arm:

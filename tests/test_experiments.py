@@ -98,3 +98,9 @@ def test_every_section_has_a_cost_and_a_run_all_job():
     jobs = {j.name: j for j in JOBS}
     for name in BY_NAME:
         assert jobs[f"experiment-{name}"].argv == ("experiments.py", name)
+
+
+def test_a_fixed_list_value_is_not_a_swept_key():
+    section = Experiment("views", "BAM", "q", (Arm("bam", "bam_fashion_mnist", (
+        "views.global_scale=[0.2,1.0]", "views.blur_prob=[0.0,0.0],[1.0,0.1]")),))
+    assert section.swept_keys() == ["views.blur_prob"]
