@@ -104,3 +104,17 @@ def test_a_fixed_list_value_is_not_a_swept_key():
     section = Experiment("views", "BAM", "q", (Arm("bam", "bam_fashion_mnist", (
         "views.global_scale=[0.2,1.0]", "views.blur_prob=[0.0,0.0],[1.0,0.1]")),))
     assert section.swept_keys() == ["views.blur_prob"]
+
+
+def test_one_argument_moves_a_section_to_another_dataset(tmp_path):
+    from attnssl.sweep import SweepSpec
+    from benchmarks.experiments import arm_settings
+
+    experiment = BY_NAME["bam-sinkhorn-iters"]
+    args = _args(tmp_path)
+    args.dataset = "synthetic"
+    settings = arm_settings(experiment, experiment.arms[0], args)
+    assert "data.dataset=synthetic" in settings and "run.seed=0,1" in settings
+    spec = SweepSpec.from_arguments(experiment.arms[0].preset, settings)
+    assert {spec.config(p).data.dataset for p in spec.grid()} == {"synthetic"}
+    assert len(spec.grid()) == 8  # 4 iteration counts, 2 seeds
