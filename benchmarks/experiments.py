@@ -311,7 +311,7 @@ def _with_seeds(g: dict, score: str) -> str:
 
 def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
     """k-NN (and linear) of each setting: every seed a dot, the mean a bar; the random-init
-    floor dashed."""
+    k-NN floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,13 +329,15 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
         for x, g in zip(xs, grouped, strict=True):
             each = g.get(f"{score}_each", [])
             axis.scatter([x] * len(each), each, color="C0", s=14)
-        floors = [g["knn_floor"] for g in grouped]
-        axis.plot(xs, floors, "k--", linewidth=1, label="random init (k-NN)")
-        low = min(min(floors), *(v for g in grouped for v in g.get(f"{score}_each", [100])))
-        axis.set_ylim(low - 2, None)
-        axis.set_xticks(list(xs), labels, fontsize=7)
+        values = [v for g in grouped for v in g.get(f"{score}_each", [])]
+        if score == "knn_top1":  # the sweep's floor is a k-NN score
+            floors = [g["knn_floor"] for g in grouped]
+            axis.plot(xs, floors, "k--", linewidth=1, label="random init")
+            axis.legend(fontsize=7)
+            values += floors
+        axis.set_ylim(min(values) - 2, max(values) + 1)
+        axis.set_xticks(list(xs), labels, fontsize=7, rotation=15)
         axis.set_ylabel(f"{'k-NN' if score == 'knn_top1' else 'linear'} top-1 (%)")
-        axis.legend(fontsize=7)
     fig.suptitle(experiment.name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
