@@ -1,4 +1,4 @@
-"""CBSA with learned representatives: the CBSA paper's ablation of its pooling.
+"""CBSA with learned representatives: an ablation of CBSA's pooling.
 
 CBSA (QishuaiWen/CBSA, :class:`attnssl.nn.attention.CBSAAttention`) starts its ``m``
 representatives from the tokens, ``R0 = P W`` with ``P`` an average pooling of the patch grid.
@@ -21,11 +21,9 @@ from attnssl.nn.attention import CBSAAttention, register_attention
 
 @register_attention("cbsa_learned")
 class CBSALearnedAttention(CBSAAttention):
-    """CBSA whose initial representatives are learned, ``m = pool_side^2`` of them per head."""
-
-    def __init__(self, dim: int, num_heads: int = 8, **timm_kwargs):
-        super().__init__(dim, num_heads, **timm_kwargs)
-        self.pool_side = 8  # build_vit sets model.cbsa_pool, which sizes the parameter
+    """CBSA whose initial representatives are learned, ``m = pool_side^2`` of them per head
+    (CBSA's ``__init__`` sets 8, ``build_vit`` then ``model.cbsa_pool``; each setting makes
+    the parameter afresh)."""
 
     @property
     def pool_side(self) -> int:
