@@ -191,3 +191,15 @@ def test_an_effect_is_computed_on_the_chosen_images_only():
     untouched = images.clone()
     assert on_chosen(untouched, torch.zeros(6, dtype=torch.bool), brighten, factor) is untouched
     assert torch.equal(untouched, images) and seen == [3]
+
+
+def test_grayscale_on_every_image_then_blur_on_some_keeps_gray_views():
+    """An effect applied to every image leaves a tensor the next effect can update in place."""
+    from attnssl.config import ViewsSection
+    from attnssl.data.views import MultiCropViews
+
+    cfg = ViewsSection(global_crops=2, color_jitter_prob=0.0, grayscale_prob=1.0,
+                       blur_prob=(0.5, 0.5), solarize_prob=(0.0, 0.5))
+    views = MultiCropViews(cfg, 16, 3, (0.5,) * 3, (0.25,) * 3, seed=0)
+    for view in views(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)):
+        assert torch.equal(view[:, 0], view[:, 1]) and torch.equal(view[:, 1], view[:, 2])

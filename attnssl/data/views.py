@@ -283,7 +283,7 @@ class MultiCropViews:
             x = on_chosen(x, gamma, adjust_gamma, self._uniform(batch, *cfg.gamma))
         if self.channels == 3 and cfg.grayscale_prob > 0:
             gray = self._bernoulli(batch, cfg.grayscale_prob)
-            x = on_chosen(x, gray, lambda y: grayscale(y).expand_as(y))
+            x = on_chosen(x, gray, lambda y: grayscale(y).expand_as(y).contiguous())
         if spec.blur_prob > 0:
             blur = self._bernoulli(batch, spec.blur_prob)
             sigma = self._uniform(batch, *cfg.blur_sigma)
