@@ -39,8 +39,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 
 @dataclass(frozen=True)
 class Arm:
-    """One sweep of a section: a preset, settings on top of the screening budget (``key=a,b``
-    sweeps, ``key=a`` fixes) and what each point measures besides the k-NN."""
+    """One sweep of a section: a label, a preset and settings on top of the screening budget
+    (``key=a,b`` sweeps, ``key=a`` fixes)."""
 
     label: str
     preset: str
@@ -54,7 +54,7 @@ class Experiment:
     question: str
     arms: tuple[Arm, ...] = ()
     linear: bool = False
-    measures: tuple[str, ...] = ()  # "bam_entropies", "attention"
+    measures: tuple[str, ...] = ()  # besides the k-NN: "bam_entropies", "attention", "dense"
     budget: tuple[str, ...] = SCREEN
     run: Callable | None = None  # sections that train no preset: run(args) -> markdown
 
