@@ -1,6 +1,6 @@
 """Datasets by name, each returning uint8 image tensors ``(C, H, W)`` of one fixed size.
 
-Small datasets (Fashion-MNIST, CIFAR, STL-10, synthetic) are held in memory as one uint8 tensor so
+Small datasets (Fashion-MNIST, CIFAR, STL-10, synthetic, imbalance) are held in memory as one uint8 tensor so
 a batch is a single index; ``imagefolder`` decodes lazily, one file at a time, in loader workers;
 ``shards`` reads stored pixels by index from litdata chunks (``attnssl shard``), in workers too.
 Views (crops, flips, colour) are made afterwards, on whole batches (``attnssl.data.views``).
@@ -580,7 +580,7 @@ def load_synthetic(split: str, size: int, image_size: int = 32) -> TensorImageDa
 
 
 def make_imbalance(count: int, image_size: int = 28, imbalance: float = 4.0, seed: int = 0,
-                   period: float = 0.5, angle: float = 0.5236):
+                   period: float = 0.5, angle: float = math.pi / 6):
     """Grayscale images of one dominant global feature shared by every image and a weaker
     local one that carries the class (the theory paper's feature imbalance, on pixels).
 
