@@ -82,15 +82,13 @@ def training_log_means(run_dir: Path, columns: tuple[str, ...], last: int = 5) -
     return {c: statistics.fmean(float(r[c]) for r in rows[-last:]) for c in columns}
 
 
-def attention_measures(run_dir: Path, images: int = 256) -> dict:
+def attention_measures(loaded, images: int = 256) -> dict:
     """Per layer (first to last) of the trained backbone on the first test images: the
     patch-to-patch attention entropy (nats), mean attention distance (px), diversity across
     queries, effective rank, and the class token's attention entropy
     (:func:`attnssl.analysis.analyze_backbone`)."""
     from attnssl.analysis import analyze_backbone
-    from attnssl.eval.evaluate import load_trained_backbone
 
-    loaded = load_trained_backbone(run_dir)
     result, _ = analyze_backbone(loaded.backbone, loaded.test, loaded.config.eval.features, images)
     layers = result["per_layer"]
     return {"attention_entropy": layers["entropy"], "attention_distance": layers["distance"],
@@ -98,15 +96,13 @@ def attention_measures(run_dir: Path, images: int = 256) -> dict:
             "attention_rank": layers["rank"], "uniform_entropy": result["uniform_entropy"]}
 
 
-def dense_measures(run_dir: Path, images: int = 4000, test_images: int = 2000,
+def dense_measures(loaded, images: int = 4000, test_images: int = 2000,
                    epochs: int = 10) -> dict:
     """The dense patch probe (:mod:`benchmarks.dense_patch_probe`): a linear probe on the
     frozen patch tokens of the first training images, scored on the first test images' patches,
     all of them and the foreground ones (the dataset's masks, or Fashion-MNIST's silhouettes)."""
-    from attnssl.eval.evaluate import load_trained_backbone
     from benchmarks.dense_patch_probe import dense_scores, silhouette_labels
 
-    loaded = load_trained_backbone(run_dir)
     patch = loaded.backbone.patch_embed.patch_size[0]
     train, test = loaded.train.subset(images), loaded.test.subset(test_images)
     labels = (None, None) if train.masks is not None else \
@@ -116,17 +112,22 @@ def dense_measures(run_dir: Path, images: int = 4000, test_images: int = 2000,
 
 def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
     """The section's extra measures of one trained point, kept in its folder once computed."""
+    from attnssl.eval.evaluate import load_trained_backbone
+
     cache = run_dir / "experiment-measures.json"
     found = json.loads(cache.read_text()) if cache.is_file() else {}
+    loaded = None  # the trained backbone, loaded once for the measures that need it
     for measure in measures:
         if measure in found:
             continue
+        if measure in ("attention", "dense") and loaded is None:
+            loaded = load_trained_backbone(run_dir)
         if measure == "bam_entropies":
             found[measure] = training_log_means(run_dir, ("source_entropy", "target_entropy"))
         elif measure == "attention":
-            found[measure] = attention_measures(run_dir)
+            found[measure] = attention_measures(loaded)
         elif measure == "dense":
-            found[measure] = dense_measures(run_dir)
+            found[measure] = dense_measures(loaded)
         else:
             raise ValueError(f"unknown measure {measure!r}; accepted: bam_entropies, attention, "
                              f"dense")
@@ -438,6 +439,8 @@ def _theory_table(args, name: str, models: list[tuple[int, str]]) -> str:
 # ---------------------------------------------------------------- the sections
 
 BAM = "bam_fashion_mnist"
+IMBALANCE = ("data.dataset=imbalance", "data.synthetic_size=12288",
+             "data.synthetic_imbalance=1,4,16")
 EXPERIMENTS = (
     Experiment(
         "bam-positive-masking", "BAM",
@@ -489,10 +492,6 @@ EXPERIMENTS = (
         "every patch (windows of 1).",
         (_arm("udi_fashion_mnist", "method.sampling_window_global=1,2,3",
               "method.sampling_window_local=1,2"),)),
-)
-IMBALANCE = ("data.dataset=imbalance", "data.synthetic_size=12288",
-             "data.synthetic_imbalance=1,4,16")
-EXPERIMENTS += (
     Experiment(
         "udi-shared-head", "UDI",
         "One head shared by the image and patch levels (the official) against a head for each, "
@@ -508,8 +507,8 @@ EXPERIMENTS += (
         measures=("attention",)),
     Experiment(
         "theory-depth", "theory",
-               "Does the contrast hold past one layer: MAE against contrastive learning on "
-               "stacks of 2 and 4 attention layers?", run=theory_depth),
+        "Does the contrast hold past one layer: MAE against contrastive learning on stacks of "
+        "2 and 4 attention layers?", run=theory_depth),
     Experiment(
         "imbalance-vits", "theory",
         "Real ViTs on images whose shared global grating is 1, 4 and 16 times as strong as the "
@@ -518,9 +517,10 @@ EXPERIMENTS += (
         tuple(_arm(preset, *IMBALANCE) for preset in ("mae_fashion_mnist",
                                                        "simclr_fashion_mnist")),
         measures=("attention",)),
-    Experiment("theory-linear-attention", "theory",
-               "The same contrast with linear attention (Katharopoulos et al. 2020): the "
-               "synthetic model.", run=theory_linear),
+    Experiment(
+        "theory-linear-attention", "theory",
+        "The same contrast with linear attention (Katharopoulos et al. 2020): the synthetic "
+        "model.", run=theory_linear),
     Experiment(
         "imbalance-vits-linear", "theory",
         "The imbalance experiment on real ViTs with linear attention in every block.",

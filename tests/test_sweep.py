@@ -121,14 +121,9 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
         run_sweep(other, out)
 
 
-def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(tmp_path):
-    """SIGTERM (what a scheduler sends) while the first point trains: the point keeps its
-    checkpoint, the sweep exits 143 instead of going on to the next point, and the same
-    command resumes the point from its checkpoint and then trains the other."""
-    out = tmp_path / "sweep"
-    args = [*_sweep_command(out)]
-    args[args.index("optim.epochs=1")] = "optim.epochs=4"  # 16 steps, a checkpoint every 2
-    args.append("trainer.checkpoint_every_steps=2")
+def _sigterm_at_first_checkpoint(args: list[str], out: Path) -> tuple[str, str]:
+    """Run ``attnssl ARGS`` (a sweep into ``out``), send SIGTERM once a point has written a
+    checkpoint, and return its output; the sweep must exit 143."""
     child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -139,6 +134,18 @@ def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(t
     child.send_signal(signal.SIGTERM)
     stdout, stderr = child.communicate(timeout=300)
     assert child.returncode == 143, stdout + stderr
+    return stdout, stderr
+
+
+def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(tmp_path):
+    """SIGTERM (what a scheduler sends) while the first point trains: the point keeps its
+    checkpoint, the sweep exits 143 instead of going on to the next point, and the same
+    command resumes the point from its checkpoint and then trains the other."""
+    out = tmp_path / "sweep"
+    args = [*_sweep_command(out)]
+    args[args.index("optim.epochs=1")] = "optim.epochs=4"  # 16 steps, a checkpoint every 2
+    args.append("trainer.checkpoint_every_steps=2")
+    stdout, stderr = _sigterm_at_first_checkpoint(args, out)
     assert "point 2/2" not in stdout and "the same command continues the sweep" in stderr
     (point,) = list((out / "points").iterdir())
     assert not (point / "sweep-trained.json").exists() and list((point / "checkpoints").iterdir())
@@ -183,16 +190,7 @@ def test_two_process_points_train_in_their_own_command_and_resume_after_a_stop(t
             "--eval-test", "64", *TINY, "optim.epochs=4", "trainer.checkpoint_every_steps=2",
             "trainer.accelerator=cpu", "trainer.devices=2", "method.normalization=global,local"]
     args.remove("optim.epochs=1")
-    sweep = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not list((out / "points").glob("*/checkpoints/*.ckpt")) and time.time() < deadline:
-        assert sweep.poll() is None, sweep.communicate()
-        time.sleep(0.05)
-    sweep.send_signal(signal.SIGTERM)
-    stdout, stderr = sweep.communicate(timeout=300)
-    assert sweep.returncode == 143, stdout + stderr
+    _sigterm_at_first_checkpoint(args, out)
     (stopped,) = [p for p in (out / "points").iterdir() if p.is_dir()]
     assert not (stopped / "sweep-trained.json").exists()
 
