@@ -18,7 +18,7 @@ lint: setup
 	$(VENV)/bin/ruff check attnssl tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 bench:
 	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data

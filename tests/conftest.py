@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Tests are small; two threads keep them from oversubscribing CI's two cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests are small: the cores are shared among pytest-xdist's workers (one each on CI's two
+# cores with `-n 2`), at most two threads per process.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture
