@@ -261,8 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` words accepted after an option too (``attnssl eval
+    RUN --data-root DIR eval.features=mean``): argparse ends a positional list at the first
+    option, so the words after it are added to the command's list in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    listed = next((name for name in ("overrides", "settings") if hasattr(args, name)), None)
+    if extra and listed and all("=" in word and not word.startswith("-") for word in extra):
+        setattr(args, listed, [*getattr(args, listed), *extra])
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message naming the arguments it did not take
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:

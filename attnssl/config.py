@@ -450,11 +450,12 @@ RESUME_OVERRIDABLE = (
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -467,7 +468,7 @@ def resume_overridable(key: str) -> bool:
 def differing_keys(requested: dict, trained: dict) -> list[str]:
     """Dotted keys set in both configs whose values differ, leaving out those a resumed run may
     change (``RESUME_OVERRIDABLE``)."""
-    new, old = _flatten(requested), _flatten(trained)
+    new, old = flatten_config(requested), flatten_config(trained)
     return sorted(k for k in new.keys() & old.keys()
                   if new[k] != old[k] and not resume_overridable(k))
 

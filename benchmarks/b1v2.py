@@ -24,8 +24,11 @@ import argparse
 import json
 from pathlib import Path
 
-from attnssl.config import load_config
+import yaml
+
+from attnssl.config import config_to_dict, differing_keys, flatten_config, load_config
 from attnssl.methods import method_names
+from attnssl.precision import accelerator_type, resolve_precision
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.trained import config_from_checkpoint
 from attnssl.train.environment import machine_description
@@ -61,6 +64,7 @@ def train_row(name: str, args) -> dict:
         overrides.append(f"trainer.num_threads={args.threads}")
     config = load_config(preset, overrides)
     run_dir = Path(args.runs_dir) / name
+    check_row_matches_preset(run_dir, config)
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file() and "eval" in json.loads(metrics_file.read_text()):
         metrics = json.loads(metrics_file.read_text())
@@ -83,6 +87,29 @@ def train_row(name: str, args) -> dict:
     if not metrics["finished"]:
         return {"row": name, "in_progress": f"step {metrics['step']} of {metrics['total_steps']}"}
     return row_from(name, config, json.loads(metrics_file.read_text()))
+
+
+def check_row_matches_preset(run_dir: Path, config) -> None:
+    """Refuse a row folder trained with other settings than the preset's now: its score would
+    stand in the table for a recipe that was not run. Read-out and machine settings may differ
+    (the row is rescored or continued), and a row trained in the precision that ``auto`` picks
+    here matches a preset's ``auto``; nothing is moved or deleted."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    trained = yaml.safe_load(saved.read_text()) or {}
+    changed = [k for k in differing_keys(config_to_dict(config), trained)
+               if not k.startswith("run.") and not (
+                   k == "trainer.precision" and config.trainer.precision == "auto"
+                   and trained["trainer"]["precision"] == resolve_precision(
+                       "auto", accelerator_type(config.trainer.accelerator)))]
+    if changed:
+        flat_now, flat_then = flatten_config(config_to_dict(config)), flatten_config(trained)
+        listed = ", ".join(f"{k} (trained {flat_then[k]!r}, preset now {flat_now[k]!r})"
+                           for k in changed)
+        raise SystemExit(f"{run_dir} was trained with other settings than its preset has now: "
+                         f"{listed}. Move the folder away (or pass another --runs-dir) to train "
+                         f"the row again.")
 
 
 def rescore(run_dir: Path, config) -> dict:

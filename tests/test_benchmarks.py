@@ -47,3 +47,25 @@ def test_the_prepared_gpu_check_runs_on_the_cpu(tmp_path):
         assert row["plain"]["finite"] and row["compiled"]["finite"]
         assert row["resume_max_difference"] == 0.0  # resumed on the CPU: bit-exact
     assert "| udi | yes |" in result["table"]
+
+
+def test_a_b1v2_row_trained_with_other_settings_than_its_preset_is_refused(tmp_path):
+    """A row folder whose saved config differs from the preset in a training setting is named
+    with both values; machine and read-out settings, and ``auto`` precision that resolves to what
+    the row ran, are accepted; the folder is left as it was."""
+    import yaml
+
+    from attnssl.config import config_to_dict, load_config
+    from attnssl.precision import resolve_precision
+    from benchmarks.b1v2 import check_row_matches_preset
+
+    trained = load_config("mae_fashion_mnist", ["method.decoder_depth=2", "trainer.num_threads=1",
+                                                "trainer.precision=" + resolve_precision("auto", "cpu")])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(trained)))
+    same = load_config("mae_fashion_mnist", ["method.decoder_depth=2", "trainer.num_threads=2",
+                                             "eval.features=cls", "run.name=mae"])
+    check_row_matches_preset(tmp_path, same)
+    changed = load_config("mae_fashion_mnist", ["method.decoder_depth=4"])
+    with pytest.raises(SystemExit, match=r"method\.decoder_depth \(trained 2, preset now 4\)"):
+        check_row_matches_preset(tmp_path, changed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

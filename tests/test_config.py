@@ -51,3 +51,18 @@ def test_malformed_override_and_unknown_preset():
         load_config(None, ["lr=1"])
     with pytest.raises(ConfigError, match="neither a YAML file nor a preset; presets: "):
         load_config("no_such_preset")
+
+
+def test_overrides_after_an_option_are_kept_in_order_and_other_words_still_refused(capsys):
+    from attnssl.cli import parse_arguments
+
+    args = parse_arguments(["eval", "runs/x", "eval.knn_k=5", "--data-root", "/d",
+                            "eval.features=mean", "eval.knn_k=10"])
+    assert (args.target, args.data_root) == ("runs/x", "/d")
+    assert args.overrides == ["eval.knn_k=5", "eval.features=mean", "eval.knn_k=10"]
+    sweep = parse_arguments(["sweep", "-c", "mae_fashion_mnist", "optim.lr=1e-3,2e-3",
+                             "--out", "/s", "data.subset=64"])
+    assert sweep.settings == ["optim.lr=1e-3,2e-3", "data.subset=64"]
+    with pytest.raises(SystemExit) as stopped:
+        parse_arguments(["eval", "runs/x", "--data-root", "/d", "stray"])
+    assert stopped.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
