@@ -98,13 +98,14 @@ def check_row_matches_preset(run_dir: Path, config) -> None:
     if not saved.is_file():
         return
     trained = yaml.safe_load(saved.read_text()) or {}
-    changed = [k for k in differing_keys(config_to_dict(config), trained)
-               if not k.startswith("run.") and not (
-                   k == "trainer.precision" and config.trainer.precision == "auto"
-                   and trained["trainer"]["precision"] == resolve_precision(
-                       "auto", accelerator_type(config.trainer.accelerator)))]
+    requested = config_to_dict(config)
+    auto_here = resolve_precision("auto", accelerator_type(config.trainer.accelerator))
+    same_precision = (config.trainer.precision == "auto"
+                      and trained["trainer"]["precision"] == auto_here)
+    changed = [k for k in differing_keys(requested, trained) if not k.startswith("run.")
+               and not (k == "trainer.precision" and same_precision)]
     if changed:
-        flat_now, flat_then = flatten_config(config_to_dict(config)), flatten_config(trained)
+        flat_now, flat_then = flatten_config(requested), flatten_config(trained)
         listed = ", ".join(f"{k} (trained {flat_then[k]!r}, preset now {flat_now[k]!r})"
                            for k in changed)
         raise SystemExit(f"{run_dir} was trained with other settings than its preset has now: "
