@@ -473,6 +473,13 @@ def differing_keys(requested: dict, trained: dict) -> list[str]:
                   if new[k] != old[k] and not resume_overridable(k))
 
 
+def describe_differences(requested: dict, trained: dict, keys: list[str],
+                         now: str = "asked") -> str:
+    """``key (trained X, asked Y)`` for each of ``keys``, joined by commas."""
+    new, old = flatten_config(requested), flatten_config(trained)
+    return ", ".join(f"{k} (trained {old[k]!r}, {now} {new[k]!r})" for k in keys)
+
+
 def check_resume_overrides(overrides: list[str]) -> None:
     for text in overrides:
         key = ".".join(parse_override(text)[0])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from attnssl.config import config_to_dict, differing_keys, flatten_config, load_config
+from attnssl.config import config_to_dict, describe_differences, differing_keys, load_config
 from attnssl.methods import method_names
 from attnssl.precision import accelerator_type, resolve_precision
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
@@ -105,9 +105,7 @@ def check_row_matches_preset(run_dir: Path, config) -> None:
     changed = [k for k in differing_keys(requested, trained) if not k.startswith("run.")
                and not (k == "trainer.precision" and same_precision)]
     if changed:
-        flat_now, flat_then = flatten_config(requested), flatten_config(trained)
-        listed = ", ".join(f"{k} (trained {flat_then[k]!r}, preset now {flat_now[k]!r})"
-                           for k in changed)
+        listed = describe_differences(requested, trained, changed, now="preset now")
         raise SystemExit(f"{run_dir} was trained with other settings than its preset has now: "
                          f"{listed}. Move the folder away (or pass another --runs-dir) to train "
                          f"the row again.")

@@ -109,7 +109,7 @@ def test_resume_auto_continues_the_same_command_and_refuses_other_settings(tmp_p
     assert main(args) == 0
     assert_same_weights(straight, final_state(tmp_path / "auto"))
     assert main([*args, "optim.lr=0.5"]) == 2
-    assert "trained with other settings: optim.lr" in capsys.readouterr().err
+    assert "trained with other settings: optim.lr (trained 0.001, asked 0.5)" in capsys.readouterr().err
     assert main(command(tmp_path, "fresh", "run.resume=auto", "trainer.max_steps=2")) == 0
 
 

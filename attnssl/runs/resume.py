@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnssl.config import Config, ConfigError, config_to_dict, differing_keys
+from attnssl.config import Config, ConfigError, config_to_dict, describe_differences, differing_keys
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.folder import make_run_dir
 
@@ -19,11 +19,13 @@ from attnssl.runs.folder import make_run_dir
 def check_same_run(config: Config, checkpoint: Path, trained: dict) -> None:
     """Refuse to continue ``checkpoint`` (trained with ``trained``) under settings that would
     change its trajectory."""
-    changed = differing_keys(config_to_dict(config), trained)
+    requested = config_to_dict(config)
+    changed = differing_keys(requested, trained)
     if changed:
         raise ConfigError(
-            f"{checkpoint} was trained with other settings: {', '.join(changed)}; a resumed run "
-            f"keeps its own (resume it without them), or start another run.name")
+            f"{checkpoint} was trained with other settings: "
+            f"{describe_differences(requested, trained, changed)}; a resumed run keeps its own "
+            f"(resume it without them), or start another run.name")
 
 
 def auto_resume_checkpoint(config: Config) -> Path | None:
