@@ -561,11 +561,17 @@ def markdown_table(spec: SweepSpec, results: list[dict]) -> str:
             f"{spec.eval_test} test images scored.\n\n" + "\n".join(lines) + "\n")
 
 
+def written_files(spec: SweepSpec, results: list[dict]) -> list[str]:
+    """The files a sweep writes: the plot only where a key is swept and a point was scored."""
+    plotted = bool(spec.dimensions) and any("knn_top1" in r for r in results)
+    return ["results.json", "results.md"] + ["sweep.png"] * plotted
+
+
 def plot_sweep(spec: SweepSpec, results: list[dict], path: Path) -> Path | None:
     """k-NN against each swept key (one panel per key), the random-init floor dashed."""
-    scored = [r for r in results if "knn_top1" in r]
-    if not scored or not spec.dimensions:
+    if "sweep.png" not in written_files(spec, results):
         return None
+    scored = [r for r in results if "knn_top1" in r]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -620,7 +626,7 @@ def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | 
               f"sweep from it", file=sys.stderr)
         return 130 if stop.signal_name == "SIGINT" else 143
     print(markdown_table(spec, results), end="")
-    print(f"wrote {folder}/results.json, results.md, sweep.png")
+    print(f"wrote {', '.join(str(folder / name) for name in written_files(spec, results))}")
     if any("error" in r for r in results):
         print("some points failed; their errors are in the table", file=sys.stderr)
     return 0

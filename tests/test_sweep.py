@@ -13,7 +13,16 @@ import torch
 
 from attnssl.cli import main
 from attnssl.config import ConfigError
-from attnssl.sweep import Choice, Range, SweepSpec, parse_dimension, run_sweep, split_values
+from attnssl.sweep import (
+    Choice,
+    Range,
+    SweepSpec,
+    parse_dimension,
+    plot_sweep,
+    run_sweep,
+    split_values,
+    written_files,
+)
 
 TINY = ["data.synthetic_size=128", "optim.batch_size=32", "optim.epochs=1", "model.depth=1",
         "trainer.progress_bar=false", "trainer.num_threads=1"]
@@ -222,3 +231,16 @@ def test_a_point_trained_under_an_older_key_is_found_by_its_settings(tmp_path):
     assert Path(again["run_dir"]) == older and again["knn_top1"] == first["knn_top1"]
     assert [p.name for p in (tmp_path / "after" / "points").iterdir()] == [older.name]
     assert (older / "sweep-trained.json").stat().st_mtime_ns == stamp
+
+
+def test_a_sweep_names_only_the_files_it_writes(tmp_path):
+    """A sweep of fixed settings alone (one point, nothing swept) has no plot to draw, and does
+    not claim one."""
+    fixed = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3"], **SCORE)
+    swept = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3"], **SCORE)
+    scored = [{"point": {"optim.lr": "1e-3"}, "knn_top1": 50.0, "knn_floor": 40.0}]
+    assert written_files(fixed, scored) == ["results.json", "results.md"]
+    assert plot_sweep(fixed, scored, tmp_path / "sweep.png") is None
+    assert not (tmp_path / "sweep.png").exists()
+    assert written_files(swept, scored) == ["results.json", "results.md", "sweep.png"]
+    assert written_files(swept, [{"point": {"optim.lr": "1e-3"}, "error": "x"}])[-1] != "sweep.png"
