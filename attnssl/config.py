@@ -465,19 +465,19 @@ def resume_overridable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE)
 
 
-def differing_keys(requested: dict, trained: dict) -> list[str]:
-    """Dotted keys set in both configs whose values differ, leaving out those a resumed run may
-    change (``RESUME_OVERRIDABLE``)."""
+def differing_settings(requested: dict, trained: dict) -> dict[str, tuple]:
+    """``{dotted key: (trained value, requested value)}`` for the keys set in both configs whose
+    values differ, sorted by key, leaving out those a resumed run may change
+    (``RESUME_OVERRIDABLE``)."""
     new, old = flatten_config(requested), flatten_config(trained)
-    return sorted(k for k in new.keys() & old.keys()
-                  if new[k] != old[k] and not resume_overridable(k))
+    return {k: (old[k], new[k]) for k in sorted(new.keys() & old.keys())
+            if new[k] != old[k] and not resume_overridable(k)}
 
 
-def describe_differences(requested: dict, trained: dict, keys: list[str],
-                         now: str = "asked") -> str:
-    """``key (trained X, asked Y)`` for each of ``keys``, joined by commas."""
-    new, old = flatten_config(requested), flatten_config(trained)
-    return ", ".join(f"{k} (trained {old[k]!r}, {now} {new[k]!r})" for k in keys)
+def describe_differences(differences: dict[str, tuple], now: str = "asked") -> str:
+    """``key (trained X, asked Y)`` for each entry of :func:`differing_settings`, joined by
+    commas."""
+    return ", ".join(f"{k} (trained {old!r}, {now} {new!r})" for k, (old, new) in differences.items())
 
 
 def check_resume_overrides(overrides: list[str]) -> None:

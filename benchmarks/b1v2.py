@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from attnssl.config import config_to_dict, describe_differences, differing_keys, load_config
+from attnssl.config import config_to_dict, describe_differences, differing_settings, load_config
 from attnssl.methods import method_names
 from attnssl.precision import accelerator_type, resolve_precision
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
@@ -98,14 +98,13 @@ def check_row_matches_preset(run_dir: Path, config) -> None:
     if not saved.is_file():
         return
     trained = yaml.safe_load(saved.read_text()) or {}
-    requested = config_to_dict(config)
     auto_here = resolve_precision("auto", accelerator_type(config.trainer.accelerator))
     same_precision = (config.trainer.precision == "auto"
                       and trained["trainer"]["precision"] == auto_here)
-    changed = [k for k in differing_keys(requested, trained) if not k.startswith("run.")
-               and not (k == "trainer.precision" and same_precision)]
+    changed = {k: values for k, values in differing_settings(config_to_dict(config), trained).items()
+               if not k.startswith("run.") and not (k == "trainer.precision" and same_precision)}
     if changed:
-        listed = describe_differences(requested, trained, changed, now="preset now")
+        listed = describe_differences(changed, now="preset now")
         raise SystemExit(f"{run_dir} was trained with other settings than its preset has now: "
                          f"{listed}. Move the folder away (or pass another --runs-dir) to train "
                          f"the row again.")

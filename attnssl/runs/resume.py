@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnssl.config import Config, ConfigError, config_to_dict, describe_differences, differing_keys
+from attnssl.config import Config, ConfigError, config_to_dict, describe_differences, differing_settings
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
 from attnssl.runs.folder import make_run_dir
 
@@ -19,12 +19,11 @@ from attnssl.runs.folder import make_run_dir
 def check_same_run(config: Config, checkpoint: Path, trained: dict) -> None:
     """Refuse to continue ``checkpoint`` (trained with ``trained``) under settings that would
     change its trajectory."""
-    requested = config_to_dict(config)
-    changed = differing_keys(requested, trained)
+    changed = differing_settings(config_to_dict(config), trained)
     if changed:
         raise ConfigError(
             f"{checkpoint} was trained with other settings: "
-            f"{describe_differences(requested, trained, changed)}; a resumed run keeps its own "
+            f"{describe_differences(changed)}; a resumed run keeps its own "
             f"(resume it without them), or start another run.name")
 
 
