@@ -1,5 +1,5 @@
-"""Real 2-process gloo runs: NT-Xent, BAM and DINO across processes equal one process on the
-global batch."""
+"""One real 2-process gloo run: NT-Xent, BAM, DINO and the global batch norm across processes
+equal one process on the global batch."""
 
 import os
 import socket
@@ -20,28 +20,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+WORLD = 2
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One process of the one real gloo run: every part computes its process's results."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {"ntxent": _ntxent_part(rank, world), "bam": _bam_part(rank, world),
+                   "dino": _dino_part(rank, world), "bn": _bn_part(rank, world)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory) -> list[dict]:
+    """Each process's losses, gradients and states from one 2-process gloo run (one launch
+    for every test here: each launch costs two interpreters importing torch)."""
+    out_dir = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_gloo_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 def _global_batch(world: int, batch: int, dim: int) -> torch.Tensor:
     """View-major per process: rows [r] are process r's (2*batch, dim) block."""
     g = torch.Generator().manual_seed(3)
     return torch.randn(world, 2 * batch, dim, generator=g, dtype=torch.float64)
 
 
-def _worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        local = _global_batch(world, batch, dim)[rank].clone().requires_grad_(True)
-        loss = NTXentLoss(2, 0.2)(local)
-        loss.backward()
-        # DDP averages gradients over processes; do the same here
-        grad = local.grad / world
-        losses = [torch.zeros(()) for _ in range(world)]
-        dist.all_gather(losses, loss.detach().float())
-        torch.save({"grad": grad, "loss": torch.stack(losses).mean()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
-    finally:
-        dist.destroy_process_group()
+NTX_BATCH, NTX_DIM = 4, 8
+
+
+def _ntxent_part(rank: int, world: int) -> dict:
+    local = _global_batch(world, NTX_BATCH, NTX_DIM)[rank].clone().requires_grad_(True)
+    loss = NTXentLoss(2, 0.2)(local)
+    loss.backward()
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    # DDP averages gradients over processes; do the same here
+    return {"grad": local.grad / world, "loss": torch.stack(losses).mean()}
 
 
 def _single_process_reference(world: int, batch: int, dim: int):
@@ -57,19 +77,18 @@ def _single_process_reference(world: int, batch: int, dim: int):
     return loss.detach(), per_rank
 
 
-def test_two_process_ntxent_equals_one_process(tmp_path):
-    world, batch, dim = 2, 4, 8
-    mp.spawn(_worker, args=(world, _free_port(), batch, dim, str(tmp_path)), nprocs=world)
-    loss_ref, grads_ref = _single_process_reference(world, batch, dim)
-    for rank in range(world):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.allclose(out["loss"].double(), loss_ref, atol=1e-5)
-        assert torch.allclose(out["grad"].double(), grads_ref[rank], atol=1e-6)
+def test_two_process_ntxent_equals_one_process(gloo_runs):
+    loss_ref, grads_ref = _single_process_reference(WORLD, NTX_BATCH, NTX_DIM)
+    for rank in range(WORLD):
+        out = gloo_runs[rank]["ntxent"]
+        assert torch.allclose(out["loss"], loss_ref, rtol=1e-10)
+        assert torch.allclose(out["grad"], grads_ref[rank], rtol=1e-8, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- BAM
 
 BAM_VIEWS, BAM_TARGETS = 3, 2
+BAM_BATCH, BAM_DIM = 3, 5
 BAM_CASES = [  # (teacher, blockwise)
     (False, False), (True, False), (False, True), (True, True),
 ]
@@ -87,26 +106,20 @@ def _bam(teacher_on: bool, blockwise: bool, normalization: str = "global") -> BA
                    normalization=normalization)
 
 
-def _bam_worker(rank: int, world: int, port: int, batch: int, dim: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        students, teachers = _bam_inputs(world, batch, dim)
-        results = {}
-        for case in BAM_CASES + [(True, False, "local")]:
-            teacher_on, blockwise, *normalization = case
-            local = students[rank].clone().requires_grad_(True)
-            loss = _bam(teacher_on, blockwise, *normalization)(
-                local, teachers[rank] if teacher_on else None).loss
-            loss.backward()
-            losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(losses, loss.detach())
-            # DDP averages gradients over processes; do the same here
-            results[str(case)] = {"loss": torch.stack(losses), "grad": local.grad / world}
-        torch.save(results, os.path.join(out_dir, f"bam{rank}.pt"))
-        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
-    finally:
-        dist.destroy_process_group()
+def _bam_part(rank: int, world: int) -> dict:
+    students, teachers = _bam_inputs(world, BAM_BATCH, BAM_DIM)
+    results = {}
+    for case in BAM_CASES + [(True, False, "local")]:
+        teacher_on, blockwise, *normalization = case
+        local = students[rank].clone().requires_grad_(True)
+        loss = _bam(teacher_on, blockwise, *normalization)(
+            local, teachers[rank] if teacher_on else None).loss
+        loss.backward()
+        losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(losses, loss.detach())
+        # DDP averages gradients over processes; do the same here
+        results[str(case)] = {"loss": torch.stack(losses), "grad": local.grad / world}
+    return results
 
 
 def _to_global(blocks: torch.Tensor, batch: int) -> torch.Tensor:
@@ -120,23 +133,11 @@ def _to_blocks(rows: torch.Tensor, world: int, batch: int) -> torch.Tensor:
     return rows.view(BAM_VIEWS, world, batch, dim).transpose(0, 1).reshape(world, -1, dim)
 
 
-BAM_WORLD, BAM_BATCH, BAM_DIM = 2, 3, 5
-
-
-@pytest.fixture(scope="module")
-def bam_runs(tmp_path_factory):
-    """Each process's losses and gradients, one real 2-process gloo run for all cases."""
-    out_dir = tmp_path_factory.mktemp("bam")
-    mp.spawn(_bam_worker, args=(BAM_WORLD, _free_port(), BAM_BATCH, BAM_DIM, str(out_dir)),
-             nprocs=BAM_WORLD)
-    return [torch.load(out_dir / f"bam{r}.pt", weights_only=True) for r in range(BAM_WORLD)]
-
-
-def test_two_process_bam_equals_one_process(bam_runs):
+def test_two_process_bam_equals_one_process(gloo_runs):
     """Global normalisation: 2 processes = 1 process on the global batch (loss and gradients)."""
-    world, batch, dim = BAM_WORLD, BAM_BATCH, BAM_DIM
+    world, batch, dim = WORLD, BAM_BATCH, BAM_DIM
     students, teachers = _bam_inputs(world, batch, dim)
-    outs = bam_runs
+    outs = [run["bam"] for run in gloo_runs]
     for teacher_on, blockwise in BAM_CASES:
         z = _to_global(students, batch).requires_grad_(True)
         loss = _bam(teacher_on, blockwise)(
@@ -149,11 +150,11 @@ def test_two_process_bam_equals_one_process(bam_runs):
             assert torch.allclose(got["grad"], grads[rank], rtol=1e-8, atol=1e-12)
 
 
-def test_two_process_bam_local_normalisation_is_per_process(bam_runs):
-    world, batch, dim = BAM_WORLD, BAM_BATCH, BAM_DIM
+def test_two_process_bam_local_normalisation_is_per_process(gloo_runs):
+    world, batch, dim = WORLD, BAM_BATCH, BAM_DIM
     students, teachers = _bam_inputs(world, batch, dim)
     for rank in range(world):
-        got = bam_runs[rank][str((True, False, "local"))]
+        got = gloo_runs[rank]["bam"][str((True, False, "local"))]
         z = students[rank].clone().requires_grad_(True)
         loss = _bam(True, False)(z, teachers[rank]).loss
         loss.backward()
@@ -181,28 +182,23 @@ def _dino_loss() -> DINOLoss:
                     center_momentum=0.7).double()
 
 
-def _dino_worker(rank: int, world: int, port: int, batch: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        students, teachers = _dino_inputs(world, batch)
-        local = students[rank].clone().requires_grad_(True)
-        criterion = _dino_loss()
-        loss = criterion(local, teachers[rank]).loss
-        loss.backward()
-        losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(losses, loss.detach())
-        torch.save({"loss": torch.stack(losses), "grad": local.grad / world,
-                    "center": criterion.center}, os.path.join(out_dir, f"dino{rank}.pt"))
-        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
-    finally:
-        dist.destroy_process_group()
+DINO_BATCH = 3
 
 
-def test_two_process_dino_equals_one_process(tmp_path):
+def _dino_part(rank: int, world: int) -> dict:
+    students, teachers = _dino_inputs(world, DINO_BATCH)
+    local = students[rank].clone().requires_grad_(True)
+    criterion = _dino_loss()
+    loss = criterion(local, teachers[rank]).loss
+    loss.backward()
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    return {"loss": torch.stack(losses), "grad": local.grad / world, "center": criterion.center}
+
+
+def test_two_process_dino_equals_one_process(gloo_runs):
     """Per-image losses average over processes; the centre is all-reduced to the global mean."""
-    world, batch = 2, 3
-    mp.spawn(_dino_worker, args=(world, _free_port(), batch, str(tmp_path)), nprocs=world)
+    world, batch = WORLD, DINO_BATCH
     students, teachers = _dino_inputs(world, batch)
 
     def to_global(blocks, views):
@@ -214,7 +210,7 @@ def test_two_process_dino_equals_one_process(tmp_path):
     loss.backward()
     grads = z.grad.view(DINO_VIEWS, world, batch, -1).transpose(0, 1).reshape(world, -1, DINO_DIM)
     for rank in range(world):
-        out = torch.load(tmp_path / f"dino{rank}.pt", weights_only=True)
+        out = gloo_runs[rank]["dino"]
         assert torch.allclose(out["loss"].mean(), loss.detach(), rtol=1e-10)
         assert torch.allclose(out["grad"], grads[rank], rtol=1e-8, atol=1e-12)
         assert torch.allclose(out["center"], criterion.center, rtol=1e-10)
@@ -222,7 +218,7 @@ def test_two_process_dino_equals_one_process(tmp_path):
 
 # --------------------------------------------------------------------------- global batch norm
 
-BN_ROWS = (3, 5)  # unequal per-process batches: the count must be all-reduced too
+BN_ROWS = (3, 5)  # unequal per-process batches (one per process): the count is all-reduced too
 BN_CHANNELS = 4
 
 
@@ -244,44 +240,39 @@ def _bn_layer(cls, momentum: float | None):
     return layer
 
 
-def _bn_worker(rank: int, world: int, port: int, trailing: tuple[int, ...],
-               momentum: float | None, out_dir: str) -> None:
+BN_CASES = {"rows": ((), 0.3), "rows-length": ((2,), 0.3), "cumulative-average": ((), None)}
+
+
+def _bn_part(rank: int, world: int) -> dict:
     from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    results = {}
+    for case, (trailing, momentum) in BN_CASES.items():
         xs, ws = _bn_inputs(trailing)
         layer = _bn_layer(GlobalBatchNorm1d, momentum).train()
         x = xs[rank].clone().requires_grad_(True)
         for _ in range(2):  # two steps: the running estimates compound
             y = layer(x)
         (y * ws[rank]).sum().backward()
-        torch.save({"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
-                    "bias_grad": layer.bias.grad, "state": layer.state_dict()},
-                   os.path.join(out_dir, f"bn{rank}.pt"))
-        dist.barrier()  # both done before either tears down (gloo aborts on a torn pair)
-    finally:
-        dist.destroy_process_group()
+        results[case] = {"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
+                         "bias_grad": layer.bias.grad, "state": layer.state_dict()}
+    return results
 
 
-@pytest.mark.parametrize(("trailing", "momentum"), [((), 0.3), ((2,), 0.3), ((), None)],
-                         ids=["rows", "rows-length", "cumulative-average"])
+@pytest.mark.parametrize("case", list(BN_CASES))
 def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_batch(
-        tmp_path, trailing, momentum):
+        gloo_runs, case):
     """SimCLR's global BN: outputs, every gradient and the running estimates match torch's
     ``nn.BatchNorm1d`` run once on both processes' rows (per-process weight gradients sum to
     the global one; DDP then averages them)."""
-    world = len(BN_ROWS)
-    mp.spawn(_bn_worker, args=(world, _free_port(), trailing, momentum, str(tmp_path)),
-             nprocs=world)
+    trailing, momentum = BN_CASES[case]
     xs, ws = _bn_inputs(trailing)
     reference = _bn_layer(torch.nn.BatchNorm1d, momentum).train()
     x = torch.cat(xs).requires_grad_(True)
     for _ in range(2):
         y = reference(x)
     (y * torch.cat(ws)).sum().backward()
-    outs = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in range(world)]
+    outs = [run["bn"][case] for run in gloo_runs]
     assert torch.allclose(torch.cat([o["y"] for o in outs]), y.detach(), atol=1e-12)
     assert torch.allclose(torch.cat([o["x_grad"] for o in outs]), x.grad, atol=1e-12)
     assert torch.allclose(sum(o["weight_grad"] for o in outs), reference.weight.grad, atol=1e-12)
