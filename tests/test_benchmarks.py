@@ -69,3 +69,20 @@ def test_a_b1v2_row_trained_with_other_settings_than_its_preset_is_refused(tmp_p
     with pytest.raises(SystemExit, match=r"method\.decoder_depth \(trained 2, preset now 4\)"):
         check_row_matches_preset(tmp_path, changed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views():
+    """MAE's preset is crops and flips already (its official views), so a crops-and-flips row
+    would train the preset again (its default local blur acts on no local crop); SimCLR's
+    jitter makes its row differ."""
+    from attnssl.config import load_config
+    from benchmarks.b1v2 import CROPS_AND_FLIPS, has_photometric_views, rows_known
+
+    rows = rows_known()
+    assert "mae-crops-flips" not in rows and "simclr-crops-flips" in rows
+    preset, overrides = rows["simclr-crops-flips"]
+    plain = load_config(preset, overrides).views
+    assert overrides == CROPS_AND_FLIPS and plain.color_jitter_prob == 0.0
+    assert load_config(preset).views.color_jitter_prob > 0
+    assert not has_photometric_views("mae_fashion_mnist")
+    assert has_photometric_views("udi_fashion_mnist")  # jitter and blur on its local crops
