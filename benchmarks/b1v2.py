@@ -66,8 +66,8 @@ def rows_known() -> dict[str, tuple[str, list[str]]]:
     return rows
 
 
-def train_row(name: str, args) -> dict:
-    preset, overrides = rows_known()[name]
+def train_row(name: str, row: tuple[str, list[str]], args) -> dict:
+    preset, overrides = row
     overrides = [*overrides, f"run.out_dir={args.runs_dir}", f"run.name={name}",
                  "trainer.progress_bar=false"]
     if args.data_root:
@@ -190,7 +190,7 @@ def main() -> None:
     raw = raw_pixel_knn(data_root=args.data_root)
     out = Path(args.out)
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
-    new = [train_row(name, args) for name in args.rows]
+    new = [train_row(name, known[name], args) for name in args.rows]
     measured = {r["row"] for r in new}
     rows = [r for r in previous if r["row"] not in measured] + new
     rows.sort(key=lambda r: list(known).index(r["row"]) if r["row"] in known else len(known))
