@@ -107,9 +107,11 @@ def main() -> None:
     machine = machine_description()
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     if args.readme:
+        # the thread count is part of each point's settings: a rerun without it trains anew
         command = "python -m benchmarks.attention_by_method " + " ".join(
             ["--methods", *args.methods] + (["--attentions", *args.attentions]
-                                             if args.attentions else []))
+                                             if args.attentions else [])
+            + ([f"--threads {args.threads}"] if args.threads else []))
         replace_readme_block("ATTENTION-BY-METHOD", machine_line(machine, command) + "\n\n"
                              + markdown)
 
