@@ -128,10 +128,25 @@ def test_mae_step_trains_every_parameter(overrides):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_mae_needs_one_view():
-    with pytest.raises(ValueError, match="views.global_crops=1"):
-        cfg = load_config(None, ["method.name=mae"])
+def test_mae_refuses_local_crops():
+    with pytest.raises(ValueError, match="views.local_crops=0"):
+        cfg = load_config(None, ["method.name=mae", "views.local_crops=2"])
         build_method(cfg, build_vit(cfg.model, 28, 1))
+
+
+def test_repeated_sampling_loss_is_the_mean_of_each_samples_loss(generator):
+    """K views per image (repeated sampling): one loss over the K*B samples equals the mean of
+    the K one-view losses under the same masks."""
+    cfg = load_config(None, ["method.name=mae", "views.global_crops=2"])
+    torch.manual_seed(0)
+    method = build_method(cfg, build_vit(cfg.model, 28, 1))
+    views = [torch.randn(3, 1, 28, 28, generator=generator) for _ in range(2)]
+    noise = torch.rand(6, 49, generator=generator)
+    both = method(views, noise=noise)["loss"]
+    each = [method([views[k]], noise=noise[3 * k:3 * k + 3])["loss"] for k in range(2)]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2)
+    with pytest.raises(ValueError, match=r"\(samples, patches\) = \(6, 49\)"):
+        method(views, noise=noise[:3])
 
 
 @torch.no_grad()

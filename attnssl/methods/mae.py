@@ -10,6 +10,14 @@ loss is the mean squared error on the masked patches, of per-patch standardised 
 
 Pixels are reconstructed in the normalised image space the encoder sees (the official code
 reconstructs the normalised tensor as well).
+
+Repeated sampling: with ``views.global_crops = K > 1`` each image is sampled K times per step,
+each sample with its own crop, flip and mask, and the loss is the mean over all ``K x B``
+samples: ``L = 1/K sum_k L_MAE(x_k, mask_k)`` (every sample masks the same number of patches).
+This is the repeated sampling of the MAE authors' video follow-up (Feichtenhofer et al. 2022,
+facebookresearch/mae_st, ``--repeat_aug``), which reuses each decoded image for K samples; the
+image MAE code takes one view (K = 1, the default of the presets until their comments say
+otherwise).
 """
 
 from __future__ import annotations
@@ -58,10 +66,10 @@ class MAE(Method):
     @classmethod
     def check_views(cls, config) -> None:
         views = config.views
-        if views.global_crops != 1 or views.local_crops:
+        if views.local_crops:
             raise ValueError(
-                f"mae reconstructs one view per image; set views.global_crops=1 and "
-                f"views.local_crops=0 (got {views.global_crops} and {views.local_crops})"
+                f"mae reconstructs global views of one size; set views.local_crops=0 (got "
+                f"{views.local_crops}; views.global_crops=K samples each image K times)"
             )
 
     @classmethod
@@ -83,18 +91,19 @@ class MAE(Method):
 
     def forward(self, views: list[torch.Tensor],
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``noise (B, N)`` ranks each image's patches for masking (the smallest stay visible);
-        drawn uniformly when not given, as the official ``random_masking``."""
-        if len(views) != 1:
-            raise ValueError(f"MAE takes one view per image, got {len(views)}; set "
-                             f"views.global_crops=1 and views.local_crops=0")
-        images = views[0]
+        """``noise (K*B, N)`` ranks each sample's patches for masking (the smallest stay
+        visible; row ``k*B + i`` is view k of image i); drawn uniformly when not given, as the
+        official ``random_masking``."""
+        if len({tuple(v.shape) for v in views}) != 1:
+            raise ValueError(f"MAE takes views of one shape, got "
+                             f"{sorted({tuple(v.shape) for v in views})}; set views.local_crops=0")
+        images = torch.cat(views) if len(views) > 1 else views[0]
         target = patchify(images, self.patch)
         batch, tokens = target.shape[:2]
         if noise is None:
             noise = torch.rand(batch, tokens, device=images.device)
         elif noise.shape != (batch, tokens):
-            raise ValueError(f"noise must be (images, patches) = {(batch, tokens)}, got "
+            raise ValueError(f"noise must be (samples, patches) = {(batch, tokens)}, got "
                              f"{tuple(noise.shape)}")
         keep_idx, mask, restore_idx = random_masking(noise, visible_count(tokens, self.mask_ratio))
         latent = encode_visible(self.backbone, images, keep_idx)
