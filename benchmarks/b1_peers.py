@@ -51,6 +51,13 @@ from benchmarks.helpers import ROOT, machine_line, replace_readme_block
 
 PRESETS = {"dino": "dino_fashion_mnist", "simclr": "simclr_fashion_mnist",
            "mae": "mae_fashion_mnist"}
+# lightly's examples sample each image once a step: ours the same, like with like
+PEER_OVERRIDES = {"mae": ["views.global_crops=1"]}
+
+
+def peer_config(method: str, overrides: list[str] | tuple = ()):
+    """Our preset for ``method`` as it is compared with the peer's, with ``overrides``."""
+    return load_config(PRESETS[method], [*PEER_OVERRIDES.get(method, []), *overrides])
 
 
 def lightly_modules():
@@ -283,7 +290,7 @@ def fastest_workers(method: str, config, images: torch.Tensor, steps: int) -> tu
 
 
 def ours(method: str, config_overrides: list[str], out_dir: Path) -> dict:
-    config = load_config(PRESETS[method], [
+    config = peer_config(method, [
         *config_overrides, f"run.out_dir={out_dir}", "trainer.progress_bar=false",
         "trainer.checkpoint_every_steps=100000", f"run.name=peer-{method}-{time.time_ns()}"])
     return pretrain(config)
@@ -291,7 +298,7 @@ def ours(method: str, config_overrides: list[str], out_dir: Path) -> dict:
 
 def throughput_rounds(method: str, args, images: torch.Tensor, workers: int, out_dir: Path) -> dict:
     """Alternate ours and the peer's, every precision, ``args.rounds`` times (A B A B ...)."""
-    config = load_config(PRESETS[method])
+    config = peer_config(method)
     subset = args.round_steps * config.optim.batch_size
     runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
@@ -314,7 +321,7 @@ def budget_rows(method: str, args, images: torch.Tensor, workers: int, out_dir: 
     """
     budget = [f"data.subset={args.budget_images}", f"optim.epochs={args.epochs}"]
     ours_name = f"attnssl {args.ours_precisions[0]}"
-    config = load_config(PRESETS[method], budget)
+    config = peer_config(method, budget)
     runs: dict[str, list[dict]] = {ours_name: [], **({} if args.skip_peer_budget else
                                                      {"lightly 32": []})}
     for seed in args.budget_seeds:
@@ -380,7 +387,7 @@ def main() -> None:
                          f"pass --json with a new file for this one ({machine})")
     results["machine"] = machine
     for method in args.methods:
-        config = load_config(PRESETS[method])
+        config = peer_config(method)
         entry = {**results["methods"].get(method, {}), "command": command}
         workers = 0
         if not (args.skip_throughput and (args.skip_budget or args.skip_peer_budget)):

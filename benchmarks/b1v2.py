@@ -8,7 +8,9 @@ its views, schedule, head, precision (``auto``) and read-out. Rows:
 - ``METHOD-crops-flips``: the preset with every photometric change off (crops and flips only,
   B1 v1's views rule), to show what the views buy; only for presets that have one (MAE's
   official views are crops and flips already, so its row would be the preset's);
-- ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``).
+- ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``);
+- the rows of ``VARIANTS``: a preset with named changes, kept where a preset choice costs
+  time (MAE's repeated sampling) or departs from the official recipe, to show what it buys.
 
 Each row is scored by the weighted k-NN (k=20, T=0.07) and the linear probe on the preset's
 read-out, beside the same k-NN of the same backbone untrained (same seed, same read-out) and of
@@ -42,6 +44,12 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
+# name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
+ONE_SAMPLE = ["views.global_crops=1"]  # MAE: one sample per image, the official (and the demo)
+VARIANTS = {
+    "mae-1x": ("mae_fashion_mnist", ONE_SAMPLE),
+    "mae-1x-20ep": ("mae_fashion_mnist", [*ONE_SAMPLE, "optim.epochs=20"]),
+}
 
 
 def has_photometric_views(preset: str) -> bool:
@@ -63,6 +71,7 @@ def rows_known() -> dict[str, tuple[str, list[str]]]:
             rows[f"{method}-crops-flips"] = (preset, CROPS_AND_FLIPS)
         if method in LONG:
             rows[f"{method}-20ep"] = (preset, ["optim.epochs=20"])
+        rows |= {name: row for name, row in VARIANTS.items() if row[0] == preset}
     return rows
 
 

@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--budget-images", type=int, default=12288)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    config = load_config("mae_fashion_mnist", [f"data.subset={args.budget_images}",
+    config = load_config("mae_fashion_mnist", ["views.global_crops=1",  # as lightly's MAE
+                                               f"data.subset={args.budget_images}",
                                                f"optim.epochs={args.epochs}"])
     images = load_dataset(DatasetSpec("fashion-mnist"), "train").images[: args.budget_images]
     splits = load_eval_splits(config)

@@ -86,3 +86,18 @@ def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views(
     assert load_config(preset).views.color_jitter_prob > 0
     assert not has_photometric_views("mae_fashion_mnist")
     assert has_photometric_views("udi_fashion_mnist")  # jitter and blur on its local crops
+
+
+def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
+    """MAE's one-sample rows are the preset with one view per image (the official sampling and
+    the demo's), listed with MAE's rows."""
+    from attnssl.config import load_config
+    from benchmarks.b1v2 import VARIANTS, rows_known
+
+    rows = list(rows_known())
+    assert set(VARIANTS) <= set(rows)
+    assert rows.index("mae-1x") == rows.index("mae") + 2  # mae, mae-20ep, mae-1x, ...
+    preset, overrides = rows_known()["mae-1x-20ep"]
+    config = load_config(preset, overrides)
+    assert (config.views.global_crops, config.optim.epochs) == (1, 20)
+    assert load_config(preset).views.global_crops > 1
