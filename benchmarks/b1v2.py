@@ -10,7 +10,8 @@ its views, schedule, head, precision (``auto``) and read-out. Rows:
   official views are crops and flips already, so its row would be the preset's);
 - ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``);
 - the rows of ``VARIANTS``: a preset with named changes, kept where a preset choice costs
-  time (MAE's repeated sampling) or departs from the official recipe, to show what it buys.
+  time (MAE's repeated sampling) or departs from the official recipe (BAM's positive masking
+  and crops), to show what it buys.
 
 Each row is scored by the weighted k-NN (k=20, T=0.07) and the linear probe on the preset's
 read-out, beside the same k-NN of the same backbone untrained (same seed, same read-out) and of
@@ -46,7 +47,10 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
 LONG = ("bam", "simclr", "mae")
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 ONE_SAMPLE = ["views.global_crops=1"]  # MAE: one sample per image, the official (and the demo)
+MASKED = ["method.positive_masking=true", "views.global_scale=[0.4,1.0]"]  # BAM's official pair
 VARIANTS = {
+    "bam-masked": ("bam_fashion_mnist", MASKED),
+    "bam-masked-20ep": ("bam_fashion_mnist", [*MASKED, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*ONE_SAMPLE, "optim.epochs=20"]),
 }

@@ -90,7 +90,8 @@ def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views(
 
 def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     """MAE's one-sample rows are the preset with one view per image (the official sampling and
-    the demo's), listed with MAE's rows."""
+    the demo's), BAM's masked rows the preset with the official positive masking and crops;
+    each listed with its method's rows."""
     from attnssl.config import load_config
     from benchmarks.b1v2 import VARIANTS, rows_known
 
@@ -101,3 +102,8 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     config = load_config(preset, overrides)
     assert (config.views.global_crops, config.optim.epochs) == (1, 20)
     assert load_config(preset).views.global_crops > 1
+    preset, overrides = rows_known()["bam-masked"]
+    masked, plain = load_config(preset, overrides), load_config(preset)
+    assert masked.method.positive_masking and not plain.method.positive_masking
+    assert masked.views.global_scale == (0.4, 1.0) != plain.views.global_scale
+    assert rows.index("bam-masked") < rows.index("dino")
