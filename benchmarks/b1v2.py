@@ -171,18 +171,19 @@ def verdict(row: dict, raw: float) -> str:
 
 def table(rows: list[dict], raw: float) -> str:
     lines = ["| row | read-out | precision | epochs | k-NN | linear | random-init k-NN | "
-             "images/s | train min | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "images/s | threads | train min | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "in_progress" in r:
-            lines.append(f"| {r['row']} | in progress: {r['in_progress']} |" + " |" * 8)
+            lines.append(f"| {r['row']} | in progress: {r['in_progress']} |" + " |" * 9)
             continue
         linear = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.2f}"
         lines.append(
             f"| {r['row']} | {r['readout']} | {r['precision']} | {r['epochs']} | "
             f"{r['knn_top1']:.2f} | {linear} | {r['knn_top1_random_init']:.2f} | "
-            f"{r['images_per_second']:.0f} | {r['train_minutes']:.1f} | {verdict(r, raw)} |")
-    lines.append(f"| raw pixels (floor) | 784 pixels | - | - | {raw:.2f} | - | - | - | - | - |")
+            f"{r['images_per_second']:.0f} | {r['threads']} | {r['train_minutes']:.1f} | "
+            f"{verdict(r, raw)} |")
+    lines.append(f"| raw pixels (floor) | 784 pixels | - | - | {raw:.2f} | - | - | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -217,6 +218,9 @@ def main() -> None:
     out.write_text(json.dumps({"raw_pixel_knn_top1": raw, "rows": rows}, indent=2))
     if args.readme:
         machine = next((r["machine"] for r in rows if "machine" in r), machine_description())
+        threads = {r["threads"] for r in rows if "threads" in r}
+        if len(threads) > 1:  # the table's column names each row's
+            machine = {**machine, "threads": "per row: " + " or ".join(map(str, sorted(threads)))}
         command = "python -m benchmarks.b1v2 --rows " + " ".join(r["row"] for r in rows)
         replace_readme_block("B1V2", machine_line(machine, command) + "\n\n" + markdown)
 

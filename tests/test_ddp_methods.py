@@ -50,8 +50,9 @@ def _inputs(name: str) -> dict:
     extra = {k: dict(vars(v)) if k == "sampling" else v  # plain tensors, for weights_only loads
              for k, v in views_maker.extra_inputs().items()}
     grid = SIZE // PATCH
-    if name == "mae":
-        extra["noise"] = torch.rand(IMAGES, grid * grid, generator=generator, dtype=torch.float64)
+    if name == "mae":  # one row per sample: (views x images, patches), view-major
+        extra["noise"] = torch.rand(len(views) * IMAGES, grid * grid, generator=generator,
+                                    dtype=torch.float64)
     if name == "ibot":
         torch.manual_seed(3)
         extra["masks"] = method.draw_masks(method.n_global * IMAGES, (grid, grid))
@@ -67,7 +68,7 @@ def _share(inputs: dict, rank: int) -> tuple[list[torch.Tensor], dict]:
         if key == "sampling":  # images on axis 1 of the global tensors, 2 of the local ones
             extra[key] = {f: t[:, :, part] if f.startswith("local") else t[:, part]
                           for f, t in value.items()}
-        elif key == "masks":  # (global views x images, H, W), view-major
+        elif key in ("masks", "noise"):  # (views x images, ...), view-major
             masks = value.view(-1, IMAGES, *value.shape[1:])
             extra[key] = masks[:, part].reshape(-1, *value.shape[1:])
         else:  # (images, ...)
