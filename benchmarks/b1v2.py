@@ -208,7 +208,9 @@ def main() -> None:
     measured = {r["row"] for r in new}
     rows = [r for r in previous if r["row"] not in measured] + new
     rows.sort(key=lambda r: list(known).index(r["row"]) if r["row"] in known else len(known))
-    machines = {r["machine"]["cpu"] for r in rows if "machine" in r}
+    # the CPU's name and whether it runs bf16 natively: "AMD EPYC" alone is Zen 3 or Zen 4
+    machines = {f"{r['machine']['cpu']} (bf16 {r['machine'].get('cpu_bf16', 'unknown')})"
+                for r in rows if "machine" in r}
     if len(machines) > 1:
         raise SystemExit(f"rows from several machines ({', '.join(sorted(machines))}) cannot share "
                          f"one table; use another --out")

@@ -15,9 +15,8 @@ Repeated sampling: with ``views.global_crops = K > 1`` each image is sampled K t
 each sample with its own crop, flip and mask, and the loss is the mean over all ``K x B``
 samples: ``L = 1/K sum_k L_MAE(x_k, mask_k)`` (every sample masks the same number of patches).
 This is the repeated sampling of the MAE authors' video follow-up (Feichtenhofer et al. 2022,
-facebookresearch/mae_st, ``--repeat_aug``), which reuses each decoded image for K samples; the
-image MAE code takes one view (K = 1, the default of the presets until their comments say
-otherwise).
+facebookresearch/mae_st, ``--repeat_aug``), which reuses each decoded clip for K samples; the
+image MAE code samples each image once (K = 1).
 """
 
 from __future__ import annotations
