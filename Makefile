@@ -12,7 +12,7 @@ setup:
 
 demo:
 	@DATA_ROOT=$(DATA_ROOT) bash scripts/setup.sh --data
-	$(PY) -m attnssl pretrain --config mae_fashion_mnist views.global_crops=1 $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(DEMO_ARGS)
+	$(PY) -m attnssl pretrain --config mae_fashion_mnist views.global_crops=1 optim.lr=3e-3 $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check attnssl tests benchmarks
