@@ -27,19 +27,19 @@ from attnssl.eval.knn import knn_accuracy
 from attnssl.nn.vit import build_vit
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
-from benchmarks.helpers import ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, machine_line, replace_readme_block
 
 # row name -> (preset, overrides); "bam-cbsa" is BAM on a backbone whose attention is CBSA
 # (representatives pooled on a 4x4 grid of the 7x7 patches: 16 for 50 tokens)
 PRESETS = {
     "bam": ("bam_fashion_mnist", []), "dino": ("dino_fashion_mnist", []),
     "udi": ("udi_fashion_mnist", []), "simclr": ("simclr_fashion_mnist", []),
-    "mae": ("mae_fashion_mnist", ["views.global_crops=1"]),  # one sample per image, as B1 v1
+    "mae": ("mae_fashion_mnist", MAE_ONE_SAMPLE),  # one sample per image, as B1 v1
     "bam-cbsa": ("bam_fashion_mnist", ["model.attention=cbsa", "model.cbsa_pool=4"]),
 }
 # rows of the studies in docs/results.md, run on request only: MAE with the decoder's input and output
 # linears at torch's default init (lightly 1.6's choice; docs/results.md, "MAE against lightly")
-STUDIES = {"mae-torch-io": ("mae_fashion_mnist", ["views.global_crops=1",
+STUDIES = {"mae-torch-io": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE,
                                                   "method.decoder_io_init=torch"])}
 # UDI has two class tokens: which one to evaluate is a choice (its official k-NN takes cls);
 # MAE's official linear probe reads the class token, its fine-tuning the mean patch token

@@ -24,7 +24,7 @@ from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.nn.mae import xavier_linears_
 from attnssl.train.environment import machine_description
 from benchmarks.b1_peers import PeerMAE, peer_optimizer
-from benchmarks.helpers import ROOT
+from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT
 
 
 def train_lightly_on_our_views(config, images: torch.Tensor, epochs: int, seed: int,
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--budget-images", type=int, default=12288)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    config = load_config("mae_fashion_mnist", ["views.global_crops=1",  # as lightly's MAE
+    config = load_config("mae_fashion_mnist", [*MAE_ONE_SAMPLE,  # as lightly's MAE
                                                f"data.subset={args.budget_images}",
                                                f"optim.epochs={args.epochs}"])
     images = load_dataset(DatasetSpec("fashion-mnist"), "train").images[: args.budget_images]
