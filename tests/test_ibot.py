@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attnssl.config import ConfigError, load_config
 from attnssl.losses.ibot import IBOTLoss
 from attnssl.methods import build_method
-from attnssl.methods.ibot import block_mask, masked_tokens, prediction_ratio
+from attnssl.methods.ibot import IBOTHead, block_mask, masked_tokens, prediction_ratio
 from attnssl.nn.vit import build_vit
 
 SMALL = ["method.name=ibot", "method.out_dim=64", "method.patch_out_dim=64",
@@ -67,8 +67,8 @@ def test_ibot_loss_matches_a_loop_over_the_official_equations(generator):
     expected, center, center2 = official_loss(
         s_cls, s_patch, t_cls, t_patch, masks, loss_fn.center.clone(),
         loss_fn.center_patch.clone(), n_views, n_global, 0.1, 0.05, 0.06, 0.5, 2.0, 0.8, 0.7)
-    # the module computes in float32
-    out = loss_fn(s_cls, s_patch, t_cls, t_patch, masks)
+    # the module computes in float32 and reads the student's masked patches only
+    out = loss_fn(s_cls, s_patch[masks], t_cls, t_patch, masks)
     loss = out.loss
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(loss_fn.center, center, atol=1e-6)
@@ -143,6 +143,25 @@ def test_masked_tokens_put_the_mask_token_in_place_of_the_patch_embedding(genera
     expected = vit.forward_features(images)
     handle.remove()
     assert torch.allclose(masked_tokens(vit, images, masks, token), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [[], ["method.shared_head=false", "method.patch_out_dim=48"],
+                                   ["method.head_batchnorm=true"]])
+def test_the_head_on_masked_patches_gives_the_rows_of_the_head_on_every_token(extra, generator):
+    cfg = load_config("dino_synthetic", [*SMALL, *extra])
+    head = IBOTHead(24, cfg.method).double()
+    tokens = torch.randn(3, 1 + 10, 24, generator=generator, dtype=torch.float64)
+    masks = torch.rand(3, 10, generator=generator) < 0.3
+    cls_all, patch_all = head.class_and_patches(tokens)
+    cls_masked, patch_masked = head.class_and_patches(tokens, masks)
+    assert patch_all.shape == (3, 10, cfg.method.patch_out_dim)
+    assert patch_masked.shape == (int(masks.sum()), cfg.method.patch_out_dim)
+    assert torch.allclose(cls_masked, cls_all) and torch.allclose(patch_masked, patch_all[masks])
+    # DINO's head on every token, written out: g(h) = W_last normalize(MLP(h))
+    x = F.normalize(head.mlp(tokens.reshape(-1, 24)), dim=-1).reshape(3, 11, -1)
+    patch_layer = head.last_layer if head.last_layer2 is None else head.last_layer2
+    assert torch.allclose(cls_all, head.last_layer(x[:, 0]))
+    assert torch.allclose(patch_all, patch_layer(x[:, 1:]))
 
 
 @pytest.mark.parametrize("shared_head", [True, False])

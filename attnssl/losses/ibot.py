@@ -35,13 +35,14 @@ from attnssl.losses.dino import DINOLoss, diagnostics
 
 def masked_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                       masks: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """``L_patch`` for ``(G, B, N, K)`` student logits and teacher targets and ``(G, B, N)``
-    masks: the cross-entropy on each view's own masked patches, averaged per image over its
-    masked patches, then over images and views."""
+    """``L_patch`` for ``(G, B, N)`` masks and the ``(M, K)`` student logits and teacher
+    targets at the ``M`` masked patches (in the order of ``x[masks]``): the cross-entropy on
+    each view's own masked patches, averaged per image over its masked patches, then over
+    images and views. Unmasked patches weigh 0 in the official sum, so they are not computed."""
     log_probs = F.log_softmax(student_logits / student_temp, dim=-1)
-    per_patch = torch.sum(-teacher_probs * log_probs, dim=-1)  # (G, B, N)
-    weights = masks.to(per_patch.dtype)
-    per_image = (per_patch * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
+    per_patch = log_probs.new_zeros(masks.shape)  # (G, B, N)
+    per_patch[masks] = torch.sum(-teacher_probs * log_probs, dim=-1)
+    per_image = per_patch.sum(-1) / masks.sum(-1).clamp(min=1).to(per_patch.dtype)
     return per_image.mean(-1).mean()
 
 
@@ -60,9 +61,11 @@ class IBOTLoss(DINOLoss):
     """``IBOTLoss(...)(student_cls, student_patch, teacher_cls, teacher_patch, masks)``.
 
     ``student_cls`` is ``(V*B, K)`` stacked view-major (global views first), ``teacher_cls``
-    ``(G*B, K)``; ``student_patch`` and ``teacher_patch`` are ``(G*B, N, K')``, ``masks``
-    ``(G*B, N)``. ``teacher_temp`` and ``teacher_patch_temp`` are the method's scheduled values
-    for this step (the constructor's when omitted); the call returns an :class:`IBOTOutput`.
+    ``(G*B, K)``; ``teacher_patch`` is ``(G*B, N, K')`` (every patch: its mean moves the
+    centre), ``masks`` ``(G*B, N)``, and ``student_patch`` ``(M, K')``, the student's outputs
+    at the ``M`` masked patches only (``x[masks]``), the only ones the loss reads.
+    ``teacher_temp`` and ``teacher_patch_temp`` are the method's scheduled values for this step
+    (the constructor's when omitted); the call returns an :class:`IBOTOutput`.
     Computed in float32 (float64 if given) with autocast off. The class-token half (its centre,
     temperatures and view checks) is :class:`DINOLoss`'s.
     """
@@ -85,11 +88,14 @@ class IBOTLoss(DINOLoss):
                 teacher_patch_temp: float | None = None) -> IBOTOutput:
         views, globals_ = self.n_views, self.n_global_views
         batch = teacher_cls.shape[0] // globals_
-        if student_cls.shape[0] != views * batch or student_patch.shape != teacher_patch.shape \
-                or masks.shape != teacher_patch.shape[:2] or teacher_patch.shape[0] != globals_ * batch:
+        masks = masks.bool()
+        if student_cls.shape[0] != views * batch or masks.shape != teacher_patch.shape[:2] \
+                or teacher_patch.shape[0] != globals_ * batch \
+                or student_patch.shape != (int(masks.sum()), teacher_patch.shape[-1]):
             raise ValueError(
-                f"iBOT expects student_cls ({views}*B, K), teacher_cls ({globals_}*B, K), patch "
-                f"outputs ({globals_}*B, N, K') and masks ({globals_}*B, N); got "
+                f"iBOT expects student_cls ({views}*B, K), teacher_cls ({globals_}*B, K), "
+                f"student_patch (masked patches, K'), teacher_patch ({globals_}*B, N, K') and "
+                f"masks ({globals_}*B, N); got "
                 f"{tuple(student_cls.shape)}, {tuple(teacher_cls.shape)}, "
                 f"{tuple(student_patch.shape)}, {tuple(teacher_patch.shape)}, {tuple(masks.shape)}")
         dtype = torch.promote_types(student_cls.dtype, torch.float32)
@@ -100,12 +106,10 @@ class IBOTLoss(DINOLoss):
                                          probs.view(globals_, batch, -1), self.student_temp)
             patch_temp = self.teacher_patch_temp if teacher_patch_temp is None \
                 else teacher_patch_temp
-            patch_probs = teacher_probabilities(teacher_patch, self.center_patch, patch_temp)
-            tokens = teacher_patch.shape[1]
-            patch_loss = masked_patch_loss(
-                student_patch.to(dtype).view(globals_, batch, tokens, -1),
-                patch_probs.view(globals_, batch, tokens, -1),
-                masks.view(globals_, batch, tokens), self.student_temp)
+            patch_probs = teacher_probabilities(teacher_patch[masks], self.center_patch[0],
+                                                patch_temp)
+            patch_loss = masked_patch_loss(student_patch.to(dtype), patch_probs,
+                                           masks.view(globals_, batch, -1), self.student_temp)
             loss = self.lambda_cls * cls_loss + self.lambda_patch * patch_loss
             self.update_centers(teacher_cls, teacher_patch)
         return IBOTOutput(loss, cls_loss.detach(), patch_loss.detach(),

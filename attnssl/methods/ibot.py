@@ -11,8 +11,10 @@ normalised, prediction ratio chosen per image from {0, U(0.1, 0.5)}.
 
 Departures, none of which changes the loss: the masks are drawn per batch on the training
 process (Python's ``random``, saved in checkpoints) instead of in the data loader, for the
-global views only (the official draws and discards them for local views too); the teacher's
-and the student's heads run once on all tokens.
+global views only (the official draws and discards them for local views too); the student's
+head runs on the class tokens and the masked patches only (the official runs it on every
+patch and weighs the unmasked ones 0 in the loss), the teacher's on every token (the mean of
+all its patch outputs moves the centre).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from attnssl.losses.ibot import IBOTLoss
 from attnssl.methods.base import register_method
 from attnssl.methods.dino import SelfDistillation, _DistillationSection
 from attnssl.methods.multicrop import multicrop_features
-from attnssl.nn.heads import DINOHead
+from attnssl.nn.heads import DINOHead, GlobalBatchNorm1d
 from attnssl.nn.udi import vit_tokens
 
 
@@ -125,15 +127,24 @@ class IBOTHead(DINOHead):
                 scale.fill_(1.0)
             scale.requires_grad_(not cfg.norm_last_layer)
 
-    def class_and_patches(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1 + N, D)`` tokens -> ``(B, K)`` class and ``(B, N, K')`` patch outputs."""
-        if self.last_layer2 is None:
-            out = self(tokens)
-            return out[:, 0], out[:, 1:]
-        shape = tokens.shape
-        x = nn.functional.normalize(self.mlp(tokens.reshape(-1, shape[-1])), dim=-1)
-        x = x.reshape(*shape[:-1], -1)
-        return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
+    def class_and_patches(self, tokens: torch.Tensor, masks: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1 + N, D)`` tokens -> ``(B, K)`` class and ``(B, N, K')`` patch outputs; with
+        ``(B, N)`` boolean ``masks``, the patch outputs at the masked patches only, ``(M, K')``
+        in the order of ``x[masks]``. The head works token by token, so these are the rows the
+        whole computation would give; a head with batch norm still runs on every token, whose
+        statistics its batch norm takes."""
+        batch, dim = tokens.shape[0], tokens.shape[-1]
+        select = masks is not None and not any(isinstance(m, GlobalBatchNorm1d) for m in self.mlp)
+        patches = tokens[:, 1:][masks] if select else tokens[:, 1:].reshape(-1, dim)
+        x = nn.functional.normalize(self.mlp(torch.cat([tokens[:, 0], patches])), dim=-1)
+        patch_layer = self.last_layer if self.last_layer2 is None else self.last_layer2
+        cls_out, patch_out = self.last_layer(x[:batch]), patch_layer(x[batch:])
+        if not select:
+            patch_out = patch_out.reshape(batch, -1, patch_out.shape[-1])
+            if masks is not None:
+                patch_out = patch_out[masks]
+        return cls_out, patch_out
 
 
 def masked_tokens(vit: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
@@ -214,7 +225,7 @@ class IBOT(SelfDistillation):
                              f"{(globals_.shape[0], *grid)}, got {tuple(masks.shape)}")
         masks = masks.to(globals_.device)
         tokens = masked_tokens(self.backbone, globals_, masks, self.mask_token)
-        s_cls, s_patch = self.head.class_and_patches(tokens)
+        s_cls, s_patch = self.head.class_and_patches(tokens, masks.flatten(1))
         if len(views) > self.n_global:
             s_cls = torch.cat([s_cls, self.head(multicrop_features(self.backbone,
                                                                    views[self.n_global:]))])
