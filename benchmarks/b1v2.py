@@ -52,6 +52,7 @@ VARIANTS = {
     "bam-masked-20ep": ("bam_fashion_mnist", [*MASKED, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
+    "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
 }
 
 
@@ -115,9 +116,10 @@ def train_row(name: str, row: tuple[str, list[str]], args) -> dict:
 
 def check_row_matches_preset(run_dir: Path, config) -> None:
     """Refuse a row folder trained with other settings than the preset's now: its score would
-    stand in the table for a recipe that was not run. Read-out and machine settings may differ
-    (the row is rescored or continued), and a row trained in the precision that ``auto`` picks
-    here matches a preset's ``auto``; nothing is moved or deleted."""
+    stand in the table for a recipe that was not run. Read-out, machine and run-folder settings
+    may differ (the row is rescored or continued), the seed may not, and a row trained in the
+    precision that ``auto`` picks here matches a preset's ``auto``; nothing is moved or
+    deleted."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
@@ -126,7 +128,8 @@ def check_row_matches_preset(run_dir: Path, config) -> None:
     same_precision = (config.trainer.precision == "auto"
                       and trained["trainer"]["precision"] == auto_here)
     changed = {k: values for k, values in differing_settings(config_to_dict(config), trained).items()
-               if not k.startswith("run.") and not (k == "trainer.precision" and same_precision)}
+               if not (k.startswith("run.") and k != "run.seed")
+               and not (k == "trainer.precision" and same_precision)}
     if changed:
         listed = describe_differences(changed, now="preset now")
         raise SystemExit(f"{run_dir} was trained with other settings than its preset has now: "

@@ -50,9 +50,9 @@ def test_the_prepared_gpu_check_runs_on_the_cpu(tmp_path):
 
 
 def test_a_b1v2_row_trained_with_other_settings_than_its_preset_is_refused(tmp_path):
-    """A row folder whose saved config differs from the preset in a training setting is named
-    with both values; machine and read-out settings, and ``auto`` precision that resolves to what
-    the row ran, are accepted; the folder is left as it was."""
+    """A row folder whose saved config differs from the preset in a training setting or the
+    seed is named with both values; machine, run-folder and read-out settings, and ``auto``
+    precision that resolves to what the row ran, are accepted; the folder is left as it was."""
     import yaml
 
     from attnssl.config import config_to_dict, load_config
@@ -68,6 +68,9 @@ def test_a_b1v2_row_trained_with_other_settings_than_its_preset_is_refused(tmp_p
     changed = load_config("mae_fashion_mnist", ["method.decoder_depth=4"])
     with pytest.raises(SystemExit, match=r"method\.decoder_depth \(trained 2, preset now 4\)"):
         check_row_matches_preset(tmp_path, changed)
+    other_seed = load_config("mae_fashion_mnist", ["method.decoder_depth=2", "run.seed=1"])
+    with pytest.raises(SystemExit, match=r"run\.seed \(trained 0, preset now 1\)"):
+        check_row_matches_preset(tmp_path, other_seed)  # a seed row is not its preset's row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
