@@ -47,12 +47,13 @@ from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.train.environment import machine_description
 from attnssl.train.optimisation import clip_each_parameter
 from attnssl.train.trainer import pretrain
-from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, SIMCLR_TWO_VIEWS, machine_line, replace_readme_block
 
 PRESETS = {"dino": "dino_fashion_mnist", "simclr": "simclr_fashion_mnist",
            "mae": "mae_fashion_mnist"}
-# lightly's examples sample each image once a step: ours the same, like with like
-PEER_OVERRIDES = {"mae": MAE_ONE_SAMPLE}
+# lightly's examples sample (MAE) or view (SimCLR: two views) each image as the official
+# code does: ours the same, like with like
+PEER_OVERRIDES = {"mae": MAE_ONE_SAMPLE, "simclr": SIMCLR_TWO_VIEWS}
 
 
 def peer_config(method: str, overrides: list[str] | tuple = ()):

@@ -27,13 +27,14 @@ from attnssl.eval.knn import knn_accuracy
 from attnssl.nn.vit import build_vit
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
-from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, SIMCLR_TWO_VIEWS, machine_line, replace_readme_block
 
 # row name -> (preset, overrides); "bam-cbsa" is BAM on a backbone whose attention is CBSA
 # (representatives pooled on a 4x4 grid of the 7x7 patches: 16 for 50 tokens)
 PRESETS = {
     "bam": ("bam_fashion_mnist", []), "dino": ("dino_fashion_mnist", []),
-    "udi": ("udi_fashion_mnist", []), "simclr": ("simclr_fashion_mnist", []),
+    "udi": ("udi_fashion_mnist", []),
+    "simclr": ("simclr_fashion_mnist", SIMCLR_TWO_VIEWS),  # two views per image, as B1 v1
     "mae": ("mae_fashion_mnist", MAE_ONE_SAMPLE),  # one sample per image, as B1 v1
     "bam-cbsa": ("bam_fashion_mnist", ["model.attention=cbsa", "model.cbsa_pool=4"]),
 }

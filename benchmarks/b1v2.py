@@ -10,8 +10,8 @@ its views, schedule, head, precision (``auto``) and read-out. Rows:
   official views are crops and flips already, so its row would be the preset's);
 - ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``);
 - the rows of ``VARIANTS``: a preset with named changes, kept where a preset choice costs
-  time (MAE's repeated sampling) or departs from the official recipe (BAM's positive masking
-  and crops), to show what it buys.
+  time (MAE's repeated sampling, SimCLR's four views) or departs from the official recipe
+  (BAM's positive masking and crops), to show what it buys, and second seeds.
 
 Each row is scored by the weighted k-NN (k=20, T=0.07) and the linear probe on the preset's
 read-out, beside the same k-NN of the same backbone untrained (same seed, same read-out) and of
@@ -38,7 +38,7 @@ from attnssl.runs.trained import config_from_checkpoint
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
 from benchmarks.b1_pretrain import raw_pixel_knn
-from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, SIMCLR_TWO_VIEWS, machine_line, replace_readme_block
 
 METHODS = tuple(method_names())  # every registered method has a Fashion-MNIST preset
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
@@ -53,6 +53,8 @@ VARIANTS = {
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
+    "simclr-2v": ("simclr_fashion_mnist", SIMCLR_TWO_VIEWS),
+    "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }
 
 

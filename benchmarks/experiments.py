@@ -535,12 +535,13 @@ EXPERIMENTS = (
         measures=("attention",)),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
-# minutes on the 2-core reference machine at one thread: points times a point's training
+# minutes on the 2-core reference machine at one thread: points times a point's training (the
+# MAE and SimCLR presets' four samples and views per image cost about 3.5 and 2 times one's)
 MINUTES = {"bam-positive-masking": 75, "bam-normalization": 60, "bam-sinkhorn-iters": 100,
-           "bam-entropy-gap": 220, "bam-batch-size": 100, "bam-vs-simclr-views": 200,
+           "bam-entropy-gap": 220, "bam-batch-size": 100, "bam-vs-simclr-views": 300,
            "udi-alpha": 180, "udi-sampling-windows": 220, "udi-shared-head": 80,
-           "cbsa-representatives": 170, "theory-depth": 30, "imbalance-vits": 100,
-           "theory-linear-attention": 15, "imbalance-vits-linear": 100}
+           "cbsa-representatives": 170, "theory-depth": 30, "imbalance-vits": 230,
+           "theory-linear-attention": 15, "imbalance-vits-linear": 230}
 
 
 def main() -> None:

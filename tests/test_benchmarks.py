@@ -93,8 +93,8 @@ def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views(
 
 def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     """MAE's one-sample rows are the preset with one view per image (the official sampling and
-    the demo's), BAM's masked rows the preset with the official positive masking and crops;
-    each listed with its method's rows."""
+    the demo's), BAM's masked rows the preset with the official positive masking and crops,
+    SimCLR's two-view rows the preset with two views; each listed with its method's rows."""
     from attnssl.config import load_config
     from benchmarks.b1v2 import VARIANTS, rows_known
 
@@ -110,3 +110,17 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     assert masked.method.positive_masking and not plain.method.positive_masking
     assert masked.views.global_scale == (0.4, 1.0) != plain.views.global_scale
     assert rows.index("bam-masked") < rows.index("dino")
+    preset, overrides = rows_known()["simclr-2v-crops-flips"]
+    two_views = load_config(preset, overrides)
+    assert (two_views.views.global_crops, two_views.views.color_jitter_prob) == (2, 0.0)
+    assert load_config(preset).views.global_crops == 4
+    assert load_config(*rows_known()["mae-seed1"]).run.seed == 1
+
+
+def test_the_lightly_comparison_runs_the_official_sampling():
+    """lightly's examples view each image twice (SimCLR) and sample it once (MAE) a step: the
+    presets that now take more are compared in that setting."""
+    from benchmarks.b1_peers import peer_config
+
+    assert peer_config("simclr").views.global_crops == 2
+    assert (peer_config("mae").views.global_crops, peer_config("mae").optim.lr) == (1, 3e-3)
