@@ -157,8 +157,9 @@ def masked_tokens(vit: nn.Module, images: torch.Tensor, masks: torch.Tensor | No
 
 @register_method
 class IBOT(SelfDistillation):
-    """Student: masked global views (all tokens through the head) and local views (class token);
-    teacher (EMA of backbone and head): unmasked global views, all tokens. See :class:`IBOTLoss`.
+    """Student: masked global views (class tokens and masked patches through the head) and
+    local views (class token); teacher (EMA of backbone and head): unmasked global views, all
+    tokens. See :class:`IBOTLoss`.
 
     The mask token has the official ``masked_embed``'s shape ``(1, D)``, zero at the start; the
     last-layer freeze of the first ``freeze_last_layer_epochs`` covers both last layers, and the
