@@ -38,7 +38,14 @@ from attnssl.runs.trained import config_from_checkpoint
 from attnssl.train.environment import machine_description
 from attnssl.train.trainer import pretrain
 from benchmarks.b1_pretrain import raw_pixel_knn
-from benchmarks.helpers import MAE_ONE_SAMPLE, ROOT, SIMCLR_TWO_VIEWS, machine_line, replace_readme_block
+from benchmarks.helpers import (
+    BAM_OFFICIAL,
+    MAE_ONE_SAMPLE,
+    ROOT,
+    SIMCLR_TWO_VIEWS,
+    machine_line,
+    replace_readme_block,
+)
 
 METHODS = tuple(method_names())  # every registered method has a Fashion-MNIST preset
 CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
@@ -46,10 +53,9 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
-MASKED = ["method.positive_masking=true", "views.global_scale=[0.4,1.0]"]  # BAM's official pair
 VARIANTS = {
-    "bam-masked": ("bam_fashion_mnist", MASKED),
-    "bam-masked-20ep": ("bam_fashion_mnist", [*MASKED, "optim.epochs=20"]),
+    "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
+    "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
