@@ -117,6 +117,28 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     assert load_config(*rows_known()["mae-seed1"]).run.seed == 1
 
 
+def test_b1v2_table_only_rebuilds_the_table_from_the_results_file_and_trains_nothing(tmp_path):
+    """``--table-only`` reads the stored rows (and raw-pixel floor) of ``--out`` and prints
+    their table; listed rows without a run folder are not trained (no folder appears); a
+    missing results file is named."""
+    stored = json.loads((ROOT / "benchmarks" / "results" / "b1v2.json").read_text())
+    out, runs = tmp_path / "b1v2.json", tmp_path / "runs"
+    out.write_text(json.dumps(stored))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.b1v2", "--table-only", "--rows", "bam",
+                           "--out", str(out), "--runs-dir", str(runs)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not runs.exists()
+    for row in stored["rows"]:
+        assert f"| {row['row']} | {row['readout']} |" in done.stdout
+    assert f"| raw pixels (floor) | 784 pixels | - | - | {stored['raw_pixel_knn_top1']:.2f} |" in done.stdout
+    assert json.loads(out.read_text())["rows"] == stored["rows"]
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.b1v2", "--table-only",
+                              "--out", str(tmp_path / "none.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "none.json does not exist" in missing.stderr
+
+
 def test_the_lightly_comparison_runs_the_official_sampling():
     """lightly's examples view each image twice (SimCLR) and sample it once (MAE) a step: the
     presets that now take more are compared in that setting."""
