@@ -60,6 +60,7 @@ VARIANTS = {
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
+    "simclr-seed1": ("simclr_fashion_mnist", ["run.seed=1"]),
     "simclr-2v": ("simclr_fashion_mnist", SIMCLR_TWO_VIEWS),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }

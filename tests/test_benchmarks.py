@@ -115,6 +115,7 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     assert (two_views.views.global_crops, two_views.views.color_jitter_prob) == (2, 0.0)
     assert load_config(preset).views.global_crops == 4
     assert load_config(*rows_known()["mae-seed1"]).run.seed == 1
+    assert load_config(*rows_known()["simclr-seed1"]).run.seed == 1
 
 
 def test_b1v2_table_only_rebuilds_the_table_from_the_results_file_and_trains_nothing(tmp_path):
