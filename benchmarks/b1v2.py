@@ -10,8 +10,9 @@ its views, schedule, head, precision (``auto``) and read-out. Rows:
   official views are crops and flips already, so its row would be the preset's);
 - ``METHOD-20ep``: the preset for 20 epochs (trained in pieces with ``--max-steps``);
 - the rows of ``VARIANTS``: a preset with named changes, kept where a preset choice costs
-  time (MAE's repeated sampling, SimCLR's four views) or departs from the official recipe
-  (BAM's positive masking and crops), to show what it buys, and second seeds.
+  time (MAE's repeated sampling, BAM's and SimCLR's four views) or departs from the official
+  recipe (BAM's positive masking, crops and EMA teacher), to show what it buys, and second
+  seeds.
 
 Each row is scored by the weighted k-NN (k=20, T=0.07) and the linear probe on the preset's
 read-out, beside the same k-NN of the same backbone untrained (same seed, same read-out) and of
@@ -41,6 +42,7 @@ from attnssl.train.trainer import pretrain
 from benchmarks.b1_pretrain import raw_pixel_knn
 from benchmarks.helpers import (
     BAM_OFFICIAL,
+    BAM_TEACHER,
     MAE_ONE_SAMPLE,
     ROOT,
     SIMCLR_TWO_VIEWS,
@@ -55,6 +57,10 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
 LONG = ("bam", "simclr", "mae")
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
+    "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
+    "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2"]),
+    "bam-teacher": ("bam_fashion_mnist", BAM_TEACHER),
+    "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2"]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),

@@ -93,8 +93,9 @@ def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views(
 
 def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     """MAE's one-sample rows are the preset with one view per image (the official sampling and
-    the demo's), BAM's masked rows the preset with the official positive masking and crops,
-    SimCLR's two-view rows the preset with two views; each listed with its method's rows."""
+    the demo's), BAM's masked rows the preset with the official teacher, two global views,
+    positive masking and crops, SimCLR's two-view rows the preset with two views; each listed
+    with its method's rows."""
     from attnssl.config import load_config
     from benchmarks.b1v2 import VARIANTS, rows_known
 
@@ -109,6 +110,11 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     masked, plain = load_config(preset, overrides), load_config(preset)
     assert masked.method.positive_masking and not plain.method.positive_masking
     assert masked.views.global_scale == (0.4, 1.0) != plain.views.global_scale
+    assert masked.method.teacher and not plain.method.teacher  # the official EMA teacher
+    assert masked.views.global_crops == 2 < plain.views.global_crops  # official: two globals
+    previous = load_config(*rows_known()["bam-teacher-2v"])  # the preset before its tenth round
+    assert (previous.method.teacher, previous.views.global_crops) == (True, 2)
+    assert load_config(*rows_known()["bam-2v"]).method.teacher is False
     assert rows.index("bam-masked") < rows.index("dino")
     preset, overrides = rows_known()["simclr-2v-crops-flips"]
     two_views = load_config(preset, overrides)
