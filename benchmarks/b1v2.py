@@ -220,10 +220,10 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="train and score nothing: rebuild the table from the rows in --out")
     args = parser.parse_args()
-    if args.table_only and not Path(args.out).is_file():
-        raise SystemExit(f"--table-only reads the rows of --out, and {args.out} does not exist")
 
     out = Path(args.out)
+    if args.table_only and not out.is_file():
+        raise SystemExit(f"--table-only reads the rows of --out, and {out} does not exist")
     stored = json.loads(out.read_text()) if out.is_file() else {}
     previous = stored.get("rows", [])
     raw = (stored["raw_pixel_knn_top1"] if args.table_only
