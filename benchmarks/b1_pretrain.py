@@ -1,14 +1,20 @@
-"""Protocol B1 (v1, docs/benchmarks.md): Fashion-MNIST, small ViT, CPU, crops and flips only.
+"""Protocol B1 (v1, docs/benchmarks.md; superseded by B1 v2): Fashion-MNIST, small ViT, CPU.
 
-Pretrains each method in each precision on the same protocol (timm ViT img 28 / patch 4 /
-width 128 / depth 4 / 4 heads, 2 global crops of 28 px at scale (0.4, 1), flips, batch 256,
-AdamW lr 1e-3, wd 0.05, 1 warm-up epoch then cosine, 5 epochs), then scores the backbone's CLS
-token with weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a table beside the
-two floors (raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and,
-with ``--readme``, replaces the B1 table in docs/results.md.
+Pretrains each method's Fashion-MNIST preset as it is now (SimCLR and MAE as the rows were run:
+``SIMCLR_TWO_VIEWS``, ``MAE_ONE_SAMPLE``) in each precision on the timm ViT img 28 / patch 4 /
+width 128 / depth 4 / 4 heads, batch 256, 5 epochs, then scores the preset's read-out with
+weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a table beside the two floors
+(raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and, with
+``--readme``, replaces the B1 table in docs/results.md.
 
-    python -m benchmarks.b1_pretrain                       # the published protocol
-    python -m benchmarks.b1_pretrain --epochs 1 --subset 15360   # a quick look
+The stored table is historical: it was made on 2026-11-22 (commit d9eb640, where this script
+ran as ``python benchmarks/b1_pretrain.py``) when the presets used crops and flips only (two
+global crops at scale (0.4, 1)) and BAM an EMA teacher. The presets have been tuned since
+(docs/presets.md), so running this today trains different recipes; B1 v2 (``benchmarks.b1v2``)
+is the current table, with a crops-and-flips row per method.
+
+    python -m benchmarks.b1_pretrain --methods mae --precisions 32   # one row, presets of today
+    python -m benchmarks.b1_pretrain --epochs 1 --subset 15360         # a quick look
 """
 
 from __future__ import annotations
