@@ -61,6 +61,8 @@ VARIANTS = {
     "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2"]),
     "bam-teacher": ("bam_fashion_mnist", BAM_TEACHER),
     "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2"]),
+    # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
+    "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
