@@ -59,6 +59,7 @@ LONG = ("bam", "simclr", "mae")
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
     "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2"]),
+    "bam-6v": ("bam_fashion_mnist", ["views.global_crops=6"]),
     "bam-teacher": ("bam_fashion_mnist", BAM_TEACHER),
     "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2"]),
     # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
