@@ -7,11 +7,11 @@ weighted k-NN (k=20, cosine, T=0.07) and a linear probe. Prints a table beside t
 (raw pixels and the random-init backbone), writes ``benchmarks/results/b1.json`` and, with
 ``--readme``, replaces the B1 table in docs/results.md.
 
-The stored table is historical: it was made on 2026-11-22 (commit d9eb640, where this script
-ran as ``python benchmarks/b1_pretrain.py``) when the presets used crops and flips only (two
-global crops at scale (0.4, 1)) and BAM an EMA teacher. The presets have been tuned since
-(docs/presets.md), so running this today trains different recipes; B1 v2 (``benchmarks.b1v2``)
-is the current table, with a crops-and-flips row per method.
+The stored table is historical: it was made on 2026-11-22 (commits da092fc to d9eb640, where
+this script ran as ``python benchmarks/b1_pretrain.py``) when the presets used crops and flips
+only (two global crops at scale (0.4, 1)) and BAM an EMA teacher. The presets have been tuned
+since (docs/presets.md), so running this today trains different recipes; B1 v2
+(``benchmarks.b1v2``) is the current table, and its crops-and-flips rows show what the views buy.
 
     python -m benchmarks.b1_pretrain --methods mae --precisions 32   # one row, presets of today
     python -m benchmarks.b1_pretrain --epochs 1 --subset 15360         # a quick look
