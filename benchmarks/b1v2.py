@@ -71,6 +71,7 @@ VARIANTS = {
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
     "simclr-seed1": ("simclr_fashion_mnist", ["run.seed=1"]),
     "simclr-2v": ("simclr_fashion_mnist", SIMCLR_TWO_VIEWS),
+    "simclr-6v": ("simclr_fashion_mnist", ["views.global_crops=6"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }
 
