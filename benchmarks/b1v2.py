@@ -65,6 +65,9 @@ VARIANTS = {
     # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
     "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
+    # the official MlpProjHead's default batch norms (its ViT scripts turn them off)
+    "bam-projector-bn": ("bam_fashion_mnist", ["method.projector_batchnorm=true",
+                                               "method.projector_last_batchnorm=true"]),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),

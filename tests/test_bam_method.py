@@ -98,6 +98,41 @@ def test_bad_bam_settings_are_named():
         load_config("bam_synthetic", ["method.sinkhorn_iter=3"])
     with pytest.raises(ConfigError, match="normalization"):
         load_config("bam_synthetic", ["method.normalization=batch"])
+    with pytest.raises(ConfigError, match="projector_last_batchnorm=true needs projector_batchnorm"):
+        load_config("bam_synthetic", ["method.projector_last_batchnorm=true"])
+
+
+def test_batch_normed_projector_is_the_official_layer_order():
+    """With both batch norms: Linear, BN, GELU per hidden layer, then Linear and an affine-free
+    BN, whose training output has zero mean and unit variance per channel; by hand: the same
+    numbers from the layers' own weights and the batch's statistics."""
+    _, method = _bam("method.projector_batchnorm=true", "method.projector_last_batchnorm=true",
+                     "method.projector_layers=2", "method.projector_hidden=16",
+                     "method.projector_out=8")
+    projector = method.projector.train()
+    kinds = [type(m).__name__ for m in projector]
+    assert kinds == ["Linear", "GlobalBatchNorm1d", "GELU", "Linear", "GlobalBatchNorm1d"]
+    assert projector[1].affine and not projector[4].affine
+    h = torch.randn(64, method.backbone.embed_dim)
+    with torch.no_grad():
+        projector[1].weight.uniform_(0.5, 2.0)
+        projector[1].bias.uniform_(-1.0, 1.0)
+        out = projector(h)
+
+        def batch_norm(x, eps=1e-5):
+            return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + eps)
+
+        first = projector[0](h)
+        hidden = torch.nn.functional.gelu(batch_norm(first) * projector[1].weight
+                                          + projector[1].bias)
+        before_last = projector[3](hidden)
+        expected = batch_norm(before_last)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(out.mean(0), torch.zeros(8), atol=1e-5)
+    spread = before_last.var(0, unbiased=False)  # unit variance, up to the eps of 1e-5
+    assert torch.allclose(out.var(0, unbiased=False), spread / (spread + 1e-5), atol=1e-4)
+    _, plain = _bam()
+    assert not any("BatchNorm" in type(m).__name__ for m in plain.projector)
 
 
 def test_partial_positive_masking_draws_each_image_from_torchs_generator():

@@ -48,13 +48,21 @@ class BAMSection(MethodSection):
     projector_hidden: int = Field(4096, gt=0)
     projector_out: int = Field(4096, gt=0)
     projector_layers: int = Field(3, ge=1)
+    projector_batchnorm: bool = Field(
+        False, description="batch norm after each hidden projector layer (official ViT scripts: "
+        "off; its code's default: on)")
+    projector_last_batchnorm: bool = Field(
+        False, description="with projector_batchnorm: a batch norm without affine on the "
+        "projector's output")
     eval_backbone: Literal["teacher", "student"] | None = Field(
         None, description="backbone evaluated and exported (null: the teacher when there is one)")
 
     @model_validator(mode="after")
-    def _check_teacher(self) -> BAMSection:
+    def _check_pairs(self) -> BAMSection:
         if self.eval_backbone == "teacher" and not self.teacher:
             raise ValueError("eval_backbone=teacher needs teacher=true")
+        if self.projector_last_batchnorm and not self.projector_batchnorm:
+            raise ValueError("projector_last_batchnorm=true needs projector_batchnorm=true")
         return self
 
 
@@ -96,7 +104,9 @@ class BAM(Method):
         self.cfg = cfg
         self.backbone = backbone
         self.projector = MLPProjector(backbone.embed_dim, cfg.projector_hidden,
-                                      cfg.projector_out, cfg.projector_layers)
+                                      cfg.projector_out, cfg.projector_layers,
+                                      batchnorm=cfg.projector_batchnorm,
+                                      last_batchnorm=cfg.projector_last_batchnorm)
         self.criterion = BAMLoss(
             n_views=n_global + n_local, n_global_views=n_global, temperature=cfg.temperature,
             sinkhorn_eps=cfg.sinkhorn_eps, sinkhorn_iters=cfg.sinkhorn_iters,

@@ -34,19 +34,32 @@ class ProjectionHead(nn.Sequential):
 
 
 class MLPProjector(nn.Sequential):
-    """BAM's projector (the official ``MlpProjHead`` as its ViT scripts set it): no batch norm.
+    """BAM's projector (the official ``MlpProjHead``, github.com/DanielShalam/BAM
+    ``models/heads.py``).
 
-    ``g(h) = W_L GELU(... GELU(W_1 h + b_1) ...) + b_L``; weights truncated-normal (std 0.02),
-    biases zero.
+    ``g(h) = W_L a(... a(W_1 h + b_1) ...) + b_L`` with GELU ``a``; with ``batchnorm`` each
+    hidden layer is ``a(BN(W_k h + b_k))``, and with ``last_batchnorm`` too the output is
+    ``BN(W_L h + b_L)`` without learned scale and shift. The official code's defaults put both
+    batch norms in; its ViT scripts turn both off (``--proj_use_bn false --proj_last_bn
+    false``), and so do we by default. The batch norms are global
+    (:class:`GlobalBatchNorm1d`), as the official code's ``SyncBatchNorm``. Weights
+    truncated-normal (std 0.02), biases zero.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3,
+                 batchnorm: bool = False, last_batchnorm: bool = False):
+        if last_batchnorm and not batchnorm:
+            raise ValueError("last_batchnorm needs batchnorm (as the official MlpProjHead)")
         modules: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
         for k in range(layers):
             modules.append(nn.Linear(dims[k], dims[k + 1]))
             if k < layers - 1:
+                if batchnorm:
+                    modules.append(GlobalBatchNorm1d(dims[k + 1]))
                 modules.append(nn.GELU())
+            elif last_batchnorm:
+                modules.append(GlobalBatchNorm1d(dims[k + 1], affine=False))
         super().__init__(*modules)
         for module in self.modules():
             if isinstance(module, nn.Linear):
