@@ -6,11 +6,17 @@ schedules and per-image torchvision transforms in a ``DataLoader``, around a pla
 ``VisionTransformer`` of the B1 size (img 28, patch 4, width 128, depth 4, 4 heads, timm's own
 fused attention). Every method setting lightly exposes is set to our preset's value (head sizes,
 temperatures and their warm-up, centring, teacher momentum, mask ratio, per-patch normalised
-targets, crop scales and sizes, flips, no colour augmentation on grayscale); batch 256, AdamW
-lr 1e-3 wd 0.05 without decay on biases and norms, 1 warm-up epoch then cosine, DINO's
+targets, crop scales and sizes, flips, the presets' brightness/contrast jitter: lightly's
+``ColorJitter`` with saturation and hue 0, as ours on grayscale images); the preset's batch,
+AdamW learning rate and weight decay without decay on biases and norms, warm-up then cosine, DINO's
 per-parameter gradient clip at 3.0 and frozen last layer in epoch 0. What stays lightly's own:
 the forward is one call per view (as its examples), SimCLR's projector ends with a batch norm,
-MAE's crop is bicubic.
+MAE's crop is bicubic, torchvision's jitter applies its changes in a random order (ours in a
+fixed one).
+
+Each method's entry in the results file keeps the settings it was measured with; the table
+names the methods whose settings the presets have since moved away from, since the command
+would now train another recipe.
 
 Two measurements, both written to ``benchmarks/results/b1_peers.json``:
 
@@ -41,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from attnssl.config import load_config
+from attnssl.config import config_to_dict, flatten_config, load_config
 from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
 from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.train.environment import machine_description
@@ -59,6 +65,32 @@ PEER_OVERRIDES = {"mae": MAE_ONE_SAMPLE, "simclr": SIMCLR_TWO_VIEWS}
 def peer_config(method: str, overrides: list[str] | tuple = ()):
     """Our preset for ``method`` as it is compared with the peer's, with ``overrides``."""
     return load_config(PRESETS[method], [*PEER_OVERRIDES.get(method, []), *overrides])
+
+
+def grayscale_jitter(views) -> dict:
+    """lightly's colour-jitter arguments for our views on grayscale images: brightness and
+    contrast with the preset's probability and strengths (lightly scales each by
+    ``cj_strength``), no saturation or hue, as ours skips on one channel."""
+    return {"cj_prob": views.color_jitter_prob, "cj_strength": 1.0,
+            "cj_bright": views.brightness, "cj_contrast": views.contrast,
+            "cj_sat": 0.0, "cj_hue": 0.0}
+
+
+def recorded_settings(config) -> dict:
+    """What a row was measured with, as dotted keys (run and trainer keys left out: they do
+    not change the recipe)."""
+    return {k: v for k, v in flatten_config(config_to_dict(config)).items()
+            if not k.startswith(("run.", "trainer."))}
+
+
+def moved_settings(method: str, entry: dict) -> list[str] | None:
+    """The keys whose preset value differs now from the one ``entry`` was measured with
+    (None: the entry did not record its settings)."""
+    if "settings" not in entry:
+        return None
+    now = recorded_settings(peer_config(method))
+    return sorted(k for k in now.keys() | entry["settings"].keys()
+                  if now.get(k) != entry["settings"].get(k))
 
 
 def lightly_modules():
@@ -138,8 +170,8 @@ class PeerDINO(nn.Module):
         return lightly_modules()[3].DINOTransform(
             global_crop_size=28, global_crop_scale=tuple(v.global_scale), local_crop_size=v.local_size,
             local_crop_scale=tuple(v.local_scale), n_local_views=v.local_crops, hf_prob=v.hflip_prob,
-            cj_prob=0.0, random_gray_scale=0.0, gaussian_blur=(0.0, 0.0, 0.0), solarization_prob=0.0,
-            normalize=normalize)
+            random_gray_scale=0.0, gaussian_blur=(0.0, 0.0, 0.0), solarization_prob=0.0,
+            normalize=normalize, **grayscale_jitter(v))
 
 
 class PeerSimCLR(nn.Module):
@@ -166,8 +198,8 @@ class PeerSimCLR(nn.Module):
     def transform(config, normalize):
         v = config.views
         return lightly_modules()[3].SimCLRTransform(
-            input_size=28, cj_prob=0.0, min_scale=v.global_scale[0], random_gray_scale=0.0,
-            gaussian_blur=0.0, hf_prob=v.hflip_prob, normalize=normalize)
+            input_size=28, min_scale=v.global_scale[0], random_gray_scale=0.0,
+            gaussian_blur=0.0, hf_prob=v.hflip_prob, normalize=normalize, **grayscale_jitter(v))
 
 
 class PeerMAE(nn.Module):
@@ -389,7 +421,8 @@ def main() -> None:
     results["machine"] = machine
     for method in args.methods:
         config = peer_config(method)
-        entry = {**results["methods"].get(method, {}), "command": command}
+        entry = {**results["methods"].get(method, {}), "command": command,
+                 "settings": recorded_settings(config)}
         workers = 0
         if not (args.skip_throughput and (args.skip_budget or args.skip_peer_budget)):
             workers, trial = fastest_workers(method, config, images, steps=6)
@@ -452,9 +485,26 @@ def peers_table(results: dict) -> str:
                 f"{ours_precision}, lightly in fp32, scored by the same k-NN and linear probe on "
                 "the full splits; the mean over the budget seeds.")
     lines += ["", f"Throughput: medians of {rounds} alternating rounds (attnssl, lightly, attnssl, "
-              f"lightly, ...).{accuracy}", "",
+              f"lightly, ...).{accuracy}", "", *stale_note(results), "",
               machine_line(results["machine"], "`; `".join(commands))]
     return "\n".join(lines)
+
+
+def stale_note(results: dict) -> list[str]:
+    """A line naming the rows whose presets have moved on since they were measured, or which
+    did not record their settings."""
+    notes = []
+    for method, entry in results["methods"].items():
+        moved = moved_settings(method, entry)
+        if moved is None:
+            notes.append(f"{method} (settings not recorded)")
+        elif moved:
+            shown = ", ".join(f"`{k}`" for k in moved[:4]) + (" ..." if len(moved) > 4 else "")
+            notes.append(f"{method} (changed since: {shown})")
+    if not notes:
+        return []
+    return [f"Rows that may not match today's presets: {'; '.join(notes)}. The command trains "
+            f"the presets as they are now."]
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ VARIANTS = {
     # the official MlpProjHead's default batch norms (its ViT scripts turn them off)
     "bam-projector-bn": ("bam_fashion_mnist", ["method.projector_batchnorm=true",
                                                "method.projector_last_batchnorm=true"]),
+    # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
+    "bam-wd-schedule": ("bam_fashion_mnist", ["optim.weight_decay=0.04",
+                                              "optim.weight_decay_end=0.4"]),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),

@@ -153,3 +153,24 @@ def test_the_lightly_comparison_runs_the_official_sampling():
 
     assert peer_config("simclr").views.global_crops == 2
     assert (peer_config("mae").views.global_crops, peer_config("mae").optim.lr) == (1, 3e-3)
+
+
+def test_the_lightly_comparison_names_rows_the_presets_moved_away_from():
+    """A stored peer row keeps the settings it was measured with; the table names a row whose
+    preset changed since (and a row that recorded nothing), and not one that still matches."""
+    from benchmarks.b1_peers import grayscale_jitter, peer_config, recorded_settings, stale_note
+
+    def stored(*overrides):  # as the results file holds them
+        return json.loads(json.dumps(recorded_settings(peer_config(*overrides))))
+
+    now = stored("simclr")
+    results = {"methods": {"simclr": {"settings": stored("simclr", ["method.temperature=0.5"])},
+                           "mae": {}, "dino": {"settings": stored("dino")}}}
+    note = " ".join(stale_note(results))
+    assert "simclr (changed since: `method.temperature`)" in note
+    assert "mae (settings not recorded)" in note and "dino" not in note
+    assert stale_note({"methods": {"simclr": {"settings": now}}}) == []
+    views = peer_config("simclr").views  # lightly's jitter is the preset's, on one channel
+    assert grayscale_jitter(views) == {"cj_prob": views.color_jitter_prob, "cj_strength": 1.0,
+                                       "cj_bright": views.brightness,
+                                       "cj_contrast": views.contrast, "cj_sat": 0.0, "cj_hue": 0.0}
