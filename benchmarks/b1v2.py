@@ -55,6 +55,8 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
+# the official MlpProjHead's default batch norms (its ViT scripts turn them off)
+BAM_PROJECTOR_BN = ["method.projector_batchnorm=true", "method.projector_last_batchnorm=true"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
@@ -65,9 +67,8 @@ VARIANTS = {
     # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
     "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
-    # the official MlpProjHead's default batch norms (its ViT scripts turn them off)
-    "bam-projector-bn": ("bam_fashion_mnist", ["method.projector_batchnorm=true",
-                                               "method.projector_last_batchnorm=true"]),
+    "bam-projector-bn": ("bam_fashion_mnist", BAM_PROJECTOR_BN),
+    "bam-projector-bn-seed1": ("bam_fashion_mnist", [*BAM_PROJECTOR_BN, "run.seed=1"]),
     # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
     "bam-wd-schedule": ("bam_fashion_mnist", ["optim.weight_decay=0.04",
                                               "optim.weight_decay_end=0.4"]),
