@@ -42,6 +42,7 @@ from attnssl.train.trainer import pretrain
 from benchmarks.b1_pretrain import raw_pixel_knn
 from benchmarks.helpers import (
     BAM_OFFICIAL,
+    BAM_PLAIN_PROJECTOR,
     BAM_TEACHER,
     MAE_ONE_SAMPLE,
     ROOT,
@@ -55,24 +56,26 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
-# the official MlpProjHead's default batch norms (its ViT scripts turn them off)
-BAM_PROJECTOR_BN = ["method.projector_batchnorm=true", "method.projector_last_batchnorm=true"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
-    "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2"]),
-    "bam-6v": ("bam_fashion_mnist", ["views.global_crops=6"]),
-    "bam-teacher": ("bam_fashion_mnist", BAM_TEACHER),
-    "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2"]),
+    # the preset's choices up to its eleventh round, with the projector it had then (no batch
+    # norm, BAM_PLAIN_PROJECTOR): what the twelfth round's batch norms buy, on two seeds
+    "bam-plain-projector": ("bam_fashion_mnist", BAM_PLAIN_PROJECTOR),
+    "bam-plain-projector-seed1": ("bam_fashion_mnist", [*BAM_PLAIN_PROJECTOR, "run.seed=1"]),
+    "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2", *BAM_PLAIN_PROJECTOR]),
+    "bam-6v": ("bam_fashion_mnist", ["views.global_crops=6", *BAM_PLAIN_PROJECTOR]),
+    "bam-teacher": ("bam_fashion_mnist", [*BAM_TEACHER, *BAM_PLAIN_PROJECTOR]),
+    "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2",
+                                             *BAM_PLAIN_PROJECTOR]),
     # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
-    "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS]),
+    "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS,
+                                                 *BAM_PLAIN_PROJECTOR]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
-    "bam-projector-bn": ("bam_fashion_mnist", BAM_PROJECTOR_BN),
-    "bam-projector-bn-seed1": ("bam_fashion_mnist", [*BAM_PROJECTOR_BN, "run.seed=1"]),
+    "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
     "bam-wd-schedule": ("bam_fashion_mnist", ["optim.weight_decay=0.04",
                                               "optim.weight_decay_end=0.4"]),
-    "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
