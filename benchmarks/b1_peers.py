@@ -14,9 +14,10 @@ the forward is one call per view (as its examples), SimCLR's projector ends with
 MAE's crop is bicubic, torchvision's jitter applies its changes in a random order (ours in a
 fixed one).
 
-Each method's entry in the results file keeps the settings it was measured with; the table
-names the methods whose settings the presets have since moved away from, since the command
-would now train another recipe.
+Each method's entry in the results file keeps the settings it was measured with; a new
+measurement with other settings replaces the whole entry (a throughput-only run does not keep
+accuracy rows of another recipe), and the table names the methods whose settings the presets
+have since moved away from, since the command would now train another recipe.
 
 Two measurements, both written to ``benchmarks/results/b1_peers.json``:
 
@@ -421,8 +422,11 @@ def main() -> None:
     results["machine"] = machine
     for method in args.methods:
         config = peer_config(method)
-        entry = {**results["methods"].get(method, {}), "command": command,
-                 "settings": recorded_settings(config)}
+        settings = recorded_settings(config)
+        previous = results["methods"].get(method, {})
+        if previous.get("settings") != settings:  # measured with other settings: not kept
+            previous = {}
+        entry = {**previous, "command": command, "settings": settings}
         workers = 0
         if not (args.skip_throughput and (args.skip_budget or args.skip_peer_budget)):
             workers, trial = fastest_workers(method, config, images, steps=6)
