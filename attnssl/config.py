@@ -461,6 +461,29 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def nest_config(flat: dict[str, Any]) -> dict:
+    """The inverse of :func:`flatten_config`: ``{"optim.lr": 1}`` -> ``{"optim": {"lr": 1}}``."""
+    tree: dict = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config as today's schema reads it: a setting added since it was saved appears at
+    its default (the value that keeps what ran before the setting existed), so comparing two
+    configs sees it. A config that no longer validates (a setting since removed or renamed)
+    comes back as it was."""
+    try:
+        return config_to_dict(build_config(saved))
+    except ConfigError:
+        return saved
+
+
 def resume_overridable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_OVERRIDABLE)
 

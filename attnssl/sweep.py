@@ -367,7 +367,8 @@ def open_study(out: Path, spec: SweepSpec):
         raise ConfigError(
             f"{out} holds a sweep of other settings ({recorded['preset']} "
             f"{' '.join(recorded['settings'])}); rerun that command to continue it, or choose "
-            f"another --out")
+            f"another --out (moving {out / 'points'} into it reuses each point trained with the "
+            f"same settings instead of training it again)")
     study.set_user_attr("spec", described)
     return study
 

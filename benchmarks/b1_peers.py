@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from attnssl.config import config_to_dict, flatten_config, load_config
+from attnssl.config import config_to_dict, flatten_config, load_config, nest_config, with_defaults
 from attnssl.data.datasets import NORMALISATION, DatasetSpec, load_dataset
 from attnssl.eval.evaluate import evaluate_features, load_eval_splits
 from attnssl.train.environment import machine_description
@@ -80,18 +80,22 @@ def grayscale_jitter(views) -> dict:
 def recorded_settings(config) -> dict:
     """What a row was measured with, as dotted keys (run and trainer keys left out: they do
     not change the recipe)."""
-    return {k: v for k, v in flatten_config(config_to_dict(config)).items()
-            if not k.startswith(("run.", "trainer."))}
+    return recipe(flatten_config(config_to_dict(config)))
+
+
+def recipe(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not k.startswith(("run.", "trainer."))}
 
 
 def moved_settings(method: str, entry: dict) -> list[str] | None:
-    """The keys whose preset value differs now from the one ``entry`` was measured with
-    (None: the entry did not record its settings)."""
+    """The keys whose preset value differs now from the one ``entry`` was measured with, a
+    setting added since counting at its default (None: the entry did not record its
+    settings)."""
     if "settings" not in entry:
         return None
     now = recorded_settings(peer_config(method))
-    return sorted(k for k in now.keys() | entry["settings"].keys()
-                  if now.get(k) != entry["settings"].get(k))
+    then = recipe(flatten_config(with_defaults(nest_config(entry["settings"]))))
+    return sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
 
 
 def lightly_modules():

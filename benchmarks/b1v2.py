@@ -32,7 +32,13 @@ from pathlib import Path
 
 import yaml
 
-from attnssl.config import config_to_dict, describe_differences, differing_settings, load_config
+from attnssl.config import (
+    config_to_dict,
+    describe_differences,
+    differing_settings,
+    load_config,
+    with_defaults,
+)
 from attnssl.methods import method_names
 from attnssl.precision import accelerator_type, resolve_precision
 from attnssl.runs.checkpoint import load_training_checkpoint, newest_readable_checkpoint
@@ -148,12 +154,12 @@ def check_row_matches_preset(run_dir: Path, config) -> None:
     """Refuse a row folder trained with other settings than the preset's now: its score would
     stand in the table for a recipe that was not run. Read-out, machine and run-folder settings
     may differ (the row is rescored or continued), the seed may not, and a row trained in the
-    precision that ``auto`` picks here matches a preset's ``auto``; nothing is moved or
-    deleted."""
+    precision that ``auto`` picks here matches a preset's ``auto``; a setting added since the
+    row was trained counts at its default. Nothing is moved or deleted."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    trained = yaml.safe_load(saved.read_text()) or {}
+    trained = with_defaults(yaml.safe_load(saved.read_text()) or {})
     auto_here = resolve_precision("auto", accelerator_type(config.trainer.accelerator))
     same_precision = (config.trainer.precision == "auto"
                       and trained["trainer"]["precision"] == auto_here)

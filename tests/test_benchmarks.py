@@ -74,6 +74,26 @@ def test_a_b1v2_row_trained_with_other_settings_than_its_preset_is_refused(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
+def test_b1v2_reads_a_setting_added_since_a_row_was_trained_at_its_default(tmp_path):
+    """A row folder saved before BAM's projector batch norms existed ran the plain projector:
+    it is refused as the preset's row (which turns them on) and accepted as the row that pins
+    the plain projector."""
+    import yaml
+
+    from attnssl.config import config_to_dict, load_config
+    from benchmarks.b1v2 import check_row_matches_preset, rows_known
+
+    rows = rows_known()
+    plain = load_config(*rows["bam-plain-projector"])
+    saved = config_to_dict(plain)
+    for key in ("projector_batchnorm", "projector_last_batchnorm"):
+        del saved["method"][key]  # as written before the settings existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_row_matches_preset(tmp_path, plain)
+    with pytest.raises(SystemExit, match=r"method\.projector_batchnorm \(trained False, preset now True\)"):
+        check_row_matches_preset(tmp_path, load_config(*rows["bam"]))
+
+
 def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views():
     """MAE's preset is crops and flips already (its official views), so a crops-and-flips row
     would train the preset again (its default local blur acts on no local crop); SimCLR's
@@ -94,7 +114,8 @@ def test_b1v2_has_a_crops_and_flips_row_only_where_the_preset_changes_its_views(
 def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     """MAE's one-sample rows are the preset with one view per image (the official sampling and
     the demo's), BAM's masked rows the preset with the official teacher, two global views,
-    positive masking and crops, SimCLR's two-view rows the preset with two views; each listed
+    positive masking and crops, SimCLR's two-view rows the preset with two views; BAM's rows
+    trained before the preset's projector batch norms pin the plain projector; each listed
     with its method's rows."""
     from attnssl.config import load_config
     from benchmarks.b1v2 import VARIANTS, rows_known
@@ -115,6 +136,11 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     previous = load_config(*rows_known()["bam-teacher-2v"])  # the preset before its tenth round
     assert (previous.method.teacher, previous.views.global_crops) == (True, 2)
     assert load_config(*rows_known()["bam-2v"]).method.teacher is False
+    assert plain.method.projector_batchnorm and plain.method.projector_last_batchnorm
+    for row in ("bam-plain-projector", "bam-plain-projector-seed1", "bam-2v", "bam-6v",
+                "bam-teacher", "bam-teacher-2v", "bam-2v-crops-flips", "bam-masked",
+                "bam-masked-20ep"):  # trained before the preset took the batch norms
+        assert load_config(*rows_known()[row]).method.projector_batchnorm is False, row
     assert rows.index("bam-masked") < rows.index("dino")
     preset, overrides = rows_known()["simclr-2v-crops-flips"]
     two_views = load_config(preset, overrides)
@@ -170,6 +196,8 @@ def test_the_lightly_comparison_names_rows_the_presets_moved_away_from():
     assert "simclr (changed since: `method.temperature`)" in note
     assert "mae (settings not recorded)" in note and "dino" not in note
     assert stale_note({"methods": {"simclr": {"settings": now}}}) == []
+    older = {k: v for k, v in now.items() if k != "views.erasing_prob"}  # a setting added since
+    assert stale_note({"methods": {"simclr": {"settings": older}}}) == []
     views = peer_config("simclr").views  # lightly's jitter is the preset's, on one channel
     assert grayscale_jitter(views) == {"cj_prob": views.color_jitter_prob, "cj_strength": 1.0,
                                        "cj_bright": views.brightness,

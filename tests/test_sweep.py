@@ -128,6 +128,15 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
     other = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,5e-3"], **SCORE)
     with pytest.raises(ConfigError, match="holds a sweep of other settings"):
         run_sweep(other, out)
+    # as the refusal says: the points moved into a new folder are reused, not trained again
+    moved = tmp_path / "other"
+    moved.mkdir()
+    (out / "points").rename(moved / "points")
+    reused = run_sweep(other, moved)
+    assert (moved / "points" / first[0].name / "sweep-trained.json").stat().st_mtime == first_mtime
+    assert len(list((moved / "points").iterdir())) == 3  # 1e-3 reused, 2e-3 kept, 5e-3 new
+    assert [r["knn_top1"] for r in reused if r["point"]["optim.lr"] == "1e-3"] == [
+        r["knn_top1"] for r in results if r["point"]["optim.lr"] == "1e-3"]
 
 
 def _sigterm_at_first_checkpoint(args: list[str], out: Path) -> tuple[str, str]:
