@@ -88,6 +88,8 @@ VARIANTS = {
     "simclr-seed1": ("simclr_fashion_mnist", ["run.seed=1"]),
     "simclr-2v": ("simclr_fashion_mnist", SIMCLR_TWO_VIEWS),
     "simclr-6v": ("simclr_fashion_mnist", ["views.global_crops=6"]),
+    # SimCLR v2's deeper projector (Chen et al. 2020b: three layers), the preset's width
+    "simclr-projector-3l": ("simclr_fashion_mnist", ["method.projector_layers=3"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }
 
