@@ -62,6 +62,7 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.blur_prob=[0.0,0.0]", "views.local_blur_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
+BAM_WD_SCHEDULE = ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
@@ -80,8 +81,8 @@ VARIANTS = {
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
     # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
-    "bam-wd-schedule": ("bam_fashion_mnist", ["optim.weight_decay=0.04",
-                                              "optim.weight_decay_end=0.4"]),
+    "bam-wd-schedule": ("bam_fashion_mnist", BAM_WD_SCHEDULE),
+    "bam-wd-schedule-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE, "run.seed=1"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
