@@ -426,11 +426,10 @@ def main() -> None:
     results["machine"] = machine
     for method in args.methods:
         config = peer_config(method)
-        settings = recorded_settings(config)
         previous = results["methods"].get(method, {})
-        if previous.get("settings") != settings:  # measured with other settings: not kept
+        if moved_settings(method, previous) != []:  # other or unrecorded settings: not kept
             previous = {}
-        entry = {**previous, "command": command, "settings": settings}
+        entry = {**previous, "command": command, "settings": recorded_settings(config)}
         workers = 0
         if not (args.skip_throughput and (args.skip_budget or args.skip_peer_budget)):
             workers, trial = fastest_workers(method, config, images, steps=6)
