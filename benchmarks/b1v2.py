@@ -91,6 +91,10 @@ VARIANTS = {
     "simclr-6v": ("simclr_fashion_mnist", ["views.global_crops=6"]),
     # SimCLR v2's deeper projector (Chen et al. 2020b: three layers), the preset's width
     "simclr-projector-3l": ("simclr_fashion_mnist", ["method.projector_layers=3"]),
+    # the official code's output batch norm (scale, no shift, no bias; google-research/simclr)
+    "simclr-last-bn": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true"]),
+    "simclr-last-bn-seed1": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true",
+                                                      "run.seed=1"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }
 

@@ -231,31 +231,38 @@ def _bn_inputs(trailing: tuple[int, ...]):
     return xs, ws
 
 
-def _bn_layer(cls, momentum: float | None):
-    layer = cls(BN_CHANNELS, momentum=momentum).double()
+def _bn_layer(cls, momentum: float | None, shift: bool = True):
+    """A batch norm with fixed random scales and shifts; ``shift=False``: the global layer has
+    no shift, torch's a shift of zero (the same function)."""
+    extra = {} if cls is torch.nn.BatchNorm1d else {"shift": shift}
+    layer = cls(BN_CHANNELS, momentum=momentum, **extra).double()
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(BN_CHANNELS, generator=g, dtype=torch.float64) + 0.5)
-        layer.bias.copy_(torch.randn(BN_CHANNELS, generator=g, dtype=torch.float64))
+        shifts = torch.randn(BN_CHANNELS, generator=g, dtype=torch.float64)
+        if layer.bias is not None:
+            layer.bias.copy_(shifts if shift else torch.zeros_like(shifts))
     return layer
 
 
-BN_CASES = {"rows": ((), 0.3), "rows-length": ((2,), 0.3), "cumulative-average": ((), None)}
+BN_CASES = {"rows": ((), 0.3, True), "rows-length": ((2,), 0.3, True),
+            "cumulative-average": ((), None, True), "scale-only": ((), 0.3, False)}
 
 
 def _bn_part(rank: int, world: int) -> dict:
     from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
 
     results = {}
-    for case, (trailing, momentum) in BN_CASES.items():
+    for case, (trailing, momentum, shift) in BN_CASES.items():
         xs, ws = _bn_inputs(trailing)
-        layer = _bn_layer(GlobalBatchNorm1d, momentum).train()
+        layer = _bn_layer(GlobalBatchNorm1d, momentum, shift).train()
         x = xs[rank].clone().requires_grad_(True)
         for _ in range(2):  # two steps: the running estimates compound
             y = layer(x)
         (y * ws[rank]).sum().backward()
         results[case] = {"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
-                         "bias_grad": layer.bias.grad, "state": layer.state_dict()}
+                         "bias_grad": None if layer.bias is None else layer.bias.grad,
+                         "state": layer.state_dict()}
     return results
 
 
@@ -264,10 +271,11 @@ def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_bat
         gloo_runs, case):
     """SimCLR's global BN: outputs, every gradient and the running estimates match torch's
     ``nn.BatchNorm1d`` run once on both processes' rows (per-process weight gradients sum to
-    the global one; DDP then averages them)."""
-    trailing, momentum = BN_CASES[case]
+    the global one; DDP then averages them). Scale-only (SimCLR's output BN): torch's layer
+    with a zero shift, and no shift in the state dict."""
+    trailing, momentum, shift = BN_CASES[case]
     xs, ws = _bn_inputs(trailing)
-    reference = _bn_layer(torch.nn.BatchNorm1d, momentum).train()
+    reference = _bn_layer(torch.nn.BatchNorm1d, momentum, shift).train()
     x = torch.cat(xs).requires_grad_(True)
     for _ in range(2):
         y = reference(x)
@@ -276,10 +284,15 @@ def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_bat
     assert torch.allclose(torch.cat([o["y"] for o in outs]), y.detach(), atol=1e-12)
     assert torch.allclose(torch.cat([o["x_grad"] for o in outs]), x.grad, atol=1e-12)
     assert torch.allclose(sum(o["weight_grad"] for o in outs), reference.weight.grad, atol=1e-12)
-    assert torch.allclose(sum(o["bias_grad"] for o in outs), reference.bias.grad, atol=1e-12)
+    if shift:
+        assert torch.allclose(sum(o["bias_grad"] for o in outs), reference.bias.grad,
+                              atol=1e-12)
+    else:
+        assert all(o["bias_grad"] is None and "bias" not in o["state"] for o in outs)
     for out in outs:
         for name, value in reference.state_dict().items():
-            assert torch.allclose(out["state"][name], value, atol=1e-12), name
+            if name != "bias" or shift:
+                assert torch.allclose(out["state"][name], value, atol=1e-12), name
     # per-process statistics (plain BN on each process's rows) would differ
     local = _bn_layer(torch.nn.BatchNorm1d, momentum).train()(xs[0])
     assert not torch.allclose(local, outs[0]["y"], atol=1e-3)

@@ -22,6 +22,9 @@ class SimCLRSection(MethodSection):
     projector_out: int = Field(128, gt=0)
     projector_layers: int = Field(2, ge=1)
     projector_batchnorm: bool = True
+    projector_last_batchnorm: bool = Field(
+        False, description="a batch norm on the projector's output, scale only, no bias: the "
+        "official code's head (google-research/simclr); the paper's has none")
 
 
 @register_method
@@ -56,7 +59,7 @@ class SimCLR(Method):
         self.backbone = backbone
         self.projector = ProjectionHead(
             backbone.embed_dim, cfg.projector_hidden, cfg.projector_out, cfg.projector_layers,
-            cfg.projector_batchnorm,
+            cfg.projector_batchnorm, cfg.projector_last_batchnorm,
         )
         self.criterion = NTXentLoss(n_views=n_views, temperature=cfg.temperature)
 

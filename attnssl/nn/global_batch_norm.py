@@ -23,7 +23,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     the unbiased ``sigma^2 n / (n - 1)``. Statistics are computed in fp32 and the output keeps
     the input's dtype. With one process, or in evaluation, it is ``nn.BatchNorm1d``; the state
     dict is the same.
+
+    With ``shift=False`` (and ``affine``) the layer learns the scale ``gamma`` only: ``beta``
+    is absent (no parameter, no state-dict entry), as SimCLR's batch norm on the projector's
+    output (``center=False`` in github.com/google-research/simclr).
     """
+
+    def __init__(self, num_features: int, *args, shift: bool = True, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        if not shift:
+            if not self.affine:
+                raise ValueError("shift=False removes the learned shift of an affine batch "
+                                 "norm; with affine=False there is none to remove")
+            self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
@@ -40,7 +52,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         shape = [1, -1] + [1] * (x.dim() - 2)
         normalised = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
-            normalised = normalised * self.weight.view(shape) + self.bias.view(shape)
+            normalised = normalised * self.weight.view(shape)
+        if self.bias is not None:
+            normalised = normalised + self.bias.view(shape)
         return normalised.to(dtype)
 
     @torch.no_grad()

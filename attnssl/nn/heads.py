@@ -13,23 +13,29 @@ from attnssl.nn.global_batch_norm import GlobalBatchNorm1d
 class ProjectionHead(nn.Sequential):
     """SimCLR's projector: ``layers`` linear maps, each but the last followed by BN and ReLU.
 
-    The batch norm is global (:class:`GlobalBatchNorm1d`): over every process's rows, as
-    SimCLR's.
-
-    ``g(h) = W_L ... ReLU(BN(W_1 h))`` (Chen et al. 2020, 2-layer MLP by default).
+    ``g(h) = W_L ... ReLU(BN(W_1 h))`` (Chen et al. 2020, 2-layer MLP by default). With
+    ``last_batchnorm`` the output is ``gamma * BN(W_L h)``: no bias, a batch norm that learns a
+    scale but no shift. That is the official code's head (``ProjectionHead`` in
+    github.com/google-research/simclr, whose last ``LinearLayer`` has ``use_bn=True,
+    use_bias=False``); the paper's description has no output batch norm, and neither do we by
+    default. The batch norms are global (:class:`GlobalBatchNorm1d`): over every process's
+    rows, as SimCLR's.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2,
-                 batchnorm: bool = True):
+                 batchnorm: bool = True, last_batchnorm: bool = False):
         modules: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
         for k in range(layers):
             last = k == layers - 1
-            modules.append(nn.Linear(dims[k], dims[k + 1], bias=not (batchnorm and not last)))
+            normed = last_batchnorm if last else batchnorm
+            modules.append(nn.Linear(dims[k], dims[k + 1], bias=not normed))
             if not last:
                 if batchnorm:
                     modules.append(GlobalBatchNorm1d(dims[k + 1]))
                 modules.append(nn.ReLU(inplace=True))
+            elif last_batchnorm:
+                modules.append(GlobalBatchNorm1d(dims[k + 1], shift=False))
         super().__init__(*modules)
 
 
