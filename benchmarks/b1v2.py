@@ -63,6 +63,7 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
 BAM_WD_SCHEDULE = ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
+BAM_FROZEN_PATCHES = ["model.pos_embed=sincos", "model.freeze_patch_embed=true"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
@@ -83,6 +84,8 @@ VARIANTS = {
     # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
     "bam-wd-schedule": ("bam_fashion_mnist", BAM_WD_SCHEDULE),
     "bam-wd-schedule-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE, "run.seed=1"]),
+    # the official ViT's fixed sine-cosine positions and frozen patch projection (MoCo v3's)
+    "bam-frozen-patches": ("bam_fashion_mnist", BAM_FROZEN_PATCHES),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed

@@ -30,7 +30,8 @@ SIMCLR_TWO_VIEWS = ["views.global_crops=2"]
 BAM_TEACHER = ["method.teacher=true"]
 # BAM as the official code trains it, as far as the preset departs from it: the EMA teacher, two
 # global views a step (the preset took four in its tenth round), positive masking and crops of
-# 40-100 % (turned off and narrowed in its eighth), and a projector without batch norm (its ViT
+# 40-100 % (turned off and narrowed in its eighth; the official ViT scripts crop 25-100 % beside
+# six local crops, 40-100 % is DINO's global scale), and a projector without batch norm (its ViT
 # scripts'; the preset took the code's default batch norms in its twelfth round): the
 # experiments' BAM sections and the B1 v2 rows bam-masked
 BAM_PLAIN_PROJECTOR = ["method.projector_batchnorm=false", "method.projector_last_batchnorm=false"]

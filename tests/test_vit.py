@@ -125,3 +125,37 @@ def test_last_block_tokens_are_each_blocks_normalised_output(generator):
     two, _ = extract_features(vit, data, kind="cls+mean", blocks=2)
     assert one.shape == (16, 256) and two.shape == (16, 512)
     assert torch.allclose(two[:, 256:], one, atol=1e-5)  # the last block's part is blocks=1
+
+
+def test_a_frozen_patch_projection_stays_at_its_start_while_the_rest_trains(generator):
+    """``model.freeze_patch_embed=true``: after real optimiser steps (AdamW with weight decay)
+    the patch projection is bit-for-bit its random start, the blocks have moved, and the
+    optimiser does not hold it; without the key it trains."""
+    from attnssl.config import load_config
+    from attnssl.methods import build_method
+    from attnssl.train.optimisation import build_optimizer
+
+    def train(*overrides):
+        config = load_config("bam_synthetic", list(overrides))
+        torch.manual_seed(0)
+        method = build_method(config, build_vit(config.model, 32, 3))
+        optimizer = build_optimizer(method, config.optim)
+        backbone = method.backbone
+        start = {k: v.clone() for k, v in backbone.state_dict().items()}
+        images = torch.rand(8, 3, 32, 32, generator=generator)
+        for _ in range(2):
+            views = [images, images.flip(-1), images[..., ::2, ::2], images[..., 1::2, 1::2]]
+            method(views)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        moved = {k for k, v in backbone.state_dict().items() if not torch.equal(v, start[k])}
+        return backbone, held, moved
+
+    frozen, held, moved = train("model.freeze_patch_embed=true")
+    assert not frozen.patch_embed.proj.weight.requires_grad
+    assert id(frozen.patch_embed.proj.weight) not in held
+    assert not moved & {"patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert "blocks.0.attn.qkv.weight" in moved
+    _, _, moved = train()
+    assert {"patch_embed.proj.weight", "patch_embed.proj.bias"} <= moved

@@ -64,6 +64,11 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
     A second class token (UDI's ``cls+``, ``model.class_tokens=2``) is timm's register token:
     a learned prefix token with its own position embedding, as the official UDI ViT has; both
     class tokens are then initialised truncated-normal (std 0.02), as there.
+
+    ``model.freeze_patch_embed`` keeps the patch projection at its random start (no gradient,
+    so no update and no weight decay): MoCo v3's trick (Chen et al. 2021, section 4.1), which
+    BAM's official ViT uses together with fixed sine-cosine positions
+    (github.com/DanielShalam/BAM ``models/vit.py``; here ``model.pos_embed=sincos``).
     """
     size = resolve_size(model_cfg)
     if img_size % size.patch_size:
@@ -95,6 +100,8 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         nn.init.trunc_normal_(vit.reg_token, std=0.02)
     if getattr(model_cfg, "pos_embed", "learned") == "sincos":
         sincos_pos_embed_(vit)
+    if getattr(model_cfg, "freeze_patch_embed", False):
+        vit.patch_embed.proj.requires_grad_(False)
     for layer in attention_layers(vit):
         layer.num_prefix_tokens = vit.num_prefix_tokens
         if hasattr(layer, "pool_side"):
