@@ -157,8 +157,9 @@ class ModelSection(Section):
     pos_embed: Literal["learned", "sincos"] = Field(
         "learned", description="learned (timm) or the fixed 2-D sine-cosine table (MAE's)")
     freeze_patch_embed: bool = Field(
-        False, description="keep the patch projection at its random start, untrained (MoCo v3's "
-        "stabilising trick, which BAM's official ViT uses with fixed sine-cosine positions)")
+        False, description="keep the patch projection at its start, untrained (MoCo v3's "
+        "stabilising trick, which BAM's official ViT uses with fixed sine-cosine positions and "
+        "timm's default initialisation of the projection)")
     cbsa_pool: int = Field(8, gt=0, description="cbsa/agent: representatives pooled on an "
                            "m x m grid of patches (8 officially)")
     cbsa_small_grid: Literal["cap", "repeat"] = Field(

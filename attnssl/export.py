@@ -109,7 +109,10 @@ def _read_export(folder: str | Path) -> tuple[dict, dict]:
 
 def load_exported(folder: str | Path) -> nn.Module:
     """The backbone of an ``attnssl export`` folder, any attention or block, weights checked
-    key by key."""
+    key by key. Parameters keep the trainability their run gave them: fixed sine-cosine
+    positions and a frozen patch projection (``model.freeze_patch_embed``) come back without
+    gradient; ``backbone.requires_grad_(True)`` trains them too (as fine-tuning,
+    ``eval.finetune``, does)."""
     from attnssl.config import ModelSection
     from attnssl.nn.vit import build_vit
 

@@ -294,5 +294,5 @@ def test_two_process_global_batch_norm_equals_torch_batch_norm_on_the_global_bat
             if name != "bias" or shift:
                 assert torch.allclose(out["state"][name], value, atol=1e-12), name
     # per-process statistics (plain BN on each process's rows) would differ
-    local = _bn_layer(torch.nn.BatchNorm1d, momentum).train()(xs[0])
+    local = _bn_layer(torch.nn.BatchNorm1d, momentum, shift).train()(xs[0])
     assert not torch.allclose(local, outs[0]["y"], atol=1e-3)

@@ -65,10 +65,12 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
     a learned prefix token with its own position embedding, as the official UDI ViT has; both
     class tokens are then initialised truncated-normal (std 0.02), as there.
 
-    ``model.freeze_patch_embed`` keeps the patch projection at its random start (no gradient,
-    so no update and no weight decay): MoCo v3's trick (Chen et al. 2021, section 4.1), which
-    BAM's official ViT uses together with fixed sine-cosine positions
-    (github.com/DanielShalam/BAM ``models/vit.py``; here ``model.pos_embed=sincos``).
+    ``model.freeze_patch_embed`` keeps the patch projection at its start (no gradient, so no
+    update and no weight decay): MoCo v3's trick (Chen et al. 2021, section 4.1), which BAM's
+    official ViT uses together with fixed sine-cosine positions (github.com/DanielShalam/BAM
+    ``models/vit.py``; here ``model.pos_embed=sincos``). As there, the frozen projection keeps
+    timm's initialisation (MoCo v3's own code gives it a uniform one of its own); with
+    ``model.init_from`` it is the exported projection that stays.
     """
     size = resolve_size(model_cfg)
     if img_size % size.patch_size:
