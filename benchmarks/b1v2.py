@@ -86,7 +86,6 @@ VARIANTS = {
     "bam-wd-schedule-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE, "run.seed=1"]),
     # the official ViT's fixed sine-cosine positions and frozen patch projection (MoCo v3's)
     "bam-frozen-patches": ("bam_fashion_mnist", BAM_FROZEN_PATCHES),
-    "bam-frozen-patches-seed1": ("bam_fashion_mnist", [*BAM_FROZEN_PATCHES, "run.seed=1"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
@@ -97,8 +96,6 @@ VARIANTS = {
     "simclr-projector-3l": ("simclr_fashion_mnist", ["method.projector_layers=3"]),
     # the official code's output batch norm (scale, no shift, no bias; google-research/simclr)
     "simclr-last-bn": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true"]),
-    "simclr-last-bn-seed1": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true",
-                                                      "run.seed=1"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
 }
 
