@@ -61,4 +61,3 @@ def test_perfect_alignment_has_lower_loss_than_random(generator):
 def test_rejects_single_view():
     with pytest.raises(ValueError, match="n_views >= 2"):
         NTXentLoss(n_views=1)
-
