@@ -32,8 +32,9 @@ BAM_TEACHER = ["method.teacher=true"]
 # global views a step (the preset took four in its tenth round), positive masking and crops of
 # 40-100 % (turned off and narrowed in its eighth; the official ViT scripts crop 25-100 % beside
 # six local crops, 40-100 % is DINO's global scale), and a projector without batch norm (its ViT
-# scripts'; the preset took the code's default batch norms in its twelfth round): the
-# experiments' BAM sections and the B1 v2 rows bam-masked
+# scripts'; the preset took the code's default batch norms in its twelfth round), with the
+# preset's constant weight decay 0.05 (official: 0.04 rising to 0.4): the experiments' BAM
+# sections and the B1 v2 rows bam-masked
 BAM_PLAIN_PROJECTOR = ["method.projector_batchnorm=false", "method.projector_last_batchnorm=false"]
 BAM_OFFICIAL = [*BAM_TEACHER, "views.global_crops=2", "method.positive_masking=true",
                 "views.global_scale=[0.4,1.0]", *BAM_PLAIN_PROJECTOR]
