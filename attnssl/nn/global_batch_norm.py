@@ -26,7 +26,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     With ``shift=False`` (and ``affine``) the layer learns the scale ``gamma`` only: ``beta``
     is absent (no parameter, no state-dict entry), as SimCLR's batch norm on the projector's
-    output (``center=False`` in github.com/google-research/simclr).
+    output (``center=False`` in github.com/google-research/simclr). (torch's own
+    ``BatchNorm1d(bias=False)`` does the same but is newer than the oldest torch this package
+    supports; once that floor passes it, ``shift`` can hand over to it.)
     """
 
     def __init__(self, num_features: int, *args, shift: bool = True, **kwargs):

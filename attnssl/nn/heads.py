@@ -30,12 +30,10 @@ class ProjectionHead(nn.Sequential):
             last = k == layers - 1
             normed = last_batchnorm if last else batchnorm
             modules.append(nn.Linear(dims[k], dims[k + 1], bias=not normed))
+            if normed:
+                modules.append(GlobalBatchNorm1d(dims[k + 1], shift=not last))
             if not last:
-                if batchnorm:
-                    modules.append(GlobalBatchNorm1d(dims[k + 1]))
                 modules.append(nn.ReLU(inplace=True))
-            elif last_batchnorm:
-                modules.append(GlobalBatchNorm1d(dims[k + 1], shift=False))
         super().__init__(*modules)
 
 
