@@ -86,6 +86,11 @@ VARIANTS = {
     "bam-wd-schedule-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE, "run.seed=1"]),
     # the official ViT's fixed sine-cosine positions and frozen patch projection (MoCo v3's)
     "bam-frozen-patches": ("bam_fashion_mnist", BAM_FROZEN_PATCHES),
+    # both official choices together (each alone is inside the spread), on two seeds
+    "bam-wd-schedule-frozen-patches": ("bam_fashion_mnist",
+                                       [*BAM_WD_SCHEDULE, *BAM_FROZEN_PATCHES]),
+    "bam-wd-schedule-frozen-patches-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE,
+                                             *BAM_FROZEN_PATCHES, "run.seed=1"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
