@@ -50,6 +50,7 @@ from benchmarks.helpers import (
     BAM_OFFICIAL,
     BAM_PLAIN_PROJECTOR,
     BAM_TEACHER,
+    BAM_TIMM_STEM,
     MAE_ONE_SAMPLE,
     ROOT,
     SIMCLR_TWO_VIEWS,
@@ -67,30 +68,34 @@ BAM_FROZEN_PATCHES = ["model.pos_embed=sincos", "model.freeze_patch_embed=true"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
+    # the preset up to its fourteenth round: constant weight decay 0.05 and timm's learned stem
+    # (BAM_TIMM_STEM); every BAM row below pins it, as it was trained with it
+    "bam-timm-stem": ("bam_fashion_mnist", BAM_TIMM_STEM),
+    "bam-timm-stem-seed1": ("bam_fashion_mnist", [*BAM_TIMM_STEM, "run.seed=1"]),
+    "bam-timm-stem-20ep": ("bam_fashion_mnist", [*BAM_TIMM_STEM, "optim.epochs=20"]),
+    # the fifteenth round's two official choices one at a time: the weight decay 0.04 rising to
+    # 0.4 on a cosine, and the fixed sine-cosine positions with a frozen patch projection
+    "bam-wd-schedule": ("bam_fashion_mnist", [*BAM_TIMM_STEM, *BAM_WD_SCHEDULE]),
+    "bam-wd-schedule-seed1": ("bam_fashion_mnist",
+                              [*BAM_TIMM_STEM, *BAM_WD_SCHEDULE, "run.seed=1"]),
+    "bam-frozen-patches": ("bam_fashion_mnist", [*BAM_TIMM_STEM, *BAM_FROZEN_PATCHES]),
     # the preset's choices up to its eleventh round, with the projector it had then (no batch
     # norm, BAM_PLAIN_PROJECTOR): what the twelfth round's batch norms buy, on two seeds
-    "bam-plain-projector": ("bam_fashion_mnist", BAM_PLAIN_PROJECTOR),
-    "bam-plain-projector-seed1": ("bam_fashion_mnist", [*BAM_PLAIN_PROJECTOR, "run.seed=1"]),
-    "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2", *BAM_PLAIN_PROJECTOR]),
-    "bam-6v": ("bam_fashion_mnist", ["views.global_crops=6", *BAM_PLAIN_PROJECTOR]),
-    "bam-teacher": ("bam_fashion_mnist", [*BAM_TEACHER, *BAM_PLAIN_PROJECTOR]),
+    "bam-plain-projector": ("bam_fashion_mnist", [*BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]),
+    "bam-plain-projector-seed1": ("bam_fashion_mnist",
+                                  [*BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM, "run.seed=1"]),
+    "bam-2v": ("bam_fashion_mnist", ["views.global_crops=2", *BAM_PLAIN_PROJECTOR,
+                                     *BAM_TIMM_STEM]),
+    "bam-6v": ("bam_fashion_mnist", ["views.global_crops=6", *BAM_PLAIN_PROJECTOR,
+                                     *BAM_TIMM_STEM]),
+    "bam-teacher": ("bam_fashion_mnist", [*BAM_TEACHER, *BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]),
     "bam-teacher-2v": ("bam_fashion_mnist", [*BAM_TEACHER, "views.global_crops=2",
-                                             *BAM_PLAIN_PROJECTOR]),
+                                             *BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]),
     # what BAM's views buy, at two views as SimCLR's row simclr-2v-crops-flips (against bam-2v)
     "bam-2v-crops-flips": ("bam_fashion_mnist", ["views.global_crops=2", *CROPS_AND_FLIPS,
-                                                 *BAM_PLAIN_PROJECTOR]),
+                                                 *BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]),
     "bam-masked": ("bam_fashion_mnist", BAM_OFFICIAL),
     "bam-masked-20ep": ("bam_fashion_mnist", [*BAM_OFFICIAL, "optim.epochs=20"]),
-    # the official ViT scripts' weight decay, 0.04 rising to 0.4 on a cosine (preset: 0.05)
-    "bam-wd-schedule": ("bam_fashion_mnist", BAM_WD_SCHEDULE),
-    "bam-wd-schedule-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE, "run.seed=1"]),
-    # the official ViT's fixed sine-cosine positions and frozen patch projection (MoCo v3's)
-    "bam-frozen-patches": ("bam_fashion_mnist", BAM_FROZEN_PATCHES),
-    # both official choices together (each alone is inside the spread), on two seeds
-    "bam-wd-schedule-frozen-patches": ("bam_fashion_mnist",
-                                       [*BAM_WD_SCHEDULE, *BAM_FROZEN_PATCHES]),
-    "bam-wd-schedule-frozen-patches-seed1": ("bam_fashion_mnist", [*BAM_WD_SCHEDULE,
-                                             *BAM_FROZEN_PATCHES, "run.seed=1"]),
     "mae-1x": ("mae_fashion_mnist", MAE_ONE_SAMPLE),
     "mae-1x-20ep": ("mae_fashion_mnist", [*MAE_ONE_SAMPLE, "optim.epochs=20"]),
     "mae-seed1": ("mae_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed

@@ -28,16 +28,24 @@ SIMCLR_TWO_VIEWS = ["views.global_crops=2"]
 # BAM's EMA teacher, which the BAM preset dropped in its tenth tuning round (the student's own
 # similarities give the targets), at the preset's momentum 0.95: the B1 v2 rows bam-teacher*
 BAM_TEACHER = ["method.teacher=true"]
-# BAM as the official code trains it, as far as the preset departs from it: the EMA teacher, two
-# global views a step (the preset took four in its tenth round), positive masking and crops of
-# 40-100 % (turned off and narrowed in its eighth; the official ViT scripts crop 25-100 % beside
-# six local crops, 40-100 % is DINO's global scale), and a projector without batch norm (its ViT
-# scripts'; the preset took the code's default batch norms in its twelfth round), with the
-# preset's constant weight decay 0.05 (official: 0.04 rising to 0.4): the experiments' BAM
-# sections and the B1 v2 rows bam-masked
+# BAM's weight decay and stem until its fifteenth tuning round: a constant 0.05 and timm's
+# learned positions with a trained patch projection (since then the official 0.04 -> 0.4 and
+# fixed sine-cosine positions with a frozen projection): every B1 v2 BAM row trained before it,
+# and the experiments' BAM sections
+BAM_TIMM_STEM = ["optim.weight_decay=0.05", "optim.weight_decay_end=null",
+                 "model.pos_embed=learned", "model.freeze_patch_embed=false"]
+# BAM's projector without batch norm (its ViT scripts'; the preset took the code's default
+# batch norms in its twelfth round)
 BAM_PLAIN_PROJECTOR = ["method.projector_batchnorm=false", "method.projector_last_batchnorm=false"]
+# BAM as the official code trains it, as far as the preset departed from it when the sections
+# were first run: the EMA teacher, two global views a step (the preset took four in its tenth
+# round), positive masking and crops of 40-100 % (turned off and narrowed in its eighth; the
+# official ViT scripts crop 25-100 % beside six local crops, 40-100 % is DINO's global scale),
+# a projector without batch norm, and the weight decay and stem of BAM_TIMM_STEM (not the
+# official ones the preset has now, so that stored sections and rows stay reproducible): the
+# experiments' BAM sections and the B1 v2 rows bam-masked
 BAM_OFFICIAL = [*BAM_TEACHER, "views.global_crops=2", "method.positive_masking=true",
-                "views.global_scale=[0.4,1.0]", *BAM_PLAIN_PROJECTOR]
+                "views.global_scale=[0.4,1.0]", *BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]
 
 
 DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
