@@ -64,7 +64,7 @@ CROPS_AND_FLIPS = ["views.color_jitter_prob=0.0", "views.gamma_prob=0.0",
                    "views.solarize_prob=[0.0,0.0]", "views.erasing_prob=0.0"]
 LONG = ("bam", "simclr", "mae")
 BAM_WD_SCHEDULE = ["optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
-BAM_FROZEN_PATCHES = ["model.pos_embed=sincos", "model.freeze_patch_embed=true"]
+FROZEN_PATCHES = ["model.pos_embed=sincos", "model.freeze_patch_embed=true"]
 # name -> (preset, overrides): what a preset's choice buys, each row beside the preset's own
 VARIANTS = {
     "bam-seed1": ("bam_fashion_mnist", ["run.seed=1"]),  # the preset on a second seed
@@ -78,7 +78,7 @@ VARIANTS = {
     "bam-wd-schedule": ("bam_fashion_mnist", [*BAM_TIMM_STEM, *BAM_WD_SCHEDULE]),
     "bam-wd-schedule-seed1": ("bam_fashion_mnist",
                               [*BAM_TIMM_STEM, *BAM_WD_SCHEDULE, "run.seed=1"]),
-    "bam-frozen-patches": ("bam_fashion_mnist", [*BAM_TIMM_STEM, *BAM_FROZEN_PATCHES]),
+    "bam-frozen-patches": ("bam_fashion_mnist", [*BAM_TIMM_STEM, *FROZEN_PATCHES]),
     # the preset's choices up to its eleventh round, with the projector it had then (no batch
     # norm, BAM_PLAIN_PROJECTOR): what the twelfth round's batch norms buy, on two seeds
     "bam-plain-projector": ("bam_fashion_mnist", [*BAM_PLAIN_PROJECTOR, *BAM_TIMM_STEM]),
@@ -104,6 +104,9 @@ VARIANTS = {
     "simclr-6v": ("simclr_fashion_mnist", ["views.global_crops=6"]),
     # SimCLR v2's deeper projector (Chen et al. 2020b: three layers), the preset's width
     "simclr-projector-3l": ("simclr_fashion_mnist", ["method.projector_layers=3"]),
+    # MoCo v3's stem for contrastive ViTs (Chen, Xie and He 2021), as BAM's preset took it:
+    # fixed sine-cosine positions and a frozen patch projection
+    "simclr-frozen-patches": ("simclr_fashion_mnist", FROZEN_PATCHES),
     # the official code's output batch norm (scale, no shift, no bias; google-research/simclr)
     "simclr-last-bn": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
