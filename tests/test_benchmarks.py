@@ -115,8 +115,9 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     """MAE's one-sample rows are the preset with one view per image (the official sampling and
     the demo's), BAM's masked rows the preset with the official teacher, two global views,
     positive masking and crops, SimCLR's two-view rows the preset with two views; BAM's rows
-    trained before the preset's projector batch norms pin the plain projector; each listed
-    with its method's rows."""
+    trained before the preset's projector batch norms pin the plain projector, and those
+    trained before its official weight decay and stem pin the former ones; each listed with
+    its method's rows."""
     from attnssl.config import load_config
     from benchmarks.b1v2 import VARIANTS, rows_known
 
@@ -141,6 +142,23 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
                 "bam-teacher", "bam-teacher-2v", "bam-2v-crops-flips", "bam-masked",
                 "bam-masked-20ep"):  # trained before the preset took the batch norms
         assert load_config(*rows_known()[row]).method.projector_batchnorm is False, row
+    # every BAM row trained before the preset took the official weight decay and stem keeps
+    # the constant 0.05 and timm's learned stem; the two rows that try one of them keep the other
+    official = (0.04, 0.4, "sincos", True)
+    assert (plain.optim.weight_decay, plain.optim.weight_decay_end, plain.model.pos_embed,
+            plain.model.freeze_patch_embed) == official
+    for row, kept in {"bam-timm-stem": (0.05, None, "learned", False),
+                      "bam-timm-stem-seed1": (0.05, None, "learned", False),
+                      "bam-timm-stem-20ep": (0.05, None, "learned", False),
+                      "bam-wd-schedule": (0.04, 0.4, "learned", False),
+                      "bam-frozen-patches": (0.05, None, "sincos", True),
+                      "bam-plain-projector": (0.05, None, "learned", False),
+                      "bam-2v-crops-flips": (0.05, None, "learned", False),
+                      "bam-masked": (0.05, None, "learned", False)}.items():
+        config = load_config(*rows_known()[row])
+        assert (config.optim.weight_decay, config.optim.weight_decay_end, config.model.pos_embed,
+                config.model.freeze_patch_embed) == kept, row
+    assert load_config(*rows_known()["bam-seed1"]).model.freeze_patch_embed  # the preset now
     assert rows.index("bam-masked") < rows.index("dino")
     preset, overrides = rows_known()["simclr-2v-crops-flips"]
     two_views = load_config(preset, overrides)
