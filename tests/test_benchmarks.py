@@ -144,20 +144,18 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
         assert load_config(*rows_known()[row]).method.projector_batchnorm is False, row
     # every BAM row trained before the preset took the official weight decay and stem keeps
     # the constant 0.05 and timm's learned stem; the two rows that try one of them keep the other
-    official = (0.04, 0.4, "sincos", True)
-    assert (plain.optim.weight_decay, plain.optim.weight_decay_end, plain.model.pos_embed,
-            plain.model.freeze_patch_embed) == official
-    for row, kept in {"bam-timm-stem": (0.05, None, "learned", False),
-                      "bam-timm-stem-seed1": (0.05, None, "learned", False),
-                      "bam-timm-stem-20ep": (0.05, None, "learned", False),
+    def decay_and_stem(config):
+        return (config.optim.weight_decay, config.optim.weight_decay_end,
+                config.model.pos_embed, config.model.freeze_patch_embed)
+
+    former = (0.05, None, "learned", False)
+    assert decay_and_stem(plain) == (0.04, 0.4, "sincos", True)
+    for row, kept in {"bam-timm-stem": former, "bam-timm-stem-seed1": former,
+                      "bam-timm-stem-20ep": former, "bam-plain-projector": former,
+                      "bam-2v-crops-flips": former, "bam-masked": former,
                       "bam-wd-schedule": (0.04, 0.4, "learned", False),
-                      "bam-frozen-patches": (0.05, None, "sincos", True),
-                      "bam-plain-projector": (0.05, None, "learned", False),
-                      "bam-2v-crops-flips": (0.05, None, "learned", False),
-                      "bam-masked": (0.05, None, "learned", False)}.items():
-        config = load_config(*rows_known()[row])
-        assert (config.optim.weight_decay, config.optim.weight_decay_end, config.model.pos_embed,
-                config.model.freeze_patch_embed) == kept, row
+                      "bam-frozen-patches": (0.05, None, "sincos", True)}.items():
+        assert decay_and_stem(load_config(*rows_known()[row])) == kept, row
     assert load_config(*rows_known()["bam-seed1"]).model.freeze_patch_embed  # the preset now
     assert rows.index("bam-masked") < rows.index("dino")
     preset, overrides = rows_known()["simclr-2v-crops-flips"]
