@@ -38,7 +38,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnssl.config import Config, ConfigError, load_config, parse_override
+from attnssl.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    flatten_config,
+    load_config,
+    parse_override,
+    with_defaults,
+)
 
 STUDY_NAME = "attnssl-sweep"
 
@@ -203,23 +211,27 @@ def _short_hash(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def training_key(config: Config) -> str:
-    """A short hash of everything but ``eval.*`` (and run bookkeeping): points with equal keys
-    share one training run."""
-    from attnssl.config import config_to_dict
-
-    tree = config_to_dict(config)
-    tree.pop("eval")
+def result_settings(tree: dict, with_eval: bool = False) -> dict:
+    """A config (as a dict) without the settings that cannot change a training result
+    (``BOOKKEEPING``, run names and folders, ``trainer.max_steps``), and without ``eval`` unless
+    ``with_eval``."""
+    tree = dict(tree)
+    if not with_eval:
+        tree.pop("eval")
     tree["run"] = {"seed": tree["run"]["seed"]}
     tree["trainer"] = {k: v for k, v in tree["trainer"].items()
                        if f"trainer.{k}" not in BOOKKEEPING and k != "max_steps"}
     tree["data"] = {k: v for k, v in tree["data"].items() if f"data.{k}" not in BOOKKEEPING}
-    return _short_hash(tree)
+    return tree
+
+
+def training_key(config: Config) -> str:
+    """A short hash of everything but ``eval.*`` (and run bookkeeping): points with equal keys
+    share one training run."""
+    return _short_hash(result_settings(config_to_dict(config)))
 
 
 def floor_key(config: Config) -> str:
-    from attnssl.config import config_to_dict
-
     tree = config_to_dict(config)
     wanted = {"model": tree["model"], "seed": tree["run"]["seed"], "data": tree["data"],
               "views_global_size": tree["views"]["global_size"], "method": tree["method"]["name"],
@@ -281,7 +293,6 @@ def pretrain_in_child(config: Config, run_dir: Path, resume: Path | None) -> dic
 
     import yaml
 
-    from attnssl.config import config_to_dict
     from attnssl.runs.checkpoint import atomic_write
 
     if resume is None:
@@ -361,16 +372,44 @@ def open_study(out: Path, spec: SweepSpec):
     sampler = optuna.samplers.TPESampler(seed=spec.seed) if spec.trials else None
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
                                 sampler=sampler, load_if_exists=True)
-    recorded = study.user_attrs.get("spec")
-    described = describe(spec)
-    if recorded is not None and recorded != described:
+    differences = sweep_differences(study.user_attrs.get("spec"),
+                                    study.user_attrs.get("config"), spec)
+    if differences:
+        recorded = study.user_attrs["spec"]
         raise ConfigError(
             f"{out} holds a sweep of other settings ({recorded['preset']} "
-            f"{' '.join(recorded['settings'])}); rerun that command to continue it, or choose "
-            f"another --out (moving {out / 'points'} into it reuses each point trained with the "
-            f"same settings instead of training it again)")
-    study.set_user_attr("spec", described)
+            f"{' '.join(recorded['settings'])}; it differs in {'; '.join(differences)}); rerun "
+            f"that command to continue it, or choose another --out (moving {out / 'points'} "
+            f"into it reuses each point trained with the same settings instead of training it "
+            f"again)")
+    for name, value in (("spec", describe(spec)), ("config", config_to_dict(spec.config({})))):
+        if study.user_attrs.get(name) != value:
+            study.set_user_attr(name, value)
     return study
+
+
+def sweep_differences(recorded: dict | None, recorded_config: dict | None,
+                      spec: SweepSpec) -> list[str]:
+    """What keeps ``spec`` from continuing the sweep recorded in a folder, one entry per
+    difference (empty: the same sweep, or none recorded). Settings are compared as they
+    resolve, so one sweep may be continued with overrides that only restate the preset's
+    values, and is refused after a change to the preset itself (the swept keys excepted: the
+    points set them); a setting added to the schema since the record counts at its default."""
+    if recorded is None:
+        return []
+    described = describe(spec)
+    if recorded_config is None:  # recorded before sweeps kept their resolved settings
+        recorded = {**recorded, "swept": described["swept"]}
+        return [] if recorded == described else ["its settings as written"]
+    differences = [f"{key} (recorded {recorded.get(key)!r}, asked {described[key]!r})"
+                   for key in IDENTITY if recorded.get(key) != described[key]]
+    was = flatten_config(result_settings(with_defaults(recorded_config), with_eval=True))
+    now = flatten_config(result_settings(config_to_dict(spec.config({})), with_eval=True))
+    swept = {d.key for d in spec.dimensions}
+    differences += [f"{key} (recorded {was.get(key)!r}, asked {now.get(key)!r})"
+                    for key in sorted((was.keys() | now.keys()) - swept)
+                    if was.get(key) != now.get(key)]
+    return differences
 
 
 # settings that cannot change a point's result: a sweep may be continued with others
@@ -380,15 +419,22 @@ BOOKKEEPING = ("trainer.progress_bar", "trainer.num_threads", "trainer.log_every
 
 
 def describe(spec: SweepSpec) -> dict:
-    """What identifies a sweep: its preset, settings that change results, and its scoring."""
+    """What identifies a sweep: its preset, settings that change results (``settings``, as
+    written; ``swept``, the swept ones), and its scoring."""
     settings = [s for s in spec.fixed if s.partition("=")[0] not in BOOKKEEPING]
+    swept = []
     for d in spec.dimensions:
         if isinstance(d, Choice):
-            settings.append(f"{d.key}={','.join(d.texts)}")
+            swept.append(f"{d.key}={','.join(d.texts)}")
         else:
-            settings.append(f"{d.key}={d.low}..{d.high}{':log' if d.log else ''}")
-    return {"preset": spec.preset, "settings": settings, "trials": spec.trials,
-            "eval_train": spec.eval_train, "eval_test": spec.eval_test, "linear": spec.linear}
+            swept.append(f"{d.key}={d.low}..{d.high}{':log' if d.log else ''}")
+    return {"preset": spec.preset, "settings": settings + swept, "swept": swept,
+            "trials": spec.trials, "eval_train": spec.eval_train, "eval_test": spec.eval_test,
+            "linear": spec.linear}
+
+
+# what identifies a sweep beside its resolved settings
+IDENTITY = ("preset", "swept", "trials", "eval_train", "eval_test", "linear")
 
 
 def _suggest(trial, dimension: Dimension) -> str:

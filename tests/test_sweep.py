@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from attnssl.cli import main
-from attnssl.config import ConfigError
+from attnssl.config import ConfigError, config_to_dict
 from attnssl.sweep import (
     Choice,
     Range,
     SweepSpec,
+    describe,
     parse_dimension,
     plot_sweep,
     run_sweep,
     split_values,
+    sweep_differences,
     written_files,
 )
 
@@ -124,6 +126,21 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
     assert json.loads((out / "results.json").read_text())["results"] == again
     assert (out / "sweep.png").stat().st_size > 0
 
+    # an override that restates the preset's value resolves to the same sweep: continued, not
+    # refused, and nothing is trained again
+    logged.clear()
+    restated = SweepSpec.from_arguments(
+        "simclr_synthetic", [*more_threads, "method.temperature=0.2", "optim.lr=1e-3,2e-3"],
+        **SCORE)
+    assert [r["knn_top1"] for r in run_sweep(restated, out, log=logged.append)] == [
+        r["knn_top1"] for r in results]
+    assert not [m for m in logged if m.startswith("sweep: point")]
+    # a fixed setting that changes the recipe is refused, and named with both values
+    changed = SweepSpec.from_arguments(
+        "simclr_synthetic", [*TINY, "method.temperature=0.5", "optim.lr=1e-3,2e-3"], **SCORE)
+    with pytest.raises(ConfigError, match=r"method.temperature \(recorded 0.2, asked 0.5\)"):
+        run_sweep(changed, out)
+
     # other settings in the same folder are refused by name
     other = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,5e-3"], **SCORE)
     with pytest.raises(ConfigError, match="holds a sweep of other settings"):
@@ -137,6 +154,32 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
     assert len(list((moved / "points").iterdir())) == 3  # 1e-3 reused, 2e-3 kept, 5e-3 new
     assert [r["knn_top1"] for r in reused if r["point"]["optim.lr"] == "1e-3"] == [
         r["knn_top1"] for r in results if r["point"]["optim.lr"] == "1e-3"]
+
+
+def test_sweep_identity_compares_resolved_settings():
+    spec = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3"], **SCORE)
+    recorded_config = config_to_dict(spec.config({}))
+    assert sweep_differences(None, None, spec) == []  # a new folder
+    assert sweep_differences(describe(spec), recorded_config, spec) == []
+    # recorded before a setting joined the schema: the setting counts at its default
+    older = {k: v for k, v in recorded_config.items() if k != "model"}
+    older["model"] = {k: v for k, v in recorded_config["model"].items() if k != "pos_embed"}
+    assert recorded_config["model"]["pos_embed"] == "learned"
+    assert sweep_differences(describe(spec), older, spec) == []
+    # the swept keys' own values come from the points, not from the record
+    swept_elsewhere = {**recorded_config, "optim": {**recorded_config["optim"], "lr": 0.5}}
+    assert sweep_differences(describe(spec), swept_elsewhere, spec) == []
+    edited = {**recorded_config, "method": {**recorded_config["method"], "temperature": 0.3}}
+    assert sweep_differences(describe(spec), edited, spec) == [
+        "method.temperature (recorded 0.3, asked 0.2)"]
+    other_space = {**describe(spec), "swept": ["optim.lr=1e-3"]}
+    assert sweep_differences(other_space, recorded_config, spec) == [
+        "swept (recorded ['optim.lr=1e-3'], asked ['optim.lr=1e-3,2e-3'])"]
+    # a record written before sweeps kept resolved settings is compared as written
+    written = {k: v for k, v in describe(spec).items() if k != "swept"}
+    assert sweep_differences(written, None, spec) == []
+    assert sweep_differences({**written, "settings": ["method.temperature=0.2"]}, None, spec) == [
+        "its settings as written"]
 
 
 def _sigterm_at_first_checkpoint(args: list[str], out: Path) -> tuple[str, str]:
