@@ -182,26 +182,32 @@ class SweepSpec:
     def config(self, point: dict[str, str]) -> Config:
         return load_config(self.preset, self.overrides(point))
 
-    def validate(self) -> None:
-        """Every key and value is checked before any training: each grid point, or each range's
-        two ends with every listed value."""
+    def checked_points(self) -> list[dict[str, str]]:
+        """The points :meth:`validate` resolves: each grid point, or (sampled) each listed value
+        and each range's two ends, one key at a time."""
         if self.trials is None:
-            points = self.grid()
-        else:
-            points = []
-            for dimension in self.dimensions:
-                if isinstance(dimension, Choice):
-                    points += [{dimension.key: t} for t in dimension.texts]
-                else:
-                    for end in (dimension.low, dimension.high):
-                        points.append({dimension.key: str(end)})
-            points = points or [{}]
-        for point in points:
+            return self.grid()
+        points = []
+        for dimension in self.dimensions:
+            if isinstance(dimension, Choice):
+                points += [{dimension.key: t} for t in dimension.texts]
+            else:
+                points += [{dimension.key: str(end)} for end in (dimension.low, dimension.high)]
+        return points or [{}]
+
+    def validate(self) -> None:
+        """Every key and value is checked before any training: each of :meth:`checked_points`."""
+        for point in self.checked_points():
             try:
                 self.config(point)
             except ConfigError as err:
                 where = ", ".join(f"{k}={v}" for k, v in point.items()) or "the fixed settings"
                 raise ConfigError(f"sweep point {where}: {err}") from None
+
+    def reference_config(self) -> Config:
+        """The settings that identify the sweep's folder: its first checked point resolved (a
+        point's own swept values aside, every point shares them)."""
+        return self.config(self.checked_points()[0])
 
 
 # ---------------------------------------------------------------- one point
@@ -376,13 +382,18 @@ def open_study(out: Path, spec: SweepSpec):
                                     study.user_attrs.get("config"), spec)
     if differences:
         recorded = study.user_attrs["spec"]
+        written = f"{recorded['preset']} {' '.join(recorded['settings'])}".strip()
+        if (recorded["preset"], recorded["settings"]) == (spec.preset, describe(spec)["settings"]):
+            what = f"its preset or the settings' defaults changed since it ran ({written})"
+            advice = "choose another --out"
+        else:
+            what = f"{written}"
+            advice = "rerun that command to continue it, or choose another --out"
         raise ConfigError(
-            f"{out} holds a sweep of other settings ({recorded['preset']} "
-            f"{' '.join(recorded['settings'])}; it differs in {'; '.join(differences)}); rerun "
-            f"that command to continue it, or choose another --out (moving {out / 'points'} "
-            f"into it reuses each point trained with the same settings instead of training it "
-            f"again)")
-    for name, value in (("spec", describe(spec)), ("config", config_to_dict(spec.config({})))):
+            f"{out} holds a sweep of other settings: {what}; it differs in "
+            f"{'; '.join(differences)}. To go on, {advice} (moving {out / 'points'} into it "
+            f"reuses each point trained with the same settings instead of training it again)")
+    for name, value in (("spec", describe(spec)), ("config", config_to_dict(spec.reference_config()))):
         if study.user_attrs.get(name) != value:
             study.set_user_attr(name, value)
     return study
@@ -394,7 +405,9 @@ def sweep_differences(recorded: dict | None, recorded_config: dict | None,
     difference (empty: the same sweep, or none recorded). Settings are compared as they
     resolve, so one sweep may be continued with overrides that only restate the preset's
     values, and is refused after a change to the preset itself (the swept keys excepted: the
-    points set them); a setting added to the schema since the record counts at its default."""
+    points set them; their values are compared as written); a setting added to the schema since
+    the record counts at its default, as long as the record still validates (after a setting
+    was removed or renamed, the record is refused)."""
     if recorded is None:
         return []
     described = describe(spec)
@@ -404,7 +417,7 @@ def sweep_differences(recorded: dict | None, recorded_config: dict | None,
     differences = [f"{key} (recorded {recorded.get(key)!r}, asked {described[key]!r})"
                    for key in IDENTITY if recorded.get(key) != described[key]]
     was = flatten_config(result_settings(with_defaults(recorded_config), with_eval=True))
-    now = flatten_config(result_settings(config_to_dict(spec.config({})), with_eval=True))
+    now = flatten_config(result_settings(config_to_dict(spec.reference_config()), with_eval=True))
     swept = {d.key for d in spec.dimensions}
     differences += [f"{key} (recorded {was.get(key)!r}, asked {now.get(key)!r})"
                     for key in sorted((was.keys() | now.keys()) - swept)

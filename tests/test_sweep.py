@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from attnssl.cli import main
-from attnssl.config import ConfigError, config_to_dict
+from attnssl.config import CONFIG_DIR, ConfigError, config_to_dict
 from attnssl.sweep import (
     Choice,
     Range,
     SweepSpec,
     describe,
+    open_study,
     parse_dimension,
     plot_sweep,
     run_sweep,
@@ -180,6 +182,28 @@ def test_sweep_identity_compares_resolved_settings():
     assert sweep_differences(written, None, spec) == []
     assert sweep_differences({**written, "settings": ["method.temperature=0.2"]}, None, spec) == [
         "its settings as written"]
+
+
+def test_a_sweep_folder_is_named_by_a_checked_point(tmp_path):
+    # every point is valid but the preset alone is not (a method key of another method): the
+    # folder records the first checked point, so the sweep opens
+    tree = yaml.safe_load((CONFIG_DIR / "simclr_synthetic.yaml").read_text())
+    tree["method"] = {"name": "mae"}
+    preset = tmp_path / "mixed.yaml"
+    preset.write_text(yaml.safe_dump(tree))
+    spec = SweepSpec.from_arguments(str(preset), ["method.name=simclr,bam",
+                                                  "method.temperature=0.2"])
+    with pytest.raises(ConfigError):
+        spec.config({})
+    study = open_study(tmp_path, spec)
+    assert study.user_attrs["config"]["method"]["name"] == "simclr"
+    assert sweep_differences(study.user_attrs["spec"], study.user_attrs["config"], spec) == []
+    # the same command after the preset was edited is refused, and told so
+    tree["optim"]["lr"] = 5e-3
+    preset.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"its preset or the settings' defaults changed since "
+                                          r"it ran .*optim.lr \(recorded 0.001, asked 0.005\)"):
+        open_study(tmp_path, spec)
 
 
 def _sigterm_at_first_checkpoint(args: list[str], out: Path) -> tuple[str, str]:
