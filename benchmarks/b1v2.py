@@ -107,6 +107,9 @@ VARIANTS = {
     # MoCo v3's stem for contrastive ViTs (Chen, Xie and He 2021), as BAM's preset took it:
     # fixed sine-cosine positions and a frozen patch projection
     "simclr-frozen-patches": ("simclr_fashion_mnist", FROZEN_PATCHES),
+    # SimCLR's projector width (Chen et al. 2020: a 2048-wide hidden layer) against the
+    # preset's 512 (four times the backbone's width)
+    "simclr-projector-2048": ("simclr_fashion_mnist", ["method.projector_hidden=2048"]),
     # the official code's output batch norm (scale, no shift, no bias; google-research/simclr)
     "simclr-last-bn": ("simclr_fashion_mnist", ["method.projector_last_batchnorm=true"]),
     "simclr-2v-crops-flips": ("simclr_fashion_mnist", [*SIMCLR_TWO_VIEWS, *CROPS_AND_FLIPS]),
