@@ -387,7 +387,7 @@ def open_study(out: Path, spec: SweepSpec):
             what = f"its preset or the settings' defaults changed since it ran ({written})"
             advice = "choose another --out"
         else:
-            what = f"{written}"
+            what = written
             advice = "rerun that command to continue it, or choose another --out"
         raise ConfigError(
             f"{out} holds a sweep of other settings: {what}; it differs in "
