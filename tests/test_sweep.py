@@ -160,7 +160,7 @@ def test_a_killed_sweep_resumes_and_skips_finished_points(tmp_path):
 
 def test_sweep_identity_compares_resolved_settings():
     spec = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3"], **SCORE)
-    recorded_config = config_to_dict(spec.config({}))
+    recorded_config = config_to_dict(spec.reference_config())
     assert sweep_differences(None, None, spec) == []  # a new folder
     assert sweep_differences(describe(spec), recorded_config, spec) == []
     # recorded before a setting joined the schema: the setting counts at its default
