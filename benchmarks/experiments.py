@@ -10,19 +10,24 @@ the preset's own setting is called noise when it is inside that spread.
     python -m benchmarks.experiments --list
     python -m benchmarks.experiments bam-positive-masking --docs   # train, score, write docs
     python -m benchmarks.experiments bam-sinkhorn-iters --dataset cifar10 --data-root DIR
+    python -m benchmarks.experiments bam-positive-masking --full-budget --docs  # confirm, 1 seed
 
 Every point trains in ``RUNS/SECTION/[ARM/]points/HASH`` and a rerun skips finished points
 (the sweep's journal), so a section can be run in pieces (Ctrl-C, then the same command).
 ``--dataset`` (with ``--data-root``) reruns a section on another dataset: the preset's
 ``data.dataset`` is replaced, everything else is kept. Outputs: ``results/experiments/
 SECTION.json`` (every point), ``SECTION.md`` (the table) and ``SECTION.png``; ``--docs`` puts
-the table into its block of docs/experiments.md.
+the table into its block of docs/experiments.md. ``--full-budget`` trains a section on the full
+B1 v2 budget (the preset's 60,000 images, 5 epochs; seed 0 unless ``--seeds``) to confirm an
+effect the screen found beyond the spread; it writes ``SECTION-full`` (folder, files and docs
+block) beside the screen's.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable
@@ -33,6 +38,7 @@ from benchmarks.helpers import BAM_OFFICIAL, ROOT, machine_line, replace_readme_
 
 SCREEN = ("data.subset=12288", "optim.epochs=5")
 SEEDS = (0, 1)
+FULL_SEEDS = (0,)  # a confirmation on the full budget
 EVAL_TRAIN, EVAL_TEST = 20_000, 5_000
 RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 
@@ -57,6 +63,18 @@ class Experiment:
     measures: tuple[str, ...] = ()  # besides the k-NN: "bam_entropies", "attention", "dense"
     budget: tuple[str, ...] = SCREEN
     run: Callable | None = None  # sections that train no preset: run(args) -> markdown
+    full: bool = False  # on the full B1 v2 budget (``on_full_budget``), not the screening one
+
+    @property
+    def slug(self) -> str:
+        """Its runs folder, results files and docs block: the name, with ``-full`` on the full
+        budget."""
+        return f"{self.name}-full" if self.full else self.name
+
+    def budget_text(self) -> str:
+        if not self.budget:
+            return "the full B1 v2 budget (the preset's own: 60,000 training images, 5 epochs)"
+        return f"`{' '.join(self.budget)}`"
 
     def swept_keys(self) -> list[str]:
         """The keys the arms sweep (more than one value; a list such as ``[0.2,1.0]`` is one)."""
@@ -64,6 +82,15 @@ class Experiment:
 
         return [key for key, _, values in (s.partition("=") for s in self.arms[0].settings)
                 if len(split_values(values)) > 1]
+
+
+def on_full_budget(experiment: Experiment) -> Experiment:
+    """The section on the full B1 v2 budget, to confirm an effect the screen found beyond the
+    seed spread (one seed unless told otherwise); it trains and writes apart from the screen."""
+    if experiment.run:
+        raise SystemExit(f"{experiment.name} trains no preset, so it has no full budget: "
+                         f"--full-budget applies to the sections that sweep a preset")
+    return dataclasses.replace(experiment, budget=(), full=True)
 
 
 def _arm(preset: str, *settings: str, label: str | None = None) -> Arm:
@@ -150,7 +177,7 @@ def arm_settings(experiment: Experiment, arm: Arm, args) -> list[str]:
 
 
 def arm_folder(experiment: Experiment, arm: Arm, runs_dir: Path) -> Path:
-    base = runs_dir / experiment.name
+    base = runs_dir / experiment.slug
     return base if len(experiment.arms) == 1 else base / arm.label
 
 
@@ -288,7 +315,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
     seeds = sorted({s for g in grouped for s in g["seeds"]})
     notes = [f"Seeds {', '.join(map(str, seeds))}; spread (largest seed-to-seed k-NN "
              f"difference of any row): {spread(grouped):.2f} points. Budget: "
-             f"`{' '.join(experiment.budget)}`; weighted k-NN (k=20) on the preset's read-out "
+             f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]
     if "attention" in experiment.measures:
@@ -298,7 +325,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
         notes.append("Effective rank: of each head's patch-to-patch attention map (at most the "
                      "number of patches).")
     notes.append(machine_line(machine, command))
-    notes.append(f"![{experiment.name}](../benchmarks/results/experiments/{experiment.name}.png)")
+    notes.append(f"![{experiment.slug}](../benchmarks/results/experiments/{experiment.slug}.png)")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
@@ -339,7 +366,7 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
         axis.set_ylim(min(values) - 2, max(values) + 1)
         axis.set_xticks(list(xs), labels, fontsize=7, rotation=15)
         axis.set_ylabel(f"{'k-NN' if score == 'knn_top1' else 'linear'} top-1 (%)")
-    fig.suptitle(experiment.name, fontsize=9)
+    fig.suptitle(experiment.slug, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -356,16 +383,18 @@ def run_sweep_section(experiment: Experiment, args) -> str:
     table = markdown(experiment, grouped, machine, command)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{experiment.name}.json").write_text(json.dumps(
-        {"section": experiment.name, "machine": machine, "command": command,
+    (out / f"{experiment.slug}.json").write_text(json.dumps(
+        {"section": experiment.slug, "machine": machine, "command": command,
          "rows": grouped, "points": rows}, indent=2))
-    plot(experiment, grouped, out / f"{experiment.name}.png")
+    plot(experiment, grouped, out / f"{experiment.slug}.png")
     return table
 
 
 def section_command(experiment: Experiment, args) -> str:
     extra = f" --dataset {args.dataset}" if args.dataset else ""
-    seeds = "" if tuple(args.seeds) == SEEDS else " --seeds " + " ".join(map(str, args.seeds))
+    extra += " --full-budget" if experiment.full else ""
+    default = FULL_SEEDS if experiment.full else SEEDS
+    seeds = "" if tuple(args.seeds) == default else " --seeds " + " ".join(map(str, args.seeds))
     return f"python -m benchmarks.experiments {experiment.name}{extra}{seeds} --docs"
 
 
@@ -549,7 +578,12 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the sections and stop")
     parser.add_argument("--dataset", help="rerun on this dataset (data.dataset=NAME)")
     parser.add_argument("--data-root", help="folder holding the dataset")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help=f"default: {' '.join(map(str, SEEDS))}, or "
+                             f"{' '.join(map(str, FULL_SEEDS))} with --full-budget")
+    parser.add_argument("--full-budget", action="store_true",
+                        help="train on the full B1 v2 budget (60,000 images, 5 epochs) to confirm "
+                             "a screened effect; writes SECTION-full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs-dir", default="runs/experiments")
     parser.add_argument("--results", default=str(RESULTS))
@@ -566,6 +600,10 @@ def main() -> None:
     if args.section not in BY_NAME:
         raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")
     experiment = BY_NAME[args.section]
+    if args.full_budget:
+        experiment = on_full_budget(experiment)
+    if args.seeds is None:
+        args.seeds = list(FULL_SEEDS if experiment.full else SEEDS)
     if experiment.run:  # the theory model trains in this process
         import torch
 
@@ -573,10 +611,10 @@ def main() -> None:
     table = experiment.run(args) if experiment.run else run_sweep_section(experiment, args)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{experiment.name}.md").write_text(table + "\n")
+    (out / f"{experiment.slug}.md").write_text(table + "\n")
     print(table)
     if args.docs:
-        replace_readme_block(f"EXPERIMENT-{experiment.name}", table)
+        replace_readme_block(f"EXPERIMENT-{experiment.slug}", table)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,31 @@ def test_one_argument_moves_a_section_to_another_dataset(tmp_path):
     spec = SweepSpec.from_arguments(experiment.arms[0].preset, settings)
     assert {spec.config(p).data.dataset for p in spec.grid()} == {"synthetic"}
     assert len(spec.grid()) == 8  # 4 iteration counts, 2 seeds
+
+
+def test_a_section_moves_to_the_full_budget_apart_from_its_screen(tmp_path):
+    from pathlib import Path
+
+    from attnssl.config import load_config
+    from benchmarks.experiments import (
+        arm_folder,
+        arm_settings,
+        on_full_budget,
+        section_command,
+    )
+
+    screen = BY_NAME["udi-shared-head"]
+    full = on_full_budget(screen)
+    args = _args(tmp_path, seeds=(0,))
+    settings = arm_settings(full, full.arms[0], args)
+    assert not [s for s in settings if s.startswith(("data.subset=", "optim.epochs="))]
+    config = load_config(full.arms[0].preset, [s.replace(",separate", "") for s in settings])
+    assert config.data.subset is None and config.optim.epochs == 5  # the B1 v2 budget
+    assert arm_folder(full, full.arms[0], Path("runs")) == Path("runs/udi-shared-head-full")
+    assert arm_folder(screen, screen.arms[0], Path("runs")) == Path("runs/udi-shared-head")
+    assert section_command(full, args) == (
+        "python -m benchmarks.experiments udi-shared-head --full-budget --docs")
+    assert "the full B1 v2 budget" in full.budget_text()
+    with pytest.raises(SystemExit, match="theory-depth trains no preset"):
+        on_full_budget(BY_NAME["theory-depth"])
+
