@@ -29,6 +29,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,9 +259,19 @@ def spread(grouped: list[dict], score: str = "knn_top1") -> float:
     return max(gaps, default=0.0)
 
 
+def two_standard_errors(knn_top1: float, images: int = EVAL_TEST) -> float:
+    """Two standard errors (points) of the difference of two k-NN accuracies near ``knn_top1``
+    % on ``images`` test images: 2 * 100 * sqrt(2 p (1 - p) / images). The noise yardstick of a
+    section with one seed, which has no seed spread."""
+    p = knn_top1 / 100
+    return 200 * math.sqrt(2 * p * (1 - p) / images)
+
+
 def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
-    """Each row's k-NN difference to its arm's preset setting, and whether it is noise."""
+    """Each row's k-NN difference to its arm's preset setting, and whether it is noise: inside
+    the seed spread, or with one seed inside two standard errors of the test set."""
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
+    one_seed = all(len(g.get("knn_top1_each", [])) <= 1 for g in grouped)
     noise = spread(grouped)
     for arm in experiment.arms:
         own = preset_point(arm, keys)
@@ -272,7 +283,12 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
             if reference is None or g is reference:
                 continue
             g["knn_vs_preset"] = g["knn_top1"] - reference["knn_top1"]
-            g["verdict"] = "noise" if abs(g["knn_vs_preset"]) <= noise else "beyond the spread"
+            if one_seed:
+                inside = abs(g["knn_vs_preset"]) <= two_standard_errors(reference["knn_top1"])
+                g["verdict"] = "noise" if inside else "beyond two standard errors"
+            else:
+                inside = abs(g["knn_vs_preset"]) <= noise
+                g["verdict"] = "noise" if inside else "beyond the spread"
 
 
 def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
@@ -313,8 +329,11 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
         cells.append(f"{g['images_per_second']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s for g in grouped for s in g["seeds"]})
-    notes = [f"Seeds {', '.join(map(str, seeds))}; spread (largest seed-to-seed k-NN "
-             f"difference of any row): {spread(grouped):.2f} points. Budget: "
+    yardstick = (f"spread (largest seed-to-seed k-NN difference of any row): "
+                 f"{spread(grouped):.2f} points" if len(seeds) > 1 else
+                 f"one seed, so a difference is noise inside two standard errors of the test "
+                 f"set (about {two_standard_errors(grouped[0]['knn_top1']):.2f} points)")
+    notes = [f"Seeds {', '.join(map(str, seeds))}; {yardstick}. Budget: "
              f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]

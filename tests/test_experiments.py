@@ -81,6 +81,23 @@ def test_spread_is_the_largest_seed_gap_and_noise_is_inside_it():
     assert {g["point"]["method.sinkhorn_iters"]: g.get("verdict") for g in grouped}["10"] == "noise"
 
 
+def test_one_seed_is_judged_by_the_test_sets_standard_error():
+    from benchmarks.experiments import two_standard_errors
+
+    # 2 * 100 * sqrt(2 * 0.8 * 0.2 / 5000) = 1.6 points at 80 %
+    assert two_standard_errors(80.0, 5000) == pytest.approx(1.6)
+    rows = [{"arm": "bam", "point": {"run.seed": "0", "method.sinkhorn_iters": it},
+             "knn_top1": k, "knn_floor": 50.0, "images_per_second": 1.0}
+            for it, k in (("3", 80.0), ("0", 78.0), ("10", 81.0))]
+    grouped = group_seeds(rows)
+    assert spread(grouped) == 0.0
+    section = Experiment("iters", "BAM", "q", (Arm("bam", "bam_fashion_mnist", (
+        "method.sinkhorn_iters=0,3,10",)),))
+    compare_to_preset(grouped, section)
+    verdicts = {g["point"]["method.sinkhorn_iters"]: g.get("verdict") for g in grouped}
+    assert verdicts == {"3": None, "0": "beyond two standard errors", "10": "noise"}
+
+
 def test_every_section_names_valid_settings():
     from attnssl.sweep import SweepSpec
 
