@@ -259,6 +259,12 @@ def spread(grouped: list[dict], score: str = "knn_top1") -> float:
     return max(gaps, default=0.0)
 
 
+def has_seed_spread(grouped: list[dict]) -> bool:
+    """Whether some setting ran on more than one seed, so that the spread is the noise
+    yardstick (else :func:`two_standard_errors` is)."""
+    return any(len(g.get("knn_top1_each", [])) > 1 for g in grouped)
+
+
 def two_standard_errors(knn_top1: float, images: int = EVAL_TEST) -> float:
     """Two standard errors (points) of the difference of two k-NN accuracies near ``knn_top1``
     % on ``images`` test images: 2 * 100 * sqrt(2 p (1 - p) / images). The noise yardstick of a
@@ -271,8 +277,7 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
     """Each row's k-NN difference to its arm's preset setting, and whether it is noise: inside
     the seed spread, or with one seed inside two standard errors of the test set."""
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
-    one_seed = all(len(g.get("knn_top1_each", [])) <= 1 for g in grouped)
-    noise = spread(grouped)
+    seeds_spread = has_seed_spread(grouped)
     for arm in experiment.arms:
         own = preset_point(arm, keys)
         members = [g for g in grouped if g["arm"] == arm.label]
@@ -283,12 +288,10 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
             if reference is None or g is reference:
                 continue
             g["knn_vs_preset"] = g["knn_top1"] - reference["knn_top1"]
-            if one_seed:
-                inside = abs(g["knn_vs_preset"]) <= two_standard_errors(reference["knn_top1"])
-                g["verdict"] = "noise" if inside else "beyond two standard errors"
-            else:
-                inside = abs(g["knn_vs_preset"]) <= noise
-                g["verdict"] = "noise" if inside else "beyond the spread"
+            noise, beyond = ((spread(grouped), "beyond the spread") if seeds_spread else
+                             (two_standard_errors(reference["knn_top1"]),
+                              "beyond two standard errors"))
+            g["verdict"] = "noise" if abs(g["knn_vs_preset"]) <= noise else beyond
 
 
 def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
@@ -330,7 +333,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s for g in grouped for s in g["seeds"]})
     yardstick = (f"spread (largest seed-to-seed k-NN difference of any row): "
-                 f"{spread(grouped):.2f} points" if len(seeds) > 1 else
+                 f"{spread(grouped):.2f} points" if has_seed_spread(grouped) else
                  f"one seed, so a difference is noise inside two standard errors of the test "
                  f"set (about {two_standard_errors(grouped[0]['knn_top1']):.2f} points)")
     notes = [f"Seeds {', '.join(map(str, seeds))}; {yardstick}. Budget: "
