@@ -218,6 +218,7 @@ def row_from(name: str, config, metrics: dict) -> dict:
             "train_minutes": metrics["train_seconds"] / 60, "machine": metrics["machine"]}
 
 
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "b1v2.json"
 LEARNED = 10.0  # k-NN points over the untrained backbone for a row to count as learned
 
 
@@ -249,6 +250,16 @@ def table(rows: list[dict], raw: float) -> str:
     return "\n".join(lines)
 
 
+def regenerate_command(rows: list[str], out: Path) -> str:
+    """The command that trains the table's rows into ``out`` (named where it is not the
+    default, as for another machine's table; relative to the repository where inside it)."""
+    command = "python -m benchmarks.b1v2 --rows " + " ".join(rows)
+    out = Path(out).resolve()
+    if out != DEFAULT_OUT:
+        command += f" --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+    return command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     known = rows_known()
@@ -259,8 +270,12 @@ def main() -> None:
                         help="torch threads per row (trainer.num_threads; default: all cores)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "b1v2"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1v2.json"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--readme", action="store_true", help="replace the B1 v2 table in README.md")
+    parser.add_argument("--block", default=None,
+                        help="replace the table between <!-- BLOCK:START --> and <!-- BLOCK:END "
+                             "--> in README.md or docs/ (--readme is --block B1V2); for a "
+                             "results file of another machine (--out)")
     parser.add_argument("--table-only", action="store_true",
                         help="train and score nothing: rebuild the table from the rows in --out")
     args = parser.parse_args()
@@ -286,13 +301,14 @@ def main() -> None:
     print(markdown)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"raw_pixel_knn_top1": raw, "rows": rows}, indent=2))
-    if args.readme:
+    block = args.block or ("B1V2" if args.readme else None)
+    if block:
         machine = next((r["machine"] for r in rows if "machine" in r), machine_description())
         threads = {r["threads"] for r in rows if "threads" in r}
         if len(threads) > 1:  # the table's column names each row's
             machine = {**machine, "threads": "per row: " + " or ".join(map(str, sorted(threads)))}
-        command = "python -m benchmarks.b1v2 --rows " + " ".join(r["row"] for r in rows)
-        replace_readme_block("B1V2", machine_line(machine, command) + "\n\n" + markdown)
+        command = regenerate_command([r["row"] for r in rows], out)
+        replace_readme_block(block, machine_line(machine, command) + "\n\n" + markdown)
 
 
 if __name__ == "__main__":

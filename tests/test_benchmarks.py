@@ -166,6 +166,18 @@ def test_b1v2_variant_rows_are_their_preset_with_the_named_changes():
     assert load_config(*rows_known()["simclr-seed1"]).run.seed == 1
 
 
+def test_b1v2_names_the_results_file_of_another_machine_in_its_command(tmp_path):
+    """A table kept apart for another machine (``--out``) prints a command that writes there;
+    the default results file is not named."""
+    from benchmarks.b1v2 import DEFAULT_OUT, regenerate_command
+
+    assert regenerate_command(["bam"], DEFAULT_OUT) == "python -m benchmarks.b1v2 --rows bam"
+    other = ROOT / "benchmarks" / "results" / "b1v2_xeon.json"
+    assert regenerate_command(["bam", "udi"], other).endswith(
+        "--rows bam udi --out benchmarks/results/b1v2_xeon.json")
+    assert regenerate_command(["mae"], tmp_path / "t.json").endswith(f"--out {tmp_path / 't.json'}")
+
+
 def test_b1v2_table_only_rebuilds_the_table_from_the_results_file_and_trains_nothing(tmp_path):
     """``--table-only`` reads the stored rows (and raw-pixel floor) of ``--out`` and prints
     their table; listed rows without a run folder are not trained (no folder appears); a
