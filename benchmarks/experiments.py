@@ -285,12 +285,14 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
                                                     for k in keys)), None)
         for g in members:
             g["is_preset"] = g is reference
-            if reference is None or g is reference:
+        if reference is None:
+            continue
+        noise, beyond = ((spread(grouped), "beyond the spread") if seeds_spread else
+                         (two_standard_errors(reference["knn_top1"]), "beyond two standard errors"))
+        for g in members:
+            if g is reference:
                 continue
             g["knn_vs_preset"] = g["knn_top1"] - reference["knn_top1"]
-            noise, beyond = ((spread(grouped), "beyond the spread") if seeds_spread else
-                             (two_standard_errors(reference["knn_top1"]),
-                              "beyond two standard errors"))
             g["verdict"] = "noise" if abs(g["knn_vs_preset"]) <= noise else beyond
 
 
