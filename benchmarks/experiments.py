@@ -289,6 +289,7 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
             continue
         noise, beyond = ((spread(grouped), "beyond the spread") if seeds_spread else
                          (two_standard_errors(reference["knn_top1"]), "beyond two standard errors"))
+        reference["noise_points"] = noise
         for g in members:
             if g is reference:
                 continue
@@ -337,7 +338,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
     yardstick = (f"spread (largest seed-to-seed k-NN difference of any row): "
                  f"{spread(grouped):.2f} points" if has_seed_spread(grouped) else
                  f"one seed, so a difference is noise inside two standard errors of the test "
-                 f"set (about {two_standard_errors(grouped[0]['knn_top1']):.2f} points)")
+                 f"set ({_standard_error_note(grouped, arms)})")
     notes = [f"Seeds {', '.join(map(str, seeds))}; {yardstick}. Budget: "
              f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
@@ -351,6 +352,16 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
     notes.append(machine_line(machine, command))
     notes.append(f"![{experiment.slug}](../benchmarks/results/experiments/{experiment.slug}.png)")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+
+
+def _standard_error_note(grouped: list[dict], arms: bool) -> str:
+    """The one-seed yardstick of each arm, taken at its preset row's accuracy, as
+    :func:`compare_to_preset` judged the rows by it."""
+    judged = [g for g in grouped if "noise_points" in g]
+    if not judged:  # no preset row: the yardstick near the first row's accuracy
+        return f"about {two_standard_errors(grouped[0]['knn_top1']):.2f} points"
+    return ", ".join(f"{g['noise_points']:.2f} points" + (f" for {g['arm']}" if arms else "")
+                     for g in judged)
 
 
 def _with_seeds(g: dict, score: str) -> str:

@@ -82,7 +82,7 @@ def test_spread_is_the_largest_seed_gap_and_noise_is_inside_it():
 
 
 def test_one_seed_is_judged_by_the_test_sets_standard_error():
-    from benchmarks.experiments import two_standard_errors
+    from benchmarks.experiments import _standard_error_note, two_standard_errors
 
     # 2 * 100 * sqrt(2 * 0.8 * 0.2 / 5000) = 1.6 points at 80 %
     assert two_standard_errors(80.0, 5000) == pytest.approx(1.6)
@@ -96,6 +96,11 @@ def test_one_seed_is_judged_by_the_test_sets_standard_error():
     compare_to_preset(grouped, section)
     verdicts = {g["point"]["method.sinkhorn_iters"]: g.get("verdict") for g in grouped}
     assert verdicts == {"3": None, "0": "beyond two standard errors", "10": "noise"}
+    # the table's note gives the yardstick the verdicts used: at the preset row's 80 %, not
+    # at the first row's
+    grouped.sort(key=lambda g: g["knn_top1"], reverse=True)
+    note = _standard_error_note(grouped, arms=False)
+    assert note == "1.60 points" and note != f"{two_standard_errors(81.0):.2f} points"
 
 
 def test_every_section_names_valid_settings():
