@@ -162,6 +162,11 @@ class ModelSection(Section):
         "timm's default initialisation of the projection)")
     cbsa_pool: int = Field(8, gt=0, description="cbsa/agent: representatives pooled on an "
                            "m x m grid of patches (8 officially)")
+    cbsa_learned_std: float = Field(
+        0.02, gt=0, description="cbsa_learned: the standard deviation of the learned "
+        "representatives' normal start (0.02: timm's start for extra tokens). They enter the "
+        "extraction softmax(R0 W^T scale) unnormalised, so at 0.02 it starts uniform and AdamW's "
+        "small steps keep it there (docs/experiments.md, section 10)")
     cbsa_small_grid: Literal["cap", "repeat"] = Field(
         "cap", description="cbsa/agent on a patch grid smaller than cbsa_pool: cap the "
         "representatives at the grid (one per patch), or repeat patches to m x m as the official "

@@ -65,6 +65,7 @@ class Experiment:
     budget: tuple[str, ...] = SCREEN
     run: Callable | None = None  # sections that train no preset: run(args) -> markdown
     full: bool = False  # on the full B1 v2 budget (``on_full_budget``), not the screening one
+    arm_header: str = "method"  # the table's column of arm labels, when there are several
 
     @property
     def slug(self) -> str:
@@ -300,7 +301,7 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
 def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
     arms = len(experiment.arms) > 1
-    header = [*(["method"] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
+    header = [*([experiment.arm_header] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
               *(["linear (seeds)"] if experiment.linear else []), "random init",
               "vs preset"]
     if "bam_entropies" in experiment.measures:
@@ -571,9 +572,12 @@ EXPERIMENTS = (
         "The number of representatives m, and representatives pooled from the grid against "
         "learned ones: k-NN, images/s and the rank of the attention maps (the paper argues "
         "pooling keeps the rank). BAM's preset with the attention swapped.",
-        (_arm(BAM, *BAM_OFFICIAL, "model.attention=cbsa,cbsa_learned",
-              "model.cbsa_pool=2,4,7"),),
-        measures=("attention",)),
+        (_arm(BAM, *BAM_OFFICIAL, "model.attention=cbsa", "model.cbsa_pool=2,4,7",
+              label="pooled"),
+         *(_arm(BAM, *BAM_OFFICIAL, "model.attention=cbsa_learned",
+                f"model.cbsa_learned_std={std}", "model.cbsa_pool=2,4,7",
+                label=f"learned-std{std}") for std in ("0.02", "1"))),
+        measures=("attention",), arm_header="representatives"),
     Experiment(
         "theory-depth", "theory",
         "Does the contrast hold past one layer: MAE against contrastive learning on stacks of "
@@ -603,7 +607,7 @@ BY_NAME = {e.name: e for e in EXPERIMENTS}
 MINUTES = {"bam-positive-masking": 75, "bam-normalization": 60, "bam-sinkhorn-iters": 100,
            "bam-entropy-gap": 220, "bam-batch-size": 100, "bam-vs-simclr-views": 300,
            "udi-alpha": 180, "udi-sampling-windows": 220, "udi-shared-head": 80,
-           "cbsa-representatives": 170, "theory-depth": 30, "imbalance-vits": 230,
+           "cbsa-representatives": 255, "theory-depth": 30, "imbalance-vits": 230,
            "theory-linear-attention": 15, "imbalance-vits-linear": 230}
 
 

@@ -283,3 +283,25 @@ def test_learned_representatives_replace_the_pooling_and_need_no_grid():
     from attnssl.nn.vit import takes_weight_decay
 
     assert not takes_weight_decay("blocks.0.attn.representatives", layer.representatives)
+
+
+@torch.no_grad()
+def test_the_learned_representatives_start_at_the_configured_scale():
+    """``model.cbsa_learned_std`` sets the start of every block's representatives; at timm's
+    0.02 the first extraction ``softmax(R0 W^T scale)`` of freshly initialised tokens is uniform
+    to 1e-3 nats (the layer starts as a mean of the tokens), at 1 it is not."""
+    assert load_config(None, []).model.cbsa_learned_std == 0.02
+    below_uniform = {}
+    for std in (0.02, 1.0):
+        cfg = load_config(None, ["model.attention=cbsa_learned", "model.cbsa_pool=4",
+                                 f"model.cbsa_learned_std={std}"])
+        torch.manual_seed(0)
+        vit = build_vit(cfg.model, 28, 1)
+        layers = [block.attn for block in vit.blocks]
+        assert all(abs(layer.representatives.std().item() / std - 1) < 0.1 for layer in layers)
+        layer, block = layers[0], vit.blocks[0]
+        tokens = block.norm1(vit._pos_embed(vit.patch_embed(torch.randn(8, 1, 28, 28))))
+        w = layer.split_heads(layer.proj(tokens))
+        p = (layer.representatives.unsqueeze(0) @ w.transpose(-2, -1) * layer.scale).softmax(-1)
+        below_uniform[std] = math.log(w.shape[-2]) + (p * p.log()).sum(-1).mean().item()
+    assert below_uniform[0.02] < 1e-3 and below_uniform[1.0] > 1e-2

@@ -3,11 +3,19 @@
 CBSA (QishuaiWen/CBSA, :class:`attnssl.nn.attention.CBSAAttention`) starts its ``m``
 representatives from the tokens, ``R0 = P W`` with ``P`` an average pooling of the patch grid.
 Here ``R0`` is a learned parameter per head, ``(h, m, p)`` with ``m = cbsa_pool^2``
-(initialised N(0, 0.02^2), as timm initialises its extra tokens), the same for every image;
+(initialised N(0, std^2), ``std = model.cbsa_learned_std``, 0.02 by default as timm
+initialises its extra tokens), the same for every image;
 the rest is CBSA's: ``A = softmax(R0 W^T scale)``, ``R = R0 + s_rep A W``, ``C = softmax(R R^T
 scale) R``, ``out = to_out(concat_h s_x A^T C)``. No patch grid is needed, and ``m`` is not
 capped by it. The paper argues that pooled representatives keep the attention's rank, which
 learned ones need not; ``benchmarks/experiments.py cbsa-representatives`` measures it.
+
+The start's scale matters here, unlike for a Perceiver's latents, which pass a LayerNorm and a
+projection before they attend: ``R0`` meets the tokens ``W`` directly, so the extraction's
+logits are of order ``std |w| sqrt(p) scale``. At 0.02 they are near 0, the extraction is
+uniform (rank 1, a mean of the tokens), and AdamW, whose steps are of the size of the learning
+rate whatever the gradient, moves ``R0`` too little in a short run to leave it (section 10 of
+docs/experiments.md). A start of std 1 gives logits of the size pooled representatives have.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from attnssl.nn.attention import CBSAAttention, register_attention
 class CBSALearnedAttention(CBSAAttention):
     """CBSA whose initial representatives are learned, ``m = pool_side^2`` of them per head
     (CBSA's ``__init__`` sets 8, ``build_vit`` then ``model.cbsa_pool``; each setting makes
-    the parameter afresh)."""
+    the parameter afresh, N(0, ``representatives_std``^2), which ``build_vit`` sets first from
+    ``model.cbsa_learned_std``)."""
+
+    representatives_std = 0.02
 
     @property
     def pool_side(self) -> int:
@@ -33,7 +44,7 @@ class CBSALearnedAttention(CBSAAttention):
     def pool_side(self, side: int) -> None:
         self._pool_side = side
         self.representatives = nn.Parameter(
-            torch.randn(self.num_heads, side * side, self.head_dim) * 0.02)
+            torch.randn(self.num_heads, side * side, self.head_dim) * self.representatives_std)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs):
         if attn_mask is not None:

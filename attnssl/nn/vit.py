@@ -106,6 +106,8 @@ def build_vit(model_cfg, img_size: int, in_chans: int) -> VisionTransformer:
         vit.patch_embed.proj.requires_grad_(False)
     for layer in attention_layers(vit):
         layer.num_prefix_tokens = vit.num_prefix_tokens
+        if hasattr(layer, "representatives_std"):  # before pool_side, which makes them
+            layer.representatives_std = getattr(model_cfg, "cbsa_learned_std", 0.02)
         if hasattr(layer, "pool_side"):
             layer.pool_side = getattr(model_cfg, "cbsa_pool", 8)
             layer.pool_small_grid = getattr(model_cfg, "cbsa_small_grid", "cap")
