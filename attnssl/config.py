@@ -165,8 +165,8 @@ class ModelSection(Section):
     cbsa_learned_std: float = Field(
         0.02, gt=0, description="cbsa_learned: the standard deviation of the learned "
         "representatives' normal start (0.02: timm's start for extra tokens). They enter the "
-        "extraction softmax(R0 W^T scale) unnormalised, so at 0.02 it starts uniform and AdamW's "
-        "small steps keep it there (docs/experiments.md, section 10)")
+        "extraction softmax(R0 W^T scale) unnormalised, so at 0.02 it starts uniform and a "
+        "short run keeps it there (docs/experiments.md, section 10)")
     cbsa_small_grid: Literal["cap", "repeat"] = Field(
         "cap", description="cbsa/agent on a patch grid smaller than cbsa_pool: cap the "
         "representatives at the grid (one per patch), or repeat patches to m x m as the official "
