@@ -221,6 +221,23 @@ def same_value(a: str, b: str) -> bool:
     return yaml.safe_load(a) == yaml.safe_load(b)
 
 
+def in_grid_order(grouped: list[dict], experiment: Experiment) -> list[dict]:
+    """The grouped rows in the order the section writes its settings (arm by arm, then each
+    swept key's values as listed), not the order the points happened to finish in."""
+    from attnssl.sweep import split_values
+
+    def position(row: dict) -> tuple:
+        labels = [arm.label for arm in experiment.arms]
+        arm = experiment.arms[labels.index(row["arm"])]
+        values = {key: split_values(raw) for key, _, raw in
+                  (s.partition("=") for s in arm.settings)}
+        return (labels.index(row["arm"]),
+                *(next((i for i, v in enumerate(values[key]) if same_value(v, value)),
+                       len(values[key])) for key, value in row["point"].items()))
+
+    return sorted(grouped, key=position)
+
+
 def group_seeds(rows: list[dict]) -> list[dict]:
     """One row per arm and setting: each seed's scores and their mean."""
     groups: dict[tuple, list[dict]] = {}
@@ -411,7 +428,7 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
 
 def run_sweep_section(experiment: Experiment, args) -> str:
     rows = [row for arm in experiment.arms for row in run_arm(experiment, arm, args)]
-    grouped = group_seeds(rows)
+    grouped = in_grid_order(group_seeds(rows), experiment)
     compare_to_preset(grouped, experiment)
     # the machine the points trained on, as their runs recorded it
     machine = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())["machine"]
