@@ -229,11 +229,11 @@ def in_grid_order(grouped: list[dict], experiment: Experiment) -> list[dict]:
     def position(row: dict) -> tuple:
         labels = [arm.label for arm in experiment.arms]
         arm = experiment.arms[labels.index(row["arm"])]
-        values = {key: split_values(raw) for key, _, raw in
-                  (s.partition("=") for s in arm.settings)}
+        values = [(key, split_values(raw)) for key, _, raw in
+                  (s.partition("=") for s in arm.settings) if key in row["point"]]
         return (labels.index(row["arm"]),
-                *(next((i for i, v in enumerate(values[key]) if same_value(v, value)),
-                       len(values[key])) for key, value in row["point"].items()))
+                *(next((i for i, v in enumerate(listed) if same_value(v, row["point"][key])),
+                       len(listed)) for key, listed in values))
 
     return sorted(grouped, key=position)
 

@@ -84,22 +84,23 @@ def test_spread_is_the_largest_seed_gap_and_noise_is_inside_it():
 
 def test_rows_follow_the_order_the_section_lists_its_settings():
     """Points finish in any order (a resumed sweep ends with the one it resumed); the table
-    lists arm by arm, each key's values as written, a value written otherwise (0.10) included."""
-    finished = [("b", "0.1", "0.05"), ("a", "0.2", "0.025"), ("a", "0.10", "0.05"),
-                ("b", "0.05", "0.025"), ("a", "0.05", "0.05")]
-    rows = [{"arm": arm, "point": {"run.seed": "0", "method.temperature": t,
-                                   "method.sinkhorn_eps": e},
+    lists arm by arm, then by each key in the order the settings name them, each key's values
+    in the order written (not sorted), a value written otherwise (0.20) included."""
+    finished = [("a", "0.05", "0.025"), ("b", "0.1", "0.05"), ("a", "0.20", "0.025"),
+                ("b", "0.05", "0.05"), ("a", "0.05", "0.05"), ("a", "0.2", "0.05")]
+    rows = [{"arm": arm, "point": {"method.sinkhorn_eps": e, "run.seed": "0",
+                                   "method.temperature": t},
              "knn_top1": 70.0, "knn_floor": 50.0, "images_per_second": 1.0}
             for arm, t, e in finished]
     section = Experiment("gap", "BAM", "q", tuple(
-        Arm(label, "bam_fashion_mnist", ("method.temperature=0.05,0.1,0.2",
-                                          "method.sinkhorn_eps=0.025,0.05"))
-        for label in ("a", "b")))
+        Arm(label, "bam_fashion_mnist", ("method.temperature=0.2,0.05,0.1",
+                                          "method.sinkhorn_eps=0.05,0.025"))
+        for label in ("b", "a")))
     ordered = in_grid_order(group_seeds(rows), section)
     assert [(g["arm"], g["point"]["method.temperature"], g["point"]["method.sinkhorn_eps"])
-            for g in ordered] == [("a", "0.05", "0.05"), ("a", "0.10", "0.05"),
-                                  ("a", "0.2", "0.025"), ("b", "0.05", "0.025"),
-                                  ("b", "0.1", "0.05")]
+            for g in ordered] == [("b", "0.05", "0.05"), ("b", "0.1", "0.05"),
+                                  ("a", "0.2", "0.05"), ("a", "0.20", "0.025"),
+                                  ("a", "0.05", "0.05"), ("a", "0.05", "0.025")]
 
 
 def test_one_seed_is_judged_by_the_test_sets_standard_error():
