@@ -226,14 +226,15 @@ def in_grid_order(grouped: list[dict], experiment: Experiment) -> list[dict]:
     swept key's values as listed), not the order the points happened to finish in."""
     from attnssl.sweep import split_values
 
+    listed = {arm.label: (index, [(key, split_values(raw)) for key, _, raw in
+                                  (s.partition("=") for s in arm.settings)])
+              for index, arm in enumerate(experiment.arms)}
+
     def position(row: dict) -> tuple:
-        labels = [arm.label for arm in experiment.arms]
-        arm = experiment.arms[labels.index(row["arm"])]
-        values = [(key, split_values(raw)) for key, _, raw in
-                  (s.partition("=") for s in arm.settings) if key in row["point"]]
-        return (labels.index(row["arm"]),
-                *(next((i for i, v in enumerate(listed) if same_value(v, row["point"][key])),
-                       len(listed)) for key, listed in values))
+        index, values = listed[row["arm"]]
+        return (index, *(next((i for i, v in enumerate(written)
+                               if same_value(v, row["point"][key])), len(written))
+                         for key, written in values if key in row["point"]))
 
     return sorted(grouped, key=position)
 
