@@ -66,6 +66,9 @@ class Experiment:
     run: Callable | None = None  # sections that train no preset: run(args) -> markdown
     full: bool = False  # on the full B1 v2 budget (``on_full_budget``), not the screening one
     arm_header: str = "method"  # the table's column of arm labels, when there are several
+    # the row each row is judged against: "preset" (its arm's preset setting) or "arms" (the
+    # first arm's row at the same settings, where no setting is the preset's own)
+    compare: str = "preset"
 
     @property
     def slug(self) -> str:
@@ -292,11 +295,21 @@ def two_standard_errors(knn_top1: float, images: int = EVAL_TEST) -> float:
     return 200 * math.sqrt(2 * p * (1 - p) / images)
 
 
+def compare_rows(grouped: list[dict], experiment: Experiment) -> None:
+    """Each row's k-NN difference to its reference row (``knn_difference``), and whether it is
+    noise: inside the seed spread, or with one seed inside two standard errors of the test set.
+    The reference is the arm's preset setting, or with ``compare="arms"`` the first arm's row
+    at the same settings."""
+    if experiment.compare == "arms":
+        compare_arms(grouped, experiment)
+    else:
+        compare_to_preset(grouped, experiment)
+
+
 def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
-    """Each row's k-NN difference to its arm's preset setting, and whether it is noise: inside
-    the seed spread, or with one seed inside two standard errors of the test set."""
+    """Each arm's rows against the row at the preset's own value of every swept key (marked
+    ``is_preset``); an arm with no such row is not judged."""
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
-    seeds_spread = has_seed_spread(grouped)
     for arm in experiment.arms:
         own = preset_point(arm, keys)
         members = [g for g in grouped if g["arm"] == arm.label]
@@ -304,16 +317,32 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
                                                     for k in keys)), None)
         for g in members:
             g["is_preset"] = g is reference
-        if reference is None:
-            continue
-        noise, beyond = ((spread(grouped), "beyond the spread") if seeds_spread else
-                         (two_standard_errors(reference["knn_top1"]), "beyond two standard errors"))
-        reference["noise_points"] = noise
-        for g in members:
-            if g is reference:
-                continue
-            g["knn_vs_preset"] = g["knn_top1"] - reference["knn_top1"]
-            g["verdict"] = "noise" if abs(g["knn_vs_preset"]) <= noise else beyond
+        if reference is not None:
+            judge(reference, [g for g in members if g is not reference], grouped)
+
+
+def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
+    """Each later arm's row against the first arm's row at the same settings: for sections
+    whose swept key changes the data (section 12's imbalance), so that no row is the preset's
+    own and the question is one method against another on each dataset."""
+    first = experiment.arms[0].label
+    for g in grouped:
+        g["is_preset"] = False
+    for reference in [g for g in grouped if g["arm"] == first]:
+        judge(reference, [g for g in grouped if g["arm"] != first and all(
+            same_value(g["point"][k], v) for k, v in reference["point"].items())], grouped)
+
+
+def judge(reference: dict, others: list[dict], grouped: list[dict]) -> None:
+    """``knn_difference`` and ``verdict`` for each of ``others`` against ``reference``; the
+    yardstick is the section's seed spread, or with one seed two standard errors of the test
+    set at the reference's accuracy (kept as the reference's ``noise_points``)."""
+    noise, beyond = ((spread(grouped), "beyond the spread") if has_seed_spread(grouped) else
+                     (two_standard_errors(reference["knn_top1"]), "beyond two standard errors"))
+    reference["noise_points"] = noise
+    for g in others:
+        g["knn_difference"] = g["knn_top1"] - reference["knn_top1"]
+        g["verdict"] = "noise" if abs(g["knn_difference"]) <= noise else beyond
 
 
 def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
@@ -321,7 +350,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
     arms = len(experiment.arms) > 1
     header = [*([experiment.arm_header] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
               *(["linear (seeds)"] if experiment.linear else []), "random init",
-              "vs preset"]
+              "vs preset" if experiment.compare == "preset" else f"vs {experiment.arms[0].label}"]
     if "bam_entropies" in experiment.measures:
         header += ["source entropy", "target entropy"]
     if "attention" in experiment.measures:
@@ -339,7 +368,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
         if experiment.linear:
             cells.append(_with_seeds(g, "linear_top1"))
         cells.append(f"{g['knn_floor']:.2f}")
-        cells.append(f"{g['knn_vs_preset']:+.2f} ({g['verdict']})" if "verdict" in g else "-")
+        cells.append(f"{g['knn_difference']:+.2f} ({g['verdict']})" if "verdict" in g else "-")
         if "bam_entropies" in g:
             cells += [f"{g['bam_entropies']['source_entropy']:.2f}",
                       f"{g['bam_entropies']['target_entropy']:.2f}"]
@@ -374,13 +403,21 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
 
 
 def _standard_error_note(grouped: list[dict], arms: bool) -> str:
-    """The one-seed yardstick of each arm, taken at its preset row's accuracy, as
-    :func:`compare_to_preset` judged the rows by it."""
+    """The one-seed yardstick of each reference row, taken at its accuracy, as
+    :func:`compare_rows` judged the rows by it (named by arm, or by setting where several
+    rows of one arm are references)."""
     judged = [g for g in grouped if "noise_points" in g]
-    if not judged:  # no preset row: the yardstick near the first row's accuracy
+    if not judged:  # no reference row: the yardstick near the first row's accuracy
         return f"about {two_standard_errors(grouped[0]['knn_top1']):.2f} points"
-    return ", ".join(f"{g['noise_points']:.2f} points" + (f" for {g['arm']}" if arms else "")
-                     for g in judged)
+    by_setting = len({g["arm"] for g in judged}) < len(judged)
+
+    def name(g: dict) -> str:
+        if by_setting:
+            return " at " + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in g["point"].items()
+                                      if k != "run.seed")
+        return f" for {g['arm']}" if arms else ""
+
+    return ", ".join(f"{g['noise_points']:.2f} points{name(g)}" for g in judged)
 
 
 def _with_seeds(g: dict, score: str) -> str:
@@ -430,7 +467,7 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
 def run_sweep_section(experiment: Experiment, args) -> str:
     rows = [row for arm in experiment.arms for row in run_arm(experiment, arm, args)]
     grouped = in_grid_order(group_seeds(rows), experiment)
-    compare_to_preset(grouped, experiment)
+    compare_rows(grouped, experiment)
     # the machine the points trained on, as their runs recorded it
     machine = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())["machine"]
     command = section_command(experiment, args)
@@ -607,7 +644,7 @@ EXPERIMENTS = (
         "imbalance grows, and how do attention distance and diversity per layer follow?",
         tuple(_arm(preset, *IMBALANCE) for preset in ("mae_fashion_mnist",
                                                        "simclr_fashion_mnist")),
-        measures=("attention",)),
+        measures=("attention",), compare="arms"),
     Experiment(
         "theory-linear-attention", "theory",
         "The same contrast with linear attention (Katharopoulos et al. 2020): the synthetic "
@@ -617,7 +654,7 @@ EXPERIMENTS = (
         "The imbalance experiment on real ViTs with linear attention in every block.",
         tuple(_arm(preset, "model.attention=linear", *IMBALANCE)
               for preset in ("mae_fashion_mnist", "simclr_fashion_mnist")),
-        measures=("attention",)),
+        measures=("attention",), compare="arms"),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 # minutes on the 2-core reference machine at one thread: points times a point's training (the

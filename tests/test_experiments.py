@@ -2,6 +2,7 @@
 seeds, names noise, and reruns without training again."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from benchmarks.experiments import (
     BY_NAME,
     Arm,
     Experiment,
+    compare_rows,
     compare_to_preset,
     group_seeds,
     in_grid_order,
@@ -40,8 +42,8 @@ def test_a_section_groups_seeds_measures_entropies_and_skips_done_points(tmp_pat
     assert on["is_preset"] and not off["is_preset"]  # the preset masks always
     assert on["seeds"] == [0, 1] and len(on["knn_top1_each"]) == 2
     assert on["knn_top1"] == pytest.approx(sum(on["knn_top1_each"]) / 2)
-    assert off["knn_vs_preset"] == pytest.approx(off["knn_top1"] - on["knn_top1"])
-    assert off["verdict"] == ("noise" if abs(off["knn_vs_preset"]) <= spread(saved["rows"])
+    assert off["knn_difference"] == pytest.approx(off["knn_top1"] - on["knn_top1"])
+    assert off["verdict"] == ("noise" if abs(off["knn_difference"]) <= spread(saved["rows"])
                               else "beyond the spread")
     entropies = off["bam_entropies"]
     assert entropies["source_entropy"] > 0 and entropies["target_entropy"] > 0
@@ -123,6 +125,32 @@ def test_one_seed_is_judged_by_the_test_sets_standard_error():
     grouped.sort(key=lambda g: g["knn_top1"], reverse=True)
     note = _standard_error_note(grouped, arms=False)
     assert note == "1.60 points" and note != f"{two_standard_errors(81.0):.2f} points"
+
+
+def test_a_section_over_datasets_judges_each_arm_against_the_first_on_the_same_data():
+    """Section 12 sweeps the data (the imbalance), so no row is the preset's: each SimCLR row
+    is judged against MAE's row at the same imbalance, never against another imbalance."""
+    from benchmarks.experiments import markdown
+
+    scores = {("mae", "1"): (31.0, 32.0), ("mae", "4"): (17.0, 18.0),
+              ("simclr", "1"): (30.0, 31.0), ("simclr", "4"): (13.0, 14.0)}
+    rows = [{"arm": arm, "point": {"run.seed": str(seed), "data.synthetic_imbalance": level},
+             "knn_top1": k[seed], "knn_floor": 20.0, "images_per_second": 1.0}
+            for (arm, level), k in scores.items() for seed in (0, 1)]
+    section = BY_NAME["imbalance-vits"]
+    assert section.compare == "arms"
+    grouped = group_seeds(rows)
+    compare_rows(grouped, section)
+    by = {(g["arm"], g["point"]["data.synthetic_imbalance"]): g for g in grouped}
+    assert not any(g["is_preset"] for g in grouped)  # 4 is the dataset's default, not a preset
+    assert "verdict" not in by["mae", "1"] and "verdict" not in by["mae", "4"]
+    assert by["simclr", "1"]["knn_difference"] == pytest.approx(-1.0)  # 30.5 - 31.5
+    assert by["simclr", "1"]["verdict"] == "noise"  # inside the spread of 1
+    assert by["simclr", "4"]["knn_difference"] == pytest.approx(-4.0)  # 13.5 - 17.5
+    assert by["simclr", "4"]["verdict"] == "beyond the spread"
+    machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
+    table = markdown(dataclasses.replace(section, measures=()), grouped, machine, "cmd")
+    assert "| vs mae |" in table and "(preset)" not in table
 
 
 def test_every_section_names_valid_settings():
