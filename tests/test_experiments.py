@@ -218,3 +218,16 @@ def test_a_section_moves_to_the_full_budget_apart_from_its_screen(tmp_path):
     with pytest.raises(SystemExit, match="theory-depth trains no preset"):
         on_full_budget(BY_NAME["theory-depth"])
 
+
+
+def test_every_section_has_one_block_in_the_docs_under_its_budget():
+    """``--docs`` writes a section's table into the block named by its slug, which carries
+    ``-full`` on the full budget: UDI's blend and windows (its preset learns only there)."""
+    from benchmarks.experiments import ROOT, section_command
+
+    text = (ROOT / "docs" / "experiments.md").read_text()
+    for experiment in BY_NAME.values():
+        assert text.count(f"<!-- EXPERIMENT-{experiment.slug}:START -->") == 1, experiment.slug
+    for name in ("udi-alpha", "udi-sampling-windows"):
+        assert BY_NAME[name].full and BY_NAME[name].slug == f"{name}-full"
+        assert "--full-budget" in section_command(BY_NAME[name], argparse.Namespace(dataset=None, seeds=[0]))
