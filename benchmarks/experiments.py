@@ -333,6 +333,14 @@ def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
             same_value(g["point"][k], v) for k, v in reference["point"].items())], grouped)
 
 
+def arm_ranges(grouped: list[dict]) -> dict[str, float]:
+    """Each arm's range over its settings: max - min of its rows' mean k-NN, in row order."""
+    scores: dict[str, list[float]] = {}
+    for g in grouped:
+        scores.setdefault(g["arm"], []).append(g["knn_top1"])
+    return {arm: max(values) - min(values) for arm, values in scores.items()}
+
+
 def judge(reference: dict, others: list[dict], grouped: list[dict]) -> None:
     """``knn_difference`` and ``verdict`` for each of ``others`` against ``reference``; the
     yardstick is the section's seed spread, or with one seed two standard errors of the test
@@ -391,6 +399,13 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
              f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]
+    if arms and experiment.compare == "preset":
+        inside = spread(grouped) if has_seed_spread(grouped) else None
+        ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
+                                                   value <= inside else "")
+                           for arm, value in arm_ranges(grouped).items())
+        notes.append(f"Each arm's range (its best row's k-NN less its worst's: how much it "
+                     f"depends on the swept settings; noise inside the spread): {ranges} points.")
     if "attention" in experiment.measures:
         uniform = grouped[0]["attention"]["uniform_entropy"]
         notes.append(f"Attention measures on the first 256 test images, mean over heads; "

@@ -231,3 +231,24 @@ def test_every_section_has_one_block_in_the_docs_under_its_budget():
     for name in ("udi-alpha", "udi-sampling-windows"):
         assert BY_NAME[name].full and BY_NAME[name].slug == f"{name}-full"
         assert "--full-budget" in section_command(BY_NAME[name], argparse.Namespace(dataset=None, seeds=[0]))
+
+
+def test_each_arm_gets_its_range_over_the_settings_named_noise_inside_the_spread():
+    """Section 6 asks which method depends more on the views: each arm's best row less its
+    worst, beside the spread."""
+    from benchmarks.experiments import arm_ranges, markdown
+
+    scores = {("bam", "0.0"): (70.0, 70.5), ("bam", "0.8"): (70.4, 70.9),
+              ("simclr", "0.0"): (60.0, 60.2), ("simclr", "0.8"): (65.0, 65.4)}
+    rows = [{"arm": arm, "point": {"run.seed": str(seed), "views.color_jitter_prob": jitter},
+             "knn_top1": k[seed], "knn_floor": 50.0, "images_per_second": 1.0}
+            for (arm, jitter), k in scores.items() for seed in (0, 1)]
+    grouped = group_seeds(rows)
+    assert arm_ranges(grouped) == pytest.approx({"bam": 0.4, "simclr": 5.1})
+    section = Experiment("views", "BAM", "q", tuple(
+        Arm(label, preset, ("views.color_jitter_prob=0.0,0.8",))
+        for label, preset in (("bam", "bam_fashion_mnist"), ("simclr", "simclr_fashion_mnist"))))
+    compare_rows(grouped, section)
+    machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
+    table = markdown(section, grouped, machine, "cmd")  # spread 0.5: bam's 0.40 is noise
+    assert "bam 0.40 (noise), simclr 5.10 points." in table
