@@ -113,6 +113,22 @@ def test_resume_auto_continues_the_same_command_and_refuses_other_settings(tmp_p
     assert main(command(tmp_path, "fresh", "run.resume=auto", "trainer.max_steps=2")) == 0
 
 
+def test_a_run_folder_moved_elsewhere_continues_there(tmp_path, straight):
+    """A half-trained run folder moved to another place (a sweep's points moved into a new
+    ``--out``) continues in its new place under ``run.resume=auto``: where the folder lives is
+    not a training setting. Other settings are still refused."""
+    import shutil
+
+    before, after = tmp_path / "before", tmp_path / "after"
+    assert main(command(before, "moved", "run.resume=auto", "trainer.max_steps=6")) == 0
+    after.mkdir()
+    shutil.move(str(before / "moved"), after / "moved")
+    assert main(command(after, "moved", "run.resume=auto")) == 0
+    assert list_checkpoints(after / "moved")[-1].name == "step-00000016.ckpt"
+    assert not (before / "moved").exists()
+    assert_same_weights(straight, final_state(after / "moved"))
+
+
 def test_non_finite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, capsys):
     # a huge learning rate sends the weights past float32 range: the loss is NaN at step 1
     blow_up = ["optim.lr=1e9", "optim.warmup_epochs=0", "optim.clip_grad=null",
