@@ -451,12 +451,11 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
 
 # What may change when a run is resumed: anything else would change the batch order, the
 # schedules, the random state or the model, and the run would no longer continue exactly.
-# ``run.out_dir`` is where the run folder lives: one moved elsewhere continues there.
 RESUME_OVERRIDABLE = (
     "trainer.max_steps", "trainer.progress_bar", "trainer.checkpoint_every_steps",
     "trainer.keep_checkpoints", "trainer.log_every_steps", "trainer.num_threads",
     "data.root", "data.num_workers", "data.skip_bad_images", "eval.", "run.resume",
-    "trainer.nonfinite_loss", "trainer.collective_timeout_s", "trainer.compile", "run.out_dir",
+    "trainer.nonfinite_loss", "trainer.collective_timeout_s", "trainer.compile",
 )
 
 

@@ -70,6 +70,12 @@ class Experiment:
     # first arm's row at the same settings, where no setting is the preset's own)
     compare: str = "preset"
 
+    def __post_init__(self):
+        if self.compare not in ("preset", "arms"):
+            raise ValueError(f"{self.name}: compare={self.compare!r}; accepted: 'preset' (each "
+                             f"row against its arm's preset setting) or 'arms' (against the "
+                             f"first arm's row at the same settings)")
+
     @property
     def slug(self) -> str:
         """Its runs folder, results files and docs block: the name, with ``-full`` on the full
@@ -323,14 +329,16 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
 
 def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
     """Each later arm's row against the first arm's row at the same settings: for sections
-    whose swept key changes the data (section 12's imbalance), so that no row is the preset's
-    own and the question is one method against another on each dataset."""
+    where no row is a preset's own and the question is one arm against another at each
+    setting (section 10's learned representatives against pooled ones at each m; section 12's
+    methods on each dataset, its swept key being the data's imbalance)."""
     first = experiment.arms[0].label
     for g in grouped:
         g["is_preset"] = False
     for reference in [g for g in grouped if g["arm"] == first]:
         judge(reference, [g for g in grouped if g["arm"] != first and all(
-            same_value(g["point"][k], v) for k, v in reference["point"].items())], grouped)
+            k in g["point"] and same_value(g["point"][k], v)
+            for k, v in reference["point"].items())], grouped)
 
 
 def arm_ranges(grouped: list[dict]) -> dict[str, float]:
@@ -399,13 +407,15 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
              f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]
-    if arms and experiment.compare == "preset":
+    if arms:
         inside = spread(grouped) if has_seed_spread(grouped) else None
         ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
                                                    value <= inside else "")
                            for arm, value in arm_ranges(grouped).items())
+        judged = "noise inside the spread" if inside is not None else \
+            "one seed, so no spread to judge them by"
         notes.append(f"Each arm's range (its best row's k-NN less its worst's: how much it "
-                     f"depends on the swept settings; noise inside the spread): {ranges} points.")
+                     f"depends on the swept settings; {judged}): {ranges} points.")
     if "attention" in experiment.measures:
         uniform = grouped[0]["attention"]["uniform_entropy"]
         notes.append(f"Attention measures on the first 256 test images, mean over heads; "
@@ -651,7 +661,7 @@ EXPERIMENTS = (
          *(_arm(BAM, *BAM_OFFICIAL, "model.attention=cbsa_learned",
                 f"model.cbsa_learned_std={std}", "model.cbsa_pool=2,4,7",
                 label=f"learned-std{std}") for std in ("0.02", "1"))),
-        measures=("attention",), arm_header="representatives"),
+        measures=("attention",), arm_header="representatives", compare="arms"),
     Experiment(
         "theory-depth", "theory",
         "Does the contrast hold past one layer: MAE against contrastive learning on stacks of "

@@ -130,7 +130,7 @@ def test_one_seed_is_judged_by_the_test_sets_standard_error():
 def test_a_section_over_datasets_judges_each_arm_against_the_first_on_the_same_data():
     """Section 12 sweeps the data (the imbalance), so no row is the preset's: each SimCLR row
     is judged against MAE's row at the same imbalance, never against another imbalance."""
-    from benchmarks.experiments import markdown
+    from benchmarks.experiments import _standard_error_note, markdown, two_standard_errors
 
     scores = {("mae", "1"): (31.0, 32.0), ("mae", "4"): (17.0, 18.0),
               ("simclr", "1"): (30.0, 31.0), ("simclr", "4"): (13.0, 14.0)}
@@ -151,6 +151,14 @@ def test_a_section_over_datasets_judges_each_arm_against_the_first_on_the_same_d
     machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
     table = markdown(dataclasses.replace(section, measures=()), grouped, machine, "cmd")
     assert "| vs mae |" in table and "(preset)" not in table
+    # one seed: judged by two standard errors at each MAE row, named by its setting
+    one_seed = group_seeds([r for r in rows if r["point"]["run.seed"] == "0"])
+    compare_rows(one_seed, section)
+    note = _standard_error_note(one_seed, arms=True)
+    assert note == (f"{two_standard_errors(31.0):.2f} points at synthetic_imbalance 1, "
+                    f"{two_standard_errors(17.0):.2f} points at synthetic_imbalance 4")
+    with pytest.raises(ValueError, match="compare='arm'; accepted: 'preset'"):
+        dataclasses.replace(section, compare="arm")
 
 
 def test_every_section_names_valid_settings():

@@ -127,6 +127,8 @@ def test_a_run_folder_moved_elsewhere_continues_there(tmp_path, straight):
     assert list_checkpoints(after / "moved")[-1].name == "step-00000016.ckpt"
     assert not (before / "moved").exists()
     assert_same_weights(straight, final_state(after / "moved"))
+    # naming another place on --resume is still refused: the run writes where its folder is
+    assert main(["pretrain", "--resume", str(after / "moved"), f"run.out_dir={before}"]) == 2
 
 
 def test_non_finite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, capsys):

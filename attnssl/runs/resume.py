@@ -18,8 +18,10 @@ from attnssl.runs.folder import make_run_dir
 
 def check_same_run(config: Config, checkpoint: Path, trained: dict) -> None:
     """Refuse to continue ``checkpoint`` (trained with ``trained``) under settings that would
-    change its trajectory."""
+    change its trajectory. ``run.out_dir`` is where the folder lives, not a setting: a run
+    folder moved elsewhere (a sweep's points moved into a new ``--out``) continues there."""
     changed = differing_settings(config_to_dict(config), trained)
+    changed.pop("run.out_dir", None)
     if changed:
         raise ConfigError(
             f"{checkpoint} was trained with other settings: "
