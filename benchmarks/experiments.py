@@ -95,6 +95,20 @@ class Experiment:
                 if len(split_values(values)) > 1]
 
 
+def check_dataset_applies(experiment: Experiment) -> None:
+    """``--dataset`` reruns a section on other images; a section that makes its own data (the
+    theory paper's synthetic model, or an arm fixing ``data.dataset``) would ignore it, so it
+    is refused by name instead of silently answering on the section's own data."""
+    own = "the synthetic model of the theory paper" if experiment.run else next(
+        (s for arm in experiment.arms for s in arm.settings if s.startswith("data.dataset=")),
+        None)
+    if own:
+        others = ", ".join(e.name for e in EXPERIMENTS if not e.run and not any(
+            s.startswith("data.dataset=") for arm in e.arms for s in arm.settings))
+        raise SystemExit(f"{experiment.name} trains on its own data ({own}), so --dataset and "
+                         f"--data-root do not apply to it; they apply to: {others}")
+
+
 def on_full_budget(experiment: Experiment) -> Experiment:
     """The section on the full B1 v2 budget, to confirm an effect the screen found beyond the
     seed spread (one seed unless told otherwise); it trains and writes apart from the screen."""
@@ -723,6 +737,8 @@ def main() -> None:
     if args.section not in BY_NAME:
         raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")
     experiment = BY_NAME[args.section]
+    if args.dataset or args.data_root:
+        check_dataset_applies(experiment)
     if args.full_budget:
         experiment = on_full_budget(experiment)
     if args.seeds is None:

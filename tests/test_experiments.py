@@ -260,3 +260,15 @@ def test_each_arm_gets_its_range_over_the_settings_named_noise_inside_the_spread
     machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
     table = markdown(section, grouped, machine, "cmd")  # spread 0.5: bam's 0.40 is noise
     assert "bam 0.40 (noise), simclr 5.10 points." in table
+
+
+def test_dataset_is_refused_by_a_section_that_makes_its_own_data():
+    """--dataset would be overridden by section 12's data.dataset=imbalance, and the theory
+    sections train no dataset: both refuse it by name instead of ignoring it."""
+    from benchmarks.experiments import check_dataset_applies
+
+    for name in ("imbalance-vits", "imbalance-vits-linear", "theory-depth"):
+        with pytest.raises(SystemExit, match=f"{name} trains on its own data .*apply to: "
+                                             f"bam-positive-masking"):
+            check_dataset_applies(BY_NAME[name])
+    check_dataset_applies(BY_NAME["bam-sinkhorn-iters"])  # trains on the chosen dataset
