@@ -356,7 +356,7 @@ def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
 
 
 def arm_ranges(grouped: list[dict]) -> dict[str, float]:
-    """Each arm's range over its settings: max - min of its rows' mean k-NN, in row order."""
+    """Each arm's range over its settings: max - min of its rows' mean k-NN."""
     scores: dict[str, list[float]] = {}
     for g in grouped:
         scores.setdefault(g["arm"], []).append(g["knn_top1"])
@@ -732,7 +732,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.list or not args.section:
         for e in EXPERIMENTS:
-            print(f"{e.name:<28} {e.paper:<7} ~{MINUTES[e.name]:>3} min  {e.question}")
+            budget = " (full budget)" if e.full else ""
+            print(f"{e.name:<28} {e.paper:<7} ~{MINUTES[e.name]:>3} min  {e.question}{budget}")
         return
     if args.section not in BY_NAME:
         raise SystemExit(f"unknown section {args.section!r}; known: {', '.join(BY_NAME)}")
