@@ -702,9 +702,11 @@ EXPERIMENTS = (
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 # minutes on the 2-core reference machine at one thread: points times a point's training (the
 # MAE and SimCLR presets' four samples and views per image cost about 3.5 and 2 times one's)
+# UDI's full-budget sections at the 2-core Xeon's speed: about 45 minutes a point, and up to
+# 2.5 hours where section 8's windows of 1 sample every patch
 MINUTES = {"bam-positive-masking": 75, "bam-normalization": 60, "bam-sinkhorn-iters": 100,
            "bam-entropy-gap": 220, "bam-batch-size": 100, "bam-vs-simclr-views": 300,
-           "udi-alpha": 255, "udi-sampling-windows": 290, "udi-shared-head": 80,
+           "udi-alpha": 255, "udi-sampling-windows": 520, "udi-shared-head": 80,
            "cbsa-representatives": 255, "theory-depth": 30, "imbalance-vits": 230,
            "theory-linear-attention": 15, "imbalance-vits-linear": 230}
 
