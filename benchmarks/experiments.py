@@ -95,16 +95,21 @@ class Experiment:
                 if len(split_values(values)) > 1]
 
 
+def own_data(experiment: Experiment) -> str | None:
+    """The data a section makes itself, or None for one that trains on the chosen dataset."""
+    if experiment.run:
+        return "the synthetic model of the theory paper"
+    return next((s for arm in experiment.arms for s in arm.settings
+                 if s.startswith("data.dataset=")), None)
+
+
 def check_dataset_applies(experiment: Experiment) -> None:
     """``--dataset`` reruns a section on other images; a section that makes its own data (the
     theory paper's synthetic model, or an arm fixing ``data.dataset``) would ignore it, so it
     is refused by name instead of silently answering on the section's own data."""
-    own = "the synthetic model of the theory paper" if experiment.run else next(
-        (s for arm in experiment.arms for s in arm.settings if s.startswith("data.dataset=")),
-        None)
+    own = own_data(experiment)
     if own:
-        others = ", ".join(e.name for e in EXPERIMENTS if not e.run and not any(
-            s.startswith("data.dataset=") for arm in e.arms for s in arm.settings))
+        others = ", ".join(e.name for e in EXPERIMENTS if not own_data(e))
         raise SystemExit(f"{experiment.name} trains on its own data ({own}), so --dataset and "
                          f"--data-root do not apply to it; they apply to: {others}")
 
@@ -330,6 +335,7 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
     """Each arm's rows against the row at the preset's own value of every swept key (marked
     ``is_preset``); an arm with no such row is not judged."""
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
+    seed_spread = section_spread(grouped)
     for arm in experiment.arms:
         own = preset_point(arm, keys)
         members = [g for g in grouped if g["arm"] == arm.label]
@@ -338,7 +344,7 @@ def compare_to_preset(grouped: list[dict], experiment: Experiment) -> None:
         for g in members:
             g["is_preset"] = g is reference
         if reference is not None:
-            judge(reference, [g for g in members if g is not reference], grouped)
+            judge(reference, [g for g in members if g is not reference], seed_spread)
 
 
 def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
@@ -347,12 +353,13 @@ def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
     setting (section 10's learned representatives against pooled ones at each m; section 12's
     methods on each dataset, its swept key being the data's imbalance)."""
     first = experiment.arms[0].label
+    seed_spread = section_spread(grouped)
     for g in grouped:
         g["is_preset"] = False
     for reference in [g for g in grouped if g["arm"] == first]:
         judge(reference, [g for g in grouped if g["arm"] != first and all(
             k in g["point"] and same_value(g["point"][k], v)
-            for k, v in reference["point"].items())], grouped)
+            for k, v in reference["point"].items())], seed_spread)
 
 
 def arm_ranges(grouped: list[dict]) -> dict[str, float]:
@@ -363,11 +370,16 @@ def arm_ranges(grouped: list[dict]) -> dict[str, float]:
     return {arm: max(values) - min(values) for arm, values in scores.items()}
 
 
-def judge(reference: dict, others: list[dict], grouped: list[dict]) -> None:
+def section_spread(grouped: list[dict]) -> float | None:
+    """The section's seed spread, or None with one seed (no spread to judge by)."""
+    return spread(grouped) if has_seed_spread(grouped) else None
+
+
+def judge(reference: dict, others: list[dict], seed_spread: float | None) -> None:
     """``knn_difference`` and ``verdict`` for each of ``others`` against ``reference``; the
-    yardstick is the section's seed spread, or with one seed two standard errors of the test
-    set at the reference's accuracy (kept as the reference's ``noise_points``)."""
-    noise, beyond = ((spread(grouped), "beyond the spread") if has_seed_spread(grouped) else
+    yardstick is the section's seed spread, or with one seed (``None``) two standard errors of
+    the test set at the reference's accuracy (kept as the reference's ``noise_points``)."""
+    noise, beyond = ((seed_spread, "beyond the spread") if seed_spread is not None else
                      (two_standard_errors(reference["knn_top1"]), "beyond two standard errors"))
     reference["noise_points"] = noise
     for g in others:
@@ -422,7 +434,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]
     if arms:
-        inside = spread(grouped) if has_seed_spread(grouped) else None
+        inside = section_spread(grouped)
         ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
                                                    value <= inside else "")
                            for arm, value in arm_ranges(grouped).items())
