@@ -154,7 +154,8 @@ def cmd_sweep(args) -> int:
     from attnssl.sweep import main_sweep
 
     return main_sweep(args.config, _with_data_root(args.settings, args.data_root), args.out,
-                      args.trials, args.eval_train, args.eval_test, args.linear, args.seed)
+                      args.trials, args.eval_train, args.eval_test, args.linear, args.seed,
+                      args.workers)
 
 
 def cmd_presets(args) -> int:
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scored: the first N test images (default 2000)")
     w.add_argument("--linear", action="store_true", help="also score a linear probe")
     w.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    w.add_argument("--workers", type=int, default=1,
+                   help="train N points of the grid side by side, each in its own process "
+                   "(give each trainer.num_threads=CORES/N); default 1")
     w.add_argument("--data-root", help="folder holding the dataset (same as data.root=DIR)")
     w.add_argument("settings", nargs="*", help="key=a,b (values), key=low..high[:log] (range) "
                    "or key=value (fixed)")

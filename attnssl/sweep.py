@@ -22,10 +22,12 @@ points and continues a half-trained point from its newest checkpoint, exactly. O
 pruning is not used: it needs a score during training, and a k-NN costs as much as many steps
 at these budgets.
 
-One sweep runs in a folder at a time (``OUT/.lock``, the run-folder lock). Outputs in ``OUT``:
-``study.journal`` (Optuna), ``results.json`` (every point: settings, scores,
-floor, images/s, minutes, run folder), ``results.md`` (a table, best first) and ``sweep.png``
-(k-NN against each swept key's values).
+One sweep runs in a folder at a time (``OUT/.lock``, the run-folder lock). Within it,
+``--workers N`` trains a grid's points in N processes side by side: the sweep's own process
+takes the queued trials from the study, hands out one training run's points at a time, and
+alone writes the study and the outputs. Outputs in ``OUT``: ``study.journal`` (Optuna),
+``results.json`` (every point: settings, scores, floor, images/s, minutes, run folder),
+``results.md`` (a table, best first) and ``sweep.png`` (k-NN against each swept key's values).
 """
 
 from __future__ import annotations
@@ -488,12 +490,14 @@ def _done_points(study) -> list[dict]:
             if _is_done(t) or t.state == waiting]
 
 
-def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
+def run_sweep(spec: SweepSpec, out: Path, log=print, workers: int = 1) -> list[dict]:
     """Train and score every point not yet done; returns all results (also written to
-    ``out``)."""
-    optuna = _optuna()
+    ``out``). With ``workers`` above 1 a grid's points train in that many processes side by
+    side (:func:`_run_in_workers`)."""
+    _optuna()
     from attnssl.runs.folder import RunFolderLock
 
+    check_workers(spec, workers)
     with RunFolderLock(out):  # one sweep at a time in a folder; a second names the holder
         study = open_study(out, spec)
         _requeue_interrupted(study)
@@ -506,37 +510,195 @@ def run_sweep(spec: SweepSpec, out: Path, log=print) -> list[dict]:
         else:
             total = spec.trials
         floors = _load_floors(out)
-        while True:
-            finished = [t for t in study.get_trials(deepcopy=False) if _is_done(t)]
-            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            if len(finished) >= total and not waiting:
-                break
-            if spec.trials is None and not waiting:
-                break
-            trial = study.ask()
-            point = {d.key: _suggest(trial, d) for d in spec.dimensions}
-            label = ", ".join(f"{k}={v}" for k, v in point.items()) or "(fixed settings)"
-            log(f"sweep: point {len(finished) + 1}/{total}: {label}")
-            try:
-                row = _run_point(spec, out, point, floors)
-            except (ConfigError, ValueError, RuntimeError) as err:
-                trial.set_user_attr("error", str(err).splitlines()[0][:300])
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                log(f"sweep: point failed: {err}")
-                continue
-            for key, value in row.items():
-                trial.set_user_attr(key, value)
-            study.tell(trial, row["knn_top1"])
-            log(f"sweep: k-NN {row['knn_top1']:.2f} % (random init {row['knn_floor']:.2f} %)")
-            write_outputs(out, spec, collect_results(study, spec))  # a stop keeps the tables
+        if workers > 1:
+            _run_in_workers(study, spec, out, floors, workers, total, log)
+        else:
+            _run_in_turn(study, spec, out, floors, total, log)
         results = collect_results(study, spec)
         write_outputs(out, spec, results)
         return results
 
 
+def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, log) -> None:
+    """Ask the study for one point after another (the queued grid, or the sampler's choice)
+    and train and score each in this process."""
+    waiting = _optuna().trial.TrialState.WAITING
+    while True:
+        finished = [t for t in study.get_trials(deepcopy=False) if _is_done(t)]
+        queued = study.get_trials(deepcopy=False, states=(waiting,))
+        if (len(finished) >= total or spec.trials is None) and not queued:
+            break
+        trial = study.ask()
+        point = {d.key: _suggest(trial, d) for d in spec.dimensions}
+        log(f"sweep: point {len(finished) + 1}/{total}: {_label(point)}")
+        _record(study, trial, point, _point_row(spec, out, point, floors), spec, out, floors,
+                log)
+
+
+def check_workers(spec: SweepSpec, workers: int) -> None:
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers {workers!r}: give a whole number of processes, 1 or more")
+    if workers > 1 and spec.trials is not None:
+        raise ConfigError(f"--workers {workers} trains a grid's points side by side; a sampled "
+                          f"search (--trials) chooses each point from the ones before it, so "
+                          f"it runs one point at a time: leave out --workers or --trials")
+
+
+def _label(point: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(fixed settings)"
+
+
+def _point_row(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) -> dict:
+    """A point's scores, or its ``error`` when it failed for a reason of its own (a bad
+    setting, a diverged loss); a stop signal passes through."""
+    try:
+        return _run_point(spec, out, point, floors)
+    except (ConfigError, ValueError, RuntimeError) as err:
+        return {"error": str(err).splitlines()[0][:300]}
+
+
+def _record(study, trial, point: dict[str, str], row: dict, spec: SweepSpec, out: Path,
+            floors: dict, log) -> None:
+    """Tell the study a point's row (its scores, or its ``error``), keep its floor, and
+    rewrite the outputs, so a stop keeps the tables."""
+    state = _optuna().trial.TrialState
+    for key, value in row.items():
+        trial.set_user_attr(key, value)
+    if "error" in row:
+        study.tell(trial, state=state.FAIL)
+        log(f"sweep: point failed: {row['error']}")
+        return
+    study.tell(trial, row["knn_top1"])
+    log(f"sweep: k-NN {row['knn_top1']:.2f} % (random init {row['knn_floor']:.2f} %)")
+    _save_floor(out, floors, floor_key(spec.config(point)), row["knn_floor"])
+    write_outputs(out, spec, collect_results(study, spec))
+
+
+def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: int,
+                    total: int, log) -> None:
+    """Train the waiting points of a grid in ``workers`` processes side by side.
+
+    This process takes every waiting trial from the study (each is then running, so a stop
+    leaves it to be queued again), groups the trials by training run (points that differ only
+    in ``eval.*`` share one, and one process trains it), and hands the groups out through a
+    queue. Only this process writes the study and the outputs; the workers train and score.
+    Each worker runs in a session of its own, so a Ctrl-C or SIGTERM reaches this process,
+    which passes it on once to every worker: the points in training stop after their step
+    with a checkpoint, and :class:`SweepStopped` ends the sweep as in one process."""
+    import multiprocessing
+    import os
+    import queue
+    import signal
+    import threading
+
+    waiting = _optuna().trial.TrialState.WAITING
+    trials, groups = {}, {}
+    while study.get_trials(deepcopy=False, states=(waiting,)):
+        trial = study.ask()
+        point = {d.key: _suggest(trial, d) for d in spec.dimensions}
+        trials[trial.number] = trial, point
+        groups.setdefault(training_key(spec.config(point)), []).append((trial.number, point))
+    if not groups:
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch
+    tasks, results = context.Queue(), context.Queue()
+    for group in groups.values():
+        tasks.put(group)
+    processes = [context.Process(target=_sweep_worker, args=(spec, out, tasks, results))
+                 for _ in range(min(workers, len(groups)))]
+    for process in processes:
+        tasks.put(None)  # one end mark for each worker
+        process.start()
+    stopped = []
+
+    def forward(signum, _frame):
+        stopped.append(signal.Signals(signum).name)
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {name: signal.signal(name, forward)
+                    for name in (signal.SIGINT, signal.SIGTERM)}
+    done = total - len(trials)
+    try:
+        while True:
+            try:
+                number, row = results.get(timeout=0.5)
+            except queue.Empty:
+                if any(process.is_alive() for process in processes):
+                    continue
+                try:  # the workers have ended: what they sent before is in the pipe
+                    number, row = results.get_nowait()
+                except queue.Empty:
+                    break
+            if number is None:  # a worker stopped by a signal
+                stopped.append(row)
+                continue
+            done += 1
+            trial, point = trials[number]
+            log(f"sweep: point {done}/{total}: {_label(point)}")
+            _record(study, trial, point, row, spec, out, floors, log)
+    except BaseException:  # this process failed: the workers stop with their checkpoints
+        forward(signal.SIGTERM, None)
+        raise
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+        for process in processes:
+            process.join()
+    if stopped:
+        raise SweepStopped(stopped[0], out)
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise SweepWorkerDied(f"a sweep worker process exited with code {failed[0]}; the "
+                              f"points it held are queued again, and the same command "
+                              f"continues them")
+
+
+class SweepWorkerDied(Exception):
+    """A worker of a side-by-side sweep ended without finishing its points (killed, or out of
+    memory); the study keeps them running, so a rerun queues them again."""
+
+
+def _sweep_worker(spec: SweepSpec, out: Path, tasks, results) -> None:
+    """A process of :func:`_run_in_workers`: takes one training run's points at a time from
+    ``tasks`` until the end mark and puts ``(trial number, row)`` on ``results``; a stop puts
+    ``(None, signal name)`` and ends it."""
+    import os
+
+    os.setsid()
+    floors = _load_floors(out)
+    while (group := tasks.get()) is not None:
+        for number, point in group:
+            print(f"sweep: worker {os.getpid()} trains {_label(point)}", flush=True)
+            try:
+                row = _point_row(spec, out, point, floors)
+            except SweepStopped as stop:
+                results.put((None, stop.signal_name))
+                return
+            except KeyboardInterrupt:  # outside training: nothing to keep
+                results.put((None, "SIGINT"))
+                return
+            if "error" not in row:
+                floors[floor_key(spec.config(point))] = row["knn_floor"]
+            results.put((number, row))
+
+
 def _load_floors(out: Path) -> dict[str, float]:
     path = out / "floors.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_floor(out: Path, floors: dict[str, float], key: str, value: float) -> None:
+    """Keep a random-init floor in ``floors.json`` (written by the sweep's own process only)."""
+    from attnssl.runs.checkpoint import atomic_write
+
+    if floors.get(key) == value:
+        return
+    floors[key] = value
+    atomic_write(out / "floors.json", lambda p: p.write_text(json.dumps(floors, indent=2)))
 
 
 def point_folder(out: Path, config: Config) -> Path:
@@ -564,12 +726,8 @@ def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) 
     metrics = train_point(config, run_dir)
     scores = score_point(config, run_dir, spec.linear)
     key = floor_key(config)
-    if key not in floors:
-        floors[key] = random_init_score(config)
-        from attnssl.runs.checkpoint import atomic_write
-
-        atomic_write(out / "floors.json", lambda p: p.write_text(json.dumps(floors, indent=2)))
-    row = {"knn_top1": scores["knn_top1"], "knn_floor": floors[key],
+    floor = floors[key] if key in floors else random_init_score(config)
+    row = {"knn_top1": scores["knn_top1"], "knn_floor": floor,
            "images_per_second": metrics["images_per_second"],
            "train_minutes": metrics["train_seconds"] / 60, "steps": metrics["steps"],
            "precision": metrics["precision"], "run_dir": str(run_dir),
@@ -673,14 +831,19 @@ def write_outputs(out: Path, spec: SweepSpec, results: list[dict]) -> None:
 
 
 def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | None,
-               eval_train: int, eval_test: int, linear: bool, seed: int) -> int:
+               eval_train: int, eval_test: int, linear: bool, seed: int,
+               workers: int = 1) -> int:
     spec = SweepSpec.from_arguments(preset, settings, trials=trials, eval_train=eval_train,
                                     eval_test=eval_test, linear=linear, seed=seed)
+    check_workers(spec, workers)
     folder = Path(out) if out else Path("runs") / f"sweep-{Path(preset).stem}"
     points = spec.trials or len(spec.grid())
     print(f"sweep: {points} point{'s' * (points != 1)} of {preset} into {folder}")
     try:
-        results = run_sweep(spec, folder)
+        results = run_sweep(spec, folder, workers=workers)
+    except SweepWorkerDied as died:
+        print(f"sweep: {died}", file=sys.stderr)
+        return 1
     except SweepStopped as stop:  # the point stays running in the study: a rerun requeues it
         print(f"sweep {stop}; its checkpoint is kept, and the same command continues the "
               f"sweep from it", file=sys.stderr)

@@ -217,7 +217,8 @@ def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
     spec = SweepSpec.from_arguments(arm.preset, arm_settings(experiment, arm, args),
                                     eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
                                     linear=experiment.linear)
-    results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)))
+    results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)),
+                        workers=getattr(args, "workers", 1))
     rows = []
     for result in results:
         if "error" in result:
@@ -735,7 +736,10 @@ def main() -> None:
     parser.add_argument("--full-budget", action="store_true",
                         help="train on the full B1 v2 budget (60,000 images, 5 epochs) to confirm "
                              "a screened effect; writes SECTION-full")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads of each point")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train this many points of an arm side by side, each in its own "
+                             "process (workers times threads: at most the cores)")
     parser.add_argument("--runs-dir", default="runs/experiments")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--theory-steps", type=int, default=3000)

@@ -18,6 +18,7 @@ from attnssl.sweep import (
     Choice,
     Range,
     SweepSpec,
+    check_workers,
     describe,
     open_study,
     parse_dimension,
@@ -320,3 +321,76 @@ def test_a_sweep_names_only_the_files_it_writes(tmp_path):
     assert not (tmp_path / "sweep.png").exists()
     assert written_files(swept, scored) == ["results.json", "results.md", "sweep.png"]
     assert written_files(swept, [{"point": {"optim.lr": "1e-3"}, "error": "x"}])[-1] != "sweep.png"
+
+
+def test_workers_are_a_whole_number_and_only_for_grids():
+    grid = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3"], **SCORE)
+    with pytest.raises(ConfigError, match=r"--workers 0: give a whole number of processes"):
+        check_workers(grid, 0)
+    sampled = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-4..1e-2"],
+                                       trials=2, **SCORE)
+    with pytest.raises(ConfigError, match=r"--workers 2 trains a grid's points side by side"):
+        check_workers(sampled, 2)
+    check_workers(grid, 2)
+    check_workers(sampled, 1)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, capfd):
+    """Two worker processes: each training run is trained once, by one worker (the two points
+    that differ only in their read-out go to the same one), and every score equals the score
+    the same sweep gets in one process."""
+    spec = SweepSpec.from_arguments(
+        "simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3", "eval.features=cls,mean",
+                             "eval.blocks=1"], **SCORE)
+    side_by_side = run_sweep(spec, tmp_path / "two", log=lambda _: None, workers=2)
+    workers = {line.split()[2] for line in capfd.readouterr().out.splitlines()
+               if line.startswith("sweep: worker ")}
+    in_turn = run_sweep(spec, tmp_path / "one", log=lambda _: None)
+    assert len(workers) == 2  # both processes trained a run
+    assert len(side_by_side) == 4 and all("error" not in r for r in side_by_side)
+    assert len(list((tmp_path / "two" / "points").iterdir())) == 2
+
+    def scores(rows):
+        return {tuple(r["point"].values()): (r["knn_top1"], r["knn_floor"], r["steps"])
+                for r in rows}
+
+    assert scores(side_by_side) == scores(in_turn)
+    floors = json.loads((tmp_path / "two" / "floors.json").read_text())
+    assert floors == json.loads((tmp_path / "one" / "floors.json").read_text())
+    # a rerun finds nothing left to do
+    assert scores(run_sweep(spec, tmp_path / "two", log=lambda _: None, workers=2)) == \
+        scores(side_by_side)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_stop_signal_reaches_every_worker_and_the_rerun_continues_their_points(tmp_path):
+    """SIGTERM to a sweep of two workers while both train: each point stops with a checkpoint,
+    the sweep exits 143, and the same command continues both points to their end."""
+    out = tmp_path / "sweep"
+    args = [*_sweep_command(out), "--workers", "2", "trainer.checkpoint_every_steps=2"]
+    args[args.index("optim.epochs=1")] = "optim.epochs=16"  # 64 steps, a checkpoint every 2
+    child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while len({p.parent.parent for p in (out / "points").glob("*/checkpoints/*.ckpt")}) < 2:
+        assert child.poll() is None and time.time() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 143, stdout + stderr
+    assert "the same command continues the sweep" in stderr
+    points = [p for p in (out / "points").iterdir() if p.is_dir()]
+    assert len(points) == 2 and not any((p / "sweep-trained.json").exists() for p in points)
+
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
+    assert all("error" not in r and r["steps"] == 64 for r in results)
+    for point in points:  # each stopped point resumed and trained to its end, once
+        steps = [int(line.split(",")[0]) for line in
+                 (point / "metrics.csv").read_text().splitlines()[1:]]
+        assert steps[-1] == 64 and len(steps) == len(set(steps))
