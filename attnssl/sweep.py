@@ -13,7 +13,8 @@ settings (a folder an older version named otherwise is found by its saved settin
 scored by the weighted k-NN on a fixed evaluation subset (``--eval-train`` bank images,
 ``--eval-test`` scored images, the first of each split). Points that differ only
 in ``eval.*`` keys share one training run. The random-init floor on the same read-out is
-computed once per distinct model and read-out and shown beside the scores.
+computed once per distinct model and read-out (once in each worker process, with ``--workers``)
+and shown beside the scores.
 
 Why Optuna: its study storage (a journal file here, safe against a kill at any moment) records
 which points are done, and its samplers search a space without a scheduler of our own. The
@@ -35,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -550,11 +552,16 @@ def _label(point: dict[str, str]) -> str:
 
 def _point_row(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) -> dict:
     """A point's scores, or its ``error`` when it failed for a reason of its own (a bad
-    setting, a diverged loss); a stop signal passes through."""
+    setting, a diverged loss); a stop signal, or a point folder another process holds, passes
+    through."""
+    from attnssl.runs.folder import RunFolderBusy
+
     try:
         return _run_point(spec, out, point, floors)
+    except RunFolderBusy:
+        raise
     except (ConfigError, ValueError, RuntimeError) as err:
-        return {"error": str(err).splitlines()[0][:300]}
+        return {"error": (str(err).splitlines() or [type(err).__name__])[0][:300]}
 
 
 def _record(study, trial, point: dict[str, str], row: dict, spec: SweepSpec, out: Path,
@@ -582,11 +589,14 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
     leaves it to be queued again), groups the trials by training run (points that differ only
     in ``eval.*`` share one, and one process trains it), and hands the groups out through a
     queue. Only this process writes the study and the outputs; the workers train and score.
-    Each worker runs in a session of its own, so a Ctrl-C or SIGTERM reaches this process,
-    which passes it on once to every worker: the points in training stop after their step
-    with a checkpoint, and :class:`SweepStopped` ends the sweep as in one process."""
+
+    Stopping: each worker runs in a session of its own, so a Ctrl-C reaches this process,
+    which passes the first SIGINT or SIGTERM on to every worker; a worker stops its training
+    after the step with a checkpoint (or after the scoring it is doing), however many copies
+    of the signal reach it (a scheduler signals every process). A second signal to this
+    process kills the workers. A worker whose sweep process dies is sent SIGTERM by the
+    kernel (Linux), so none trains on unseen."""
     import multiprocessing
-    import os
     import queue
     import signal
     import threading
@@ -601,21 +611,24 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
     if not groups:
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch
-    tasks, results = context.Queue(), context.Queue()
-    for group in groups.values():
+    tasks, messages = context.Queue(), context.Queue()
+    tasks.cancel_join_thread()  # groups never handed out are not waited for at exit
+    count = min(workers, len(groups))
+    for group in [*groups.values(), *[None] * count]:  # then one end mark for each worker
         tasks.put(group)
-    processes = [context.Process(target=_sweep_worker, args=(spec, out, tasks, results))
-                 for _ in range(min(workers, len(groups)))]
-    for process in processes:
-        tasks.put(None)  # one end mark for each worker
-        process.start()
-    stopped = []
+    processes = [context.Process(target=_sweep_worker, args=(spec, out, tasks, messages))
+                 for _ in range(count)]
+    stopped, failed = [], []
 
     def forward(signum, _frame):
         stopped.append(signal.Signals(signum).name)
         for process in processes:
-            if process.pid is not None and process.is_alive():
+            if process.pid is None or not process.is_alive():
+                continue
+            if len(stopped) == 1:
                 os.kill(process.pid, signum)
+            else:  # asked again: stop now
+                process.kill()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -623,67 +636,107 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
                     for name in (signal.SIGINT, signal.SIGTERM)}
     done = total - len(trials)
     try:
+        for process in processes:
+            process.start()
         while True:
             try:
-                number, row = results.get(timeout=0.5)
+                message = messages.get(timeout=0.5)
             except queue.Empty:
                 if any(process.is_alive() for process in processes):
                     continue
                 try:  # the workers have ended: what they sent before is in the pipe
-                    number, row = results.get_nowait()
+                    message = messages.get_nowait()
                 except queue.Empty:
                     break
-            if number is None:  # a worker stopped by a signal
-                stopped.append(row)
-                continue
-            done += 1
-            trial, point = trials[number]
-            log(f"sweep: point {done}/{total}: {_label(point)}")
-            _record(study, trial, point, row, spec, out, floors, log)
+            kind, *body = message
+            if kind == "stopped":
+                stopped.append(body[0])
+            elif kind == "failed":
+                failed.append(body[0])
+            else:
+                number, row = body
+                done += 1
+                trial, point = trials[number]
+                log(f"sweep: point {done}/{total}: {_label(point)}")
+                _record(study, trial, point, row, spec, out, floors, log)
     except BaseException:  # this process failed: the workers stop with their checkpoints
-        forward(signal.SIGTERM, None)
+        if not stopped:
+            forward(signal.SIGTERM, None)
         raise
     finally:
         for name, handler in previous.items():
             signal.signal(name, handler)
         for process in processes:
             process.join()
+    killed = [p.exitcode for p in processes if p.exitcode]
     if stopped:
+        if killed:
+            log(f"sweep: {len(killed)} worker(s) ended without stopping cleanly (exit code "
+                f"{', '.join(map(str, killed))}): their points continue from their newest "
+                f"periodic checkpoint")
         raise SweepStopped(stopped[0], out)
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    failed += [f"exit code {code}" for code in killed]
     if failed:
-        raise SweepWorkerDied(f"a sweep worker process exited with code {failed[0]}; the "
-                              f"points it held are queued again, and the same command "
-                              f"continues them")
+        raise SweepWorkerDied(f"a sweep worker stopped on an error ({failed[0]}; its output "
+                              f"is above); the points it held are queued again, and the same "
+                              f"command continues them")
 
 
 class SweepWorkerDied(Exception):
-    """A worker of a side-by-side sweep ended without finishing its points (killed, or out of
-    memory); the study keeps them running, so a rerun queues them again."""
+    """A worker of a side-by-side sweep ended without finishing its points (an error, a kill,
+    out of memory); the study keeps them running, so a rerun queues them again."""
 
 
-def _sweep_worker(spec: SweepSpec, out: Path, tasks, results) -> None:
+def _sweep_worker(spec: SweepSpec, out: Path, tasks, messages) -> None:
     """A process of :func:`_run_in_workers`: takes one training run's points at a time from
-    ``tasks`` until the end mark and puts ``(trial number, row)`` on ``results``; a stop puts
-    ``(None, signal name)`` and ends it."""
-    import os
+    ``tasks`` until the end mark and sends ``("row", trial number, row)`` for each; a stop
+    sends ``("stopped", signal name)``, an unforeseen error ``("failed", text)``."""
+    import multiprocessing
+    import signal
+
+    from attnssl.train.environment import StopSignals
+
+    def ask_to_stop(signum, _frame):  # never kills: training or scoring ends first
+        StopSignals.asked = StopSignals.asked or signal.Signals(signum).name
 
     os.setsid()
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, ask_to_stop)
+    parent = multiprocessing.parent_process()
+    _stop_when_parent_dies(parent.pid)
     floors = _load_floors(out)
-    while (group := tasks.get()) is not None:
-        for number, point in group:
-            print(f"sweep: worker {os.getpid()} trains {_label(point)}", flush=True)
-            try:
+    try:
+        while StopSignals.asked is None and (group := tasks.get()) is not None:
+            for number, point in group:
+                if StopSignals.asked is not None or not parent.is_alive():
+                    break
+                print(f"sweep: worker {os.getpid()} trains {_label(point)}", flush=True)
                 row = _point_row(spec, out, point, floors)
-            except SweepStopped as stop:
-                results.put((None, stop.signal_name))
-                return
-            except KeyboardInterrupt:  # outside training: nothing to keep
-                results.put((None, "SIGINT"))
-                return
-            if "error" not in row:
-                floors[floor_key(spec.config(point))] = row["knn_floor"]
-            results.put((number, row))
+                if "error" not in row:
+                    floors[floor_key(spec.config(point))] = row["knn_floor"]
+                messages.put(("row", number, row))
+    except SweepStopped as stop:
+        messages.put(("stopped", stop.signal_name))
+        return
+    except Exception as err:
+        messages.put(("failed", f"{type(err).__name__}: {str(err)[:300]}"))
+        raise
+    if StopSignals.asked is not None:
+        messages.put(("stopped", StopSignals.asked))
+
+
+def _stop_when_parent_dies(parent_pid: int) -> None:
+    """Ask the kernel to send this process SIGTERM when its parent dies (Linux's
+    ``PR_SET_PDEATHSIG``); elsewhere the worker checks its parent before each point."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _load_floors(out: Path) -> dict[str, float]:

@@ -340,7 +340,8 @@ def test_workers_are_a_whole_number_and_only_for_grids():
 def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, capfd):
     """Two worker processes: each training run is trained once, by one worker (the two points
     that differ only in their read-out go to the same one), and every score equals the score
-    the same sweep gets in one process."""
+    the same sweep gets in one process. (That the workers train at the same time is shown by
+    the stop tests below, which stop both in training.)"""
     spec = SweepSpec.from_arguments(
         "simclr_synthetic", [*TINY, "optim.lr=1e-3,2e-3", "eval.features=cls,mean",
                              "eval.blocks=1"], **SCORE)
@@ -348,7 +349,7 @@ def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, ca
     workers = {line.split()[2] for line in capfd.readouterr().out.splitlines()
                if line.startswith("sweep: worker ")}
     in_turn = run_sweep(spec, tmp_path / "one", log=lambda _: None)
-    assert len(workers) == 2  # both processes trained a run
+    assert workers and str(os.getpid()) not in workers  # trained in worker processes
     assert len(side_by_side) == 4 and all("error" not in r for r in side_by_side)
     assert len(list((tmp_path / "two" / "points").iterdir())) == 2
 
@@ -359,19 +360,19 @@ def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, ca
     assert scores(side_by_side) == scores(in_turn)
     floors = json.loads((tmp_path / "two" / "floors.json").read_text())
     assert floors == json.loads((tmp_path / "one" / "floors.json").read_text())
-    # a rerun finds nothing left to do
-    assert scores(run_sweep(spec, tmp_path / "two", log=lambda _: None, workers=2)) == \
-        scores(side_by_side)
+    # a rerun finds nothing left to do: no worker starts, no trial is left running
+    again = run_sweep(spec, tmp_path / "two", log=lambda _: None, workers=2)
+    assert "sweep: worker" not in capfd.readouterr().out
+    assert scores(again) == scores(side_by_side)
+    study = open_study(tmp_path / "two", spec)
+    assert {t.state.name for t in study.get_trials()} == {"COMPLETE"}
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_a_stop_signal_reaches_every_worker_and_the_rerun_continues_their_points(tmp_path):
-    """SIGTERM to a sweep of two workers while both train: each point stops with a checkpoint,
-    the sweep exits 143, and the same command continues both points to their end."""
-    out = tmp_path / "sweep"
+def _sweep_with_two_workers(out: Path) -> tuple[list[str], subprocess.Popen]:
+    """Start ``attnssl sweep --workers 2`` (two points of 128 steps, a checkpoint every 2) and
+    return its arguments and process once both points have a checkpoint."""
     args = [*_sweep_command(out), "--workers", "2", "trainer.checkpoint_every_steps=2"]
-    args[args.index("optim.epochs=1")] = "optim.epochs=16"  # 64 steps, a checkpoint every 2
+    args[args.index("optim.epochs=1")] = "optim.epochs=32"
     child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -379,18 +380,63 @@ def test_a_stop_signal_reaches_every_worker_and_the_rerun_continues_their_points
     while len({p.parent.parent for p in (out / "points").glob("*/checkpoints/*.ckpt")}) < 2:
         assert child.poll() is None and time.time() < deadline, child.communicate()
         time.sleep(0.05)
+    return args, child
+
+
+def _continues_to_the_end(args: list[str], points: list[Path]) -> None:
+    """The same command finishes both stopped points, each resumed from its checkpoint."""
+    assert len(points) == 2 and not any((p / "sweep-trained.json").exists() for p in points)
+    assert main(args) == 0
+    results = json.loads((points[0].parent.parent / "results.json").read_text())["results"]
+    assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
+    assert all("error" not in r and r["steps"] == 128 for r in results)
+    for point in points:  # each trained to its end, no step twice
+        steps = [int(line.split(",")[0]) for line in
+                 (point / "metrics.csv").read_text().splitlines()[1:]]
+        assert steps[-1] == 128 and len(steps) == len(set(steps))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["the sweep", "every process"])
+def test_a_stop_signal_stops_every_worker_with_a_checkpoint(tmp_path, to):
+    """SIGTERM while both workers train, sent to the sweep alone (it passes it on) or to
+    every process, as a scheduler does (a worker then gets it twice and must still stop with
+    a checkpoint, not die mid-step): the sweep exits 143 and the same command continues."""
+    out = tmp_path / "sweep"
+    args, child = _sweep_with_two_workers(out)
+    points = [p for p in (out / "points").iterdir() if p.is_dir()]
+    if to == "every process":
+        for point in points:  # a worker names itself in its run folder's lock
+            os.kill(int((point / ".lock").read_text().split()[1]), signal.SIGTERM)
     child.send_signal(signal.SIGTERM)
     stdout, stderr = child.communicate(timeout=300)
     assert child.returncode == 143, stdout + stderr
     assert "the same command continues the sweep" in stderr
-    points = [p for p in (out / "points").iterdir() if p.is_dir()]
-    assert len(points) == 2 and not any((p / "sweep-trained.json").exists() for p in points)
+    assert "without stopping cleanly" not in stdout, stdout  # no worker died mid-step
+    _continues_to_the_end(args, points)
 
-    assert main(args) == 0
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
-    assert all("error" not in r and r["steps"] == 64 for r in results)
-    for point in points:  # each stopped point resumed and trained to its end, once
-        steps = [int(line.split(",")[0]) for line in
-                 (point / "metrics.csv").read_text().splitlines()[1:]]
-        assert steps[-1] == 64 and len(steps) == len(set(steps))
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_workers_of_a_killed_sweep_stop_instead_of_training_on(tmp_path):
+    """SIGKILL to the sweep's process (an out-of-memory kill, say): its workers are told by
+    the kernel and stop with their checkpoints, so they neither finish unseen nor hold the
+    point folders against the rerun."""
+    from attnssl.runs.folder import RunFolderLock
+
+    out = tmp_path / "sweep"
+    args, child = _sweep_with_two_workers(out)
+    child.kill()
+    child.communicate(timeout=60)
+    points = [p for p in (out / "points").iterdir() if p.is_dir()]
+    deadline = time.time() + 120
+    for point in points:  # each worker lets go of its folder
+        while True:
+            try:
+                RunFolderLock(point).acquire().release()
+                break
+            except ConfigError:
+                assert time.time() < deadline, f"{point} is still held"
+                time.sleep(0.1)
+    _continues_to_the_end(args, points)

@@ -45,6 +45,11 @@ def new_run_folder(out_dir: str | Path, stem: str) -> Path:
     raise FileExistsError(f"could not find a free run folder name {base}-N in {out_dir}")
 
 
+class RunFolderBusy(ConfigError):
+    """Another process holds the run folder: a state of the machine, not a fault of the run's
+    settings, so a sweep does not record it as the point's error."""
+
+
 class RunFolderLock:
     """Exclusive use of a run folder by one process while it trains there."""
 
@@ -65,7 +70,7 @@ class RunFolderLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise ConfigError(
+            raise RunFolderBusy(
                 f"run folder {self.run_dir} is in use by {holder}; wait for that run to end, "
                 f"or choose another run.name") from None
         handle.seek(0)

@@ -113,9 +113,12 @@ class StopSignals:
     so no finished step is lost. A second signal acts as usual. Only in the main thread."""
 
     SIGNALS = ("SIGINT", "SIGTERM")
+    # a stop that arrived in this process outside training (a sweep worker records it there):
+    # the next training stops after its first step
+    asked: str | None = None
 
     def __init__(self):
-        self.received: str | None = None
+        self.received: str | None = StopSignals.asked
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
