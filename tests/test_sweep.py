@@ -369,10 +369,11 @@ def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, ca
 
 
 def _sweep_with_two_workers(out: Path) -> tuple[list[str], subprocess.Popen]:
-    """Start ``attnssl sweep --workers 2`` (two points of 128 steps, a checkpoint every 2) and
-    return its arguments and process once both points have a checkpoint."""
-    args = [*_sweep_command(out), "--workers", "2", "trainer.checkpoint_every_steps=2"]
-    args[args.index("optim.epochs=1")] = "optim.epochs=32"
+    """Start ``attnssl sweep --workers 2`` (two points of 512 steps, about 10 s each, a
+    checkpoint every 8) and return its arguments and process once both points have a
+    checkpoint: long enough that neither ends before the other starts, on a loaded machine."""
+    args = [*_sweep_command(out), "--workers", "2", "trainer.checkpoint_every_steps=8"]
+    args[args.index("optim.epochs=1")] = "optim.epochs=128"
     child = subprocess.Popen([sys.executable, "-m", "attnssl", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -389,11 +390,11 @@ def _continues_to_the_end(args: list[str], points: list[Path]) -> None:
     assert main(args) == 0
     results = json.loads((points[0].parent.parent / "results.json").read_text())["results"]
     assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
-    assert all("error" not in r and r["steps"] == 128 for r in results)
+    assert all("error" not in r and r["steps"] == 512 for r in results)
     for point in points:  # each trained to its end, no step twice
         steps = [int(line.split(",")[0]) for line in
                  (point / "metrics.csv").read_text().splitlines()[1:]]
-        assert steps[-1] == 128 and len(steps) == len(set(steps))
+        assert steps[-1] == 512 and len(steps) == len(set(steps))
 
 
 @pytest.mark.integration
