@@ -538,6 +538,7 @@ def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, lo
 
 
 def check_workers(spec: SweepSpec, workers: int) -> None:
+    """Refuse a worker count under 1, and more than one worker for a sampled search."""
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers {workers!r}: give a whole number of processes, 1 or more")
     if workers > 1 and spec.trials is not None:
