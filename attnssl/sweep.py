@@ -33,6 +33,7 @@ alone writes the study and the outputs. Outputs in ``OUT``: ``study.journal`` (O
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -289,6 +290,24 @@ def train_point(config: Config, run_dir: Path) -> dict:
     return metrics
 
 
+@contextlib.contextmanager
+def stop_signals_to(handler):
+    """While inside, SIGINT and SIGTERM go to ``handler`` (in the main thread only: elsewhere
+    Python cannot set one), then to what they went to before."""
+    import signal
+    import threading
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {name: signal.signal(name, handler)
+                    for name in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for name, before in previous.items():
+            signal.signal(name, before)
+
+
 def pretrain_in_child(config: Config, run_dir: Path, resume: Path | None) -> dict:
     """Train a point of several processes with ``attnssl pretrain`` in a child process.
 
@@ -296,10 +315,7 @@ def pretrain_in_child(config: Config, run_dir: Path, resume: Path | None) -> dic
     in the sweep's own process that command would be the sweep. The child runs in a session of
     its own, and a SIGINT or SIGTERM the sweep receives goes once to the child and the
     processes Fabric started, which stop after their step with a checkpoint."""
-    import os
-    import signal
     import subprocess
-    import threading
 
     import yaml
 
@@ -318,14 +334,8 @@ def pretrain_in_child(config: Config, run_dir: Path, resume: Path | None) -> dic
     def forward(signum, _frame):
         os.killpg(child.pid, signum)
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {name: signal.signal(name, forward) for name in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals_to(forward):
         code = child.wait()
-    finally:
-        for name, handler in previous.items():
-            signal.signal(name, handler)
     if code in (130, 143):
         raise SweepStopped("SIGINT" if code == 130 else "SIGTERM", run_dir)
     if code != 0:
@@ -464,6 +474,12 @@ def _suggest(trial, dimension: Dimension) -> str:
     return f"{value:.4g}"
 
 
+def _ask(study, spec: SweepSpec) -> tuple:
+    """The study's next trial (a queued one first) and the point it stands for."""
+    trial = study.ask()
+    return trial, {d.key: _suggest(trial, d) for d in spec.dimensions}
+
+
 def _requeue_interrupted(study) -> None:
     """Trials left running by a sweep that was stopped are failed and queued again with the
     same settings, so their run folders continue from their checkpoints."""
@@ -530,8 +546,7 @@ def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, lo
         queued = study.get_trials(deepcopy=False, states=(waiting,))
         if (len(finished) >= total or spec.trials is None) and not queued:
             break
-        trial = study.ask()
-        point = {d.key: _suggest(trial, d) for d in spec.dimensions}
+        trial, point = _ask(study, spec)
         log(f"sweep: point {len(finished) + 1}/{total}: {_label(point)}")
         _record(study, trial, point, _point_row(spec, out, point, floors), spec, out, floors,
                 log)
@@ -600,13 +615,11 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
     import multiprocessing
     import queue
     import signal
-    import threading
 
     waiting = _optuna().trial.TrialState.WAITING
     trials, groups = {}, {}
-    while study.get_trials(deepcopy=False, states=(waiting,)):
-        trial = study.ask()
-        point = {d.key: _suggest(trial, d) for d in spec.dimensions}
+    for _ in study.get_trials(deepcopy=False, states=(waiting,)):
+        trial, point = _ask(study, spec)  # the next waiting trial, now running
         trials[trial.number] = trial, point
         groups.setdefault(training_key(spec.config(point)), []).append((trial.number, point))
     if not groups:
@@ -631,44 +644,39 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
             else:  # asked again: stop now
                 process.kill()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {name: signal.signal(name, forward)
-                    for name in (signal.SIGINT, signal.SIGTERM)}
     done = total - len(trials)
-    try:
-        for process in processes:
-            process.start()
-        while True:
-            try:
-                message = messages.get(timeout=0.5)
-            except queue.Empty:
-                if any(process.is_alive() for process in processes):
-                    continue
-                try:  # the workers have ended: what they sent before is in the pipe
-                    message = messages.get_nowait()
+    with stop_signals_to(forward):
+        try:
+            for process in processes:
+                process.start()
+            while True:
+                try:
+                    message = messages.get(timeout=0.5)
                 except queue.Empty:
-                    break
-            kind, *body = message
-            if kind == "stopped":
-                stopped.append(body[0])
-            elif kind == "failed":
-                failed.append(body[0])
-            else:
-                number, row = body
-                done += 1
-                trial, point = trials[number]
-                log(f"sweep: point {done}/{total}: {_label(point)}")
-                _record(study, trial, point, row, spec, out, floors, log)
-    except BaseException:  # this process failed: the workers stop with their checkpoints
-        if not stopped:
-            forward(signal.SIGTERM, None)
-        raise
-    finally:
-        for name, handler in previous.items():
-            signal.signal(name, handler)
-        for process in processes:
-            process.join()
+                    if any(process.is_alive() for process in processes):
+                        continue
+                    try:  # the workers have ended: what they sent before is in the pipe
+                        message = messages.get_nowait()
+                    except queue.Empty:
+                        break
+                kind, *body = message
+                if kind == "stopped":
+                    stopped.append(body[0])
+                elif kind == "failed":
+                    failed.append(body[0])
+                else:
+                    number, row = body
+                    done += 1
+                    trial, point = trials[number]
+                    log(f"sweep: point {done}/{total}: {_label(point)}")
+                    _record(study, trial, point, row, spec, out, floors, log)
+        except BaseException:  # this process failed: the workers stop with their checkpoints
+            if not stopped:
+                forward(signal.SIGTERM, None)
+            raise
+        finally:
+            for process in processes:
+                process.join()
     killed = [p.exitcode for p in processes if p.exitcode]
     if stopped:
         if killed:
@@ -889,7 +897,6 @@ def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | 
                workers: int = 1) -> int:
     spec = SweepSpec.from_arguments(preset, settings, trials=trials, eval_train=eval_train,
                                     eval_test=eval_test, linear=linear, seed=seed)
-    check_workers(spec, workers)
     folder = Path(out) if out else Path("runs") / f"sweep-{Path(preset).stem}"
     points = spec.trials or len(spec.grid())
     print(f"sweep: {points} point{'s' * (points != 1)} of {preset} into {folder}")

@@ -218,7 +218,7 @@ def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
                                     eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
                                     linear=experiment.linear)
     results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)),
-                        workers=getattr(args, "workers", 1))
+                        workers=args.workers)
     rows = []
     for result in results:
         if "error" in result:

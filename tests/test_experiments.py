@@ -27,7 +27,8 @@ TINY = ("data.synthetic_size=64", "optim.batch_size=32", "optim.epochs=1",
 
 def _args(tmp_path, seeds=(0, 1)):
     return argparse.Namespace(runs_dir=str(tmp_path / "runs"), results=str(tmp_path / "results"),
-                              seeds=list(seeds), threads=1, dataset=None, data_root=None)
+                              seeds=list(seeds), threads=1, workers=1, dataset=None,
+                              data_root=None)
 
 
 def test_a_section_groups_seeds_measures_entropies_and_skips_done_points(tmp_path):
