@@ -538,18 +538,48 @@ def run_sweep(spec: SweepSpec, out: Path, log=print, workers: int = 1) -> list[d
 
 
 def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, log) -> None:
-    """Ask the study for one point after another (the queued grid, or the sampler's choice)
-    and train and score each in this process."""
+    """Train and score the points in this process, one after another: a grid's waiting points
+    in the order of :func:`_take_waiting`, or the sampler's choice, one trial at a time."""
+    if spec.trials is None:
+        trials, groups = _take_waiting(study, spec, out)
+        done = total - len(trials)
+        for number, point in (item for group in groups for item in group):
+            done += 1
+            log(f"sweep: point {done}/{total}: {_label(point)}")
+            _record(study, trials[number][0], point, _point_row(spec, out, point, floors),
+                    spec, out, floors, log)
+        return
     waiting = _optuna().trial.TrialState.WAITING
     while True:
         finished = [t for t in study.get_trials(deepcopy=False) if _is_done(t)]
-        queued = study.get_trials(deepcopy=False, states=(waiting,))
-        if (len(finished) >= total or spec.trials is None) and not queued:
+        if len(finished) >= total and not study.get_trials(deepcopy=False, states=(waiting,)):
             break
         trial, point = _ask(study, spec)
         log(f"sweep: point {len(finished) + 1}/{total}: {_label(point)}")
         _record(study, trial, point, _point_row(spec, out, point, floors), spec, out, floors,
                 log)
+
+
+def _take_waiting(study, spec: SweepSpec, out: Path) -> tuple[dict, list[list]]:
+    """Take every waiting trial of a grid from the study (each is then running, so a stop
+    leaves it to be queued again); returns the trials by number, and their points grouped by
+    training run (points that differ only in ``eval.*`` share one). Runs a stopped sweep
+    started, trained or half trained, come first: the rerun finishes them before it starts
+    new ones."""
+    waiting = _optuna().trial.TrialState.WAITING
+    trials, groups = {}, {}
+    for _ in study.get_trials(deepcopy=False, states=(waiting,)):
+        trial, point = _ask(study, spec)  # the next waiting trial, now running
+        trials[trial.number] = trial, point
+        groups.setdefault(training_key(spec.config(point)), []).append((trial.number, point))
+    return trials, sorted(groups.values(), key=lambda group: not _started(out, spec, group))
+
+
+def _started(out: Path, spec: SweepSpec, group: list) -> bool:
+    from attnssl.runs.checkpoint import latest_checkpoint
+
+    folder = point_folder(out, spec.config(group[0][1]))
+    return (folder / TRAINED).is_file() or latest_checkpoint(folder) is not None
 
 
 def check_workers(spec: SweepSpec, workers: int) -> None:
@@ -601,9 +631,8 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
                     total: int, log) -> None:
     """Train the waiting points of a grid in ``workers`` processes side by side.
 
-    This process takes every waiting trial from the study (each is then running, so a stop
-    leaves it to be queued again), groups the trials by training run (points that differ only
-    in ``eval.*`` share one, and one process trains it), and hands the groups out through a
+    This process takes the waiting trials from the study, grouped by training run
+    (:func:`_take_waiting`; one process trains each run), and hands the groups out through a
     queue. Only this process writes the study and the outputs; the workers train and score.
 
     Stopping: each worker runs in a session of its own, so a Ctrl-C reaches this process,
@@ -616,19 +645,14 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
     import queue
     import signal
 
-    waiting = _optuna().trial.TrialState.WAITING
-    trials, groups = {}, {}
-    for _ in study.get_trials(deepcopy=False, states=(waiting,)):
-        trial, point = _ask(study, spec)  # the next waiting trial, now running
-        trials[trial.number] = trial, point
-        groups.setdefault(training_key(spec.config(point)), []).append((trial.number, point))
+    trials, groups = _take_waiting(study, spec, out)
     if not groups:
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch
     tasks, messages = context.Queue(), context.Queue()
     tasks.cancel_join_thread()  # groups never handed out are not waited for at exit
     count = min(workers, len(groups))
-    for group in [*groups.values(), *[None] * count]:  # then one end mark for each worker
+    for group in [*groups, *[None] * count]:  # then one end mark for each worker
         tasks.put(group)
     processes = [context.Process(target=_sweep_worker, args=(spec, out, tasks, messages))
                  for _ in range(count)]

@@ -223,10 +223,11 @@ def _sigterm_at_first_checkpoint(args: list[str], out: Path) -> tuple[str, str]:
     return stdout, stderr
 
 
-def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(tmp_path):
+def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(tmp_path,
+                                                                               capsys):
     """SIGTERM (what a scheduler sends) while the first point trains: the point keeps its
     checkpoint, the sweep exits 143 instead of going on to the next point, and the same
-    command resumes the point from its checkpoint and then trains the other."""
+    command first resumes the point from its checkpoint and then trains the other."""
     out = tmp_path / "sweep"
     args = [*_sweep_command(out)]
     args[args.index("optim.epochs=1")] = "optim.epochs=4"  # 16 steps, a checkpoint every 2
@@ -237,6 +238,8 @@ def test_a_stop_signal_stops_the_whole_sweep_and_the_rerun_continues_its_point(t
     assert not (point / "sweep-trained.json").exists() and list((point / "checkpoints").iterdir())
 
     assert main(args) == 0
+    points = [line for line in capsys.readouterr().out.splitlines() if "sweep: point" in line]
+    assert points == ["sweep: point 1/2: optim.lr=1e-3", "sweep: point 2/2: optim.lr=2e-3"]
     results = json.loads((out / "results.json").read_text())["results"]
     assert sorted(r["point"]["optim.lr"] for r in results) == ["1e-3", "2e-3"]
     assert all("error" not in r for r in results)
