@@ -261,6 +261,7 @@ class SweepStopped(Exception):
     def __init__(self, signal_name: str, run_dir: Path):
         super().__init__(f"stopped by {signal_name} while training {run_dir}")
         self.signal_name = signal_name
+        self.exit_code = 130 if signal_name == "SIGINT" else 143  # the shell's 128 + signal
 
 
 def train_point(config: Config, run_dir: Path) -> dict:
@@ -932,7 +933,7 @@ def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | 
     except SweepStopped as stop:  # the point stays running in the study: a rerun requeues it
         print(f"sweep {stop}; its checkpoint is kept, and the same command continues the "
               f"sweep from it", file=sys.stderr)
-        return 130 if stop.signal_name == "SIGINT" else 143
+        return stop.exit_code
     print(markdown_table(spec, results), end="")
     print(f"wrote {', '.join(str(folder / name) for name in written_files(spec, results))}")
     if any("error" in r for r in results):

@@ -4,7 +4,8 @@ Runs the scripts below in order, each with ``--readme`` so it rewrites its
 ``benchmarks/results/*.json`` and its README table. A job starts only if its expected time
 fits in what is left of ``--budget-minutes``: the time it took in the last ``run_all`` on this
 machine (``benchmarks/results/run_all.json``), or else the estimate below (measured on the
-2-core reference machine). A job that overruns the budget is stopped and reported; the jobs
+2-core reference machine). A job that overruns the budget is stopped (SIGTERM: a training job checkpoints
+first) and reported; the jobs
 skipped are listed with the reason, so a short budget refreshes the cheap tables and a long one
 refreshes them all. The B1 rows come first among the long jobs because the attention and dense
 analyses read their checkpoints.
@@ -69,11 +70,31 @@ JOBS = [
 JOBS += [Job(f"experiment-{name}", ("experiments.py", name), minutes)
          for name, minutes in EXPERIMENT_MINUTES.items()]
 RECORD = ROOT / "benchmarks" / "results" / "run_all.json"
+STOP_GRACE_S = 900  # a job stopped at the budget ends its step (and scoring) and checkpoints
 
 
 def expected_minutes(job: Job, history: dict) -> float:
     past = history.get(job.name, {})
     return past["minutes"] if past.get("status") == "done" else job.minutes
+
+
+def run_job(command: list[str], seconds: float, grace_seconds: float = STOP_GRACE_S) -> str:
+    """Run one job's command for at most ``seconds``; returns its status. At the budget the job
+    is sent SIGTERM, so a training job stops after its step with a checkpoint (a section's
+    sweep continues from it the next time), and it is killed only if it has not ended
+    ``grace_seconds`` later."""
+    child = subprocess.Popen(command, cwd=ROOT)
+    try:
+        code = child.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        try:
+            child.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return "stopped at the budget"
+    return "done" if code == 0 else f"failed (exit {code})"
 
 
 def main() -> None:
@@ -101,11 +122,7 @@ def main() -> None:
         command = [sys.executable, "-m", module, *job.argv[1:], "--readme"]
         print(f"run  {job.name}: {' '.join(command[1:])}", flush=True)
         started = time.monotonic()
-        try:
-            done = subprocess.run(command, cwd=ROOT, timeout=max(left * 60, 1))
-            status = "done" if done.returncode == 0 else f"failed (exit {done.returncode})"
-        except subprocess.TimeoutExpired:
-            status = "stopped at the budget"
+        status = run_job(command, max(left * 60, 1))
         minutes = (time.monotonic() - started) / 60
         print(f"     {job.name}: {status} in {minutes:.1f} min", flush=True)
         record[job.name] = {"status": status, "minutes": round(minutes, 2),

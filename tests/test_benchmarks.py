@@ -6,6 +6,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -230,3 +231,25 @@ def test_the_lightly_comparison_names_rows_the_presets_moved_away_from():
     assert grayscale_jitter(views) == {"cj_prob": views.color_jitter_prob, "cj_strength": 1.0,
                                        "cj_bright": views.brightness,
                                        "cj_contrast": views.contrast, "cj_sat": 0.0, "cj_hue": 0.0}
+
+
+def test_run_all_stops_a_job_at_the_budget_with_sigterm_and_kills_only_a_deaf_one(tmp_path):
+    """A job past its budget is asked to stop (SIGTERM, so a training job checkpoints first) and
+    is killed only when it has not ended after the grace time."""
+    from benchmarks.run_all import run_job
+
+    mark = tmp_path / "stopped"
+    listens = (f"import pathlib, signal, sys, time\n"
+               f"def stop(*_):\n    pathlib.Path({str(mark)!r}).write_text('checkpoint')\n"
+               f"    sys.exit(143)\n"
+               f"signal.signal(signal.SIGTERM, stop)\ntime.sleep(60)")
+    assert run_job([sys.executable, "-c", listens], seconds=5, grace_seconds=60) == (
+        "stopped at the budget")
+    assert mark.read_text() == "checkpoint"
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    started = time.monotonic()
+    assert run_job([sys.executable, "-c", deaf], seconds=1, grace_seconds=1) == (
+        "stopped at the budget")
+    assert time.monotonic() - started < 30
+    assert run_job([sys.executable, "-c", "raise SystemExit(3)"], seconds=60) == (
+        "failed (exit 3)")
