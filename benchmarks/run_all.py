@@ -1,14 +1,13 @@
 """Every published benchmark in one command, within a time budget.
 
 Runs the scripts below in order, each with ``--readme`` so it rewrites its
-``benchmarks/results/*.json`` and its README table. A job starts only if its expected time
-fits in what is left of ``--budget-minutes``: the time it took in the last ``run_all`` on this
+``benchmarks/results/*.json`` and its README table. A job starts only if its expected time fits
+in what is left of ``--budget-minutes``: the time it took in the last ``run_all`` on this
 machine (``benchmarks/results/run_all.json``), or else the estimate below (measured on the
-2-core reference machine). A job that overruns the budget is stopped (SIGTERM: a training job checkpoints
-first) and reported; the jobs
-skipped are listed with the reason, so a short budget refreshes the cheap tables and a long one
-refreshes them all. The B1 rows come first among the long jobs because the attention and dense
-analyses read their checkpoints.
+2-core reference machine). A job that overruns the budget is stopped (SIGTERM: a training job
+checkpoints first) and reported; the jobs skipped are listed with the reason, so a short budget
+refreshes the cheap tables and a long one refreshes them all. The B1 rows come first among the
+long jobs because the attention and dense analyses read their checkpoints.
 
     python -m benchmarks.run_all --budget-minutes 30          # the cheap tables
     python -m benchmarks.run_all --budget-minutes 600         # the benchmarks (about 8 h here)
