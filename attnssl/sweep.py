@@ -544,7 +544,7 @@ def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, lo
     if spec.trials is None:
         trials, groups = _take_waiting(study, spec, out)
         done = total - len(trials)
-        for number, point in (item for group in groups for item in group):
+        for number, point in itertools.chain.from_iterable(groups):
             done += 1
             log(f"sweep: point {done}/{total}: {_label(point)}")
             _record(study, trials[number][0], point, _point_row(spec, out, point, floors),
@@ -917,6 +917,18 @@ def write_outputs(out: Path, spec: SweepSpec, results: list[dict]) -> None:
     plot_sweep(spec, results, out / "sweep.png")
 
 
+def unfinished_sweep_exit(ended: SweepStopped | SweepWorkerDied, what: str) -> int:
+    """Say on stderr how a sweep (or a ``what`` made of sweeps) ended unfinished, and return
+    its exit code: 130 / 143 for a stop signal, 1 for a worker that died. Its points stay
+    running in the study, so the same command queues them again and continues them."""
+    if isinstance(ended, SweepWorkerDied):
+        print(f"sweep: {ended}", file=sys.stderr)
+        return 1
+    print(f"sweep {ended}; its checkpoints are kept, and the same command continues the {what} "
+          f"from them", file=sys.stderr)
+    return ended.exit_code
+
+
 def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | None,
                eval_train: int, eval_test: int, linear: bool, seed: int,
                workers: int = 1) -> int:
@@ -927,13 +939,8 @@ def main_sweep(preset: str, settings: list[str], out: str | None, trials: int | 
     print(f"sweep: {points} point{'s' * (points != 1)} of {preset} into {folder}")
     try:
         results = run_sweep(spec, folder, workers=workers)
-    except SweepWorkerDied as died:
-        print(f"sweep: {died}", file=sys.stderr)
-        return 1
-    except SweepStopped as stop:  # the point stays running in the study: a rerun requeues it
-        print(f"sweep {stop}; its checkpoint is kept, and the same command continues the "
-              f"sweep from it", file=sys.stderr)
-        return stop.exit_code
+    except (SweepStopped, SweepWorkerDied) as ended:
+        return unfinished_sweep_exit(ended, "sweep")
     print(markdown_table(spec, results), end="")
     print(f"wrote {', '.join(str(folder / name) for name in written_files(spec, results))}")
     if any("error" in r for r in results):

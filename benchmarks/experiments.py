@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -767,17 +766,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    from attnssl.sweep import SweepStopped, SweepWorkerDied
+    from attnssl.sweep import SweepStopped, SweepWorkerDied, unfinished_sweep_exit
 
     try:
         table = experiment.run(args) if experiment.run else run_sweep_section(experiment, args)
-    except SweepWorkerDied as died:
-        print(f"sweep: {died}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except SweepStopped as stop:  # as attnssl sweep ends: the rerun continues the section
-        print(f"sweep {stop}; its checkpoints are kept, and the same command continues the "
-              f"section from them", file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
+    except (SweepStopped, SweepWorkerDied) as ended:
+        raise SystemExit(unfinished_sweep_exit(ended, "section")) from None
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{experiment.slug}.md").write_text(table + "\n")
