@@ -20,7 +20,9 @@ SECTION.json`` (every point), ``SECTION.md`` (the table) and ``SECTION.png``; ``
 the table into its block of docs/experiments.md. ``--full-budget`` trains a section on the full
 B1 v2 budget (the preset's 60,000 images, 5 epochs; seed 0 unless ``--seeds``) to confirm an
 effect the screen found beyond the spread; it writes ``SECTION-full`` (folder, files and docs
-block) beside the screen's.
+block) beside the screen's. ``--only KEY=V1,V2`` (and ``--arms LABEL ...``) trains a subset of
+a section's settings, to confirm one screened effect on the full budget without the rest of
+its grid; it writes ``SECTION[-full]-only-...``, named by the subset.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import csv
 import dataclasses
 import json
 import math
+import re
+import shlex
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +73,10 @@ class Experiment:
     # the row each row is judged against: "preset" (its arm's preset setting) or "arms" (the
     # first arm's row at the same settings, where no setting is the preset's own)
     compare: str = "preset"
+    # ``--only`` and ``--arms``: the subset trained, as ``key=a,b`` settings and arm labels
+    # (empty: the whole section); see :func:`narrowed`
+    only: tuple[str, ...] = ()
+    chosen_arms: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.compare not in ("preset", "arms"):
@@ -79,8 +87,18 @@ class Experiment:
     @property
     def slug(self) -> str:
         """Its runs folder, results files and docs block: the name, with ``-full`` on the full
-        budget."""
-        return f"{self.name}-full" if self.full else self.name
+        budget and ``-only-...`` naming a subset (``--only``, ``--arms``)."""
+        slug = f"{self.name}-full" if self.full else self.name
+        subset = [*(f"{key.rsplit('.', 1)[-1]}-{raw}" for key, _, raw in
+                    (s.partition("=") for s in self.only)), *self.chosen_arms]
+        return slug + ("-only-" + re.sub(r"[^\w.]+", "-", "-".join(subset)).strip("-")
+                       if subset else "")
+
+    def settings_of(self, arm: Arm) -> tuple[str, ...]:
+        """The arm's settings with the values ``--only`` kept in place of the section's."""
+        kept = dict(s.split("=", 1) for s in self.only)
+        return tuple(f"{key}={kept.get(key, raw)}"
+                     for key, _, raw in (s.partition("=") for s in arm.settings))
 
     def budget_text(self) -> str:
         if not self.budget:
@@ -121,6 +139,50 @@ def on_full_budget(experiment: Experiment) -> Experiment:
         raise SystemExit(f"{experiment.name} trains no preset, so it has no full budget: "
                          f"--full-budget applies to the sections that sweep a preset")
     return dataclasses.replace(experiment, budget=(), full=True)
+
+
+def narrowed(experiment: Experiment, only: list[str], arms: list[str]) -> Experiment:
+    """The section trained on a subset of its grid: ``only`` keeps some of the values of a
+    swept key (``key=a,b``), ``arms`` some of its arms (by label). A screened effect is
+    confirmed on the full budget with the rows it is judged against, not the whole grid; the
+    subset must come from the section's own values, or its rows would answer another
+    question. Its points are the same training runs as the whole section's."""
+    from attnssl.sweep import split_values
+
+    if not only and not arms:
+        return experiment
+    if experiment.run:
+        raise SystemExit(f"{experiment.name} trains no preset, so --only and --arms do not "
+                         f"apply to it; they apply to the sections that sweep a preset")
+    labels = [arm.label for arm in experiment.arms]
+    unknown_arms = [label for label in arms if label not in labels]
+    if unknown_arms:
+        raise SystemExit(f"--arms {' '.join(unknown_arms)}: not an arm of {experiment.name}; "
+                         f"its arms: {', '.join(labels)}")
+    swept = {key: split_values(raw) for key, _, raw in
+             (s.partition("=") for s in experiment.arms[0].settings)
+             if key in experiment.swept_keys()}
+    kept: dict[str, list[str]] = {}
+    for setting in only:
+        key, _, raw = setting.partition("=")
+        if key not in swept or not raw:
+            example = next(iter(swept.items()), None)
+            hint = f"; e.g. --only {example[0]}={','.join(example[1][:2])}" if example else ""
+            raise SystemExit(f"--only {setting!r}: write KEY=VALUE[,VALUE...] with a key "
+                             f"{experiment.name} sweeps ({', '.join(swept) or 'none'}){hint}")
+        if key in kept:
+            raise SystemExit(f"--only names {key} twice: give its values once, comma-separated")
+        values = split_values(raw)
+        foreign = [v for v in values if not any(same_value(v, w) for w in swept[key])]
+        if foreign:
+            raise SystemExit(f"--only {setting!r}: {', '.join(foreign)} is not among the "
+                             f"values {experiment.name} sweeps for {key} "
+                             f"({', '.join(swept[key])})")
+        kept[key] = [w for w in swept[key] if any(same_value(v, w) for v in values)]
+    return dataclasses.replace(
+        experiment, arms=tuple(arm for arm in experiment.arms if not arms or arm.label in arms),
+        only=tuple(f"{key}={','.join(kept[key])}" for key in swept if key in kept),
+        chosen_arms=tuple(label for label in labels if label in arms))
 
 
 def _arm(preset: str, *settings: str, label: str | None = None) -> Arm:
@@ -199,7 +261,7 @@ def arm_settings(experiment: Experiment, arm: Arm, args) -> list[str]:
     settings = [*experiment.budget]
     if args.dataset:
         settings.append(f"data.dataset={args.dataset}")
-    settings += [f"run.seed={','.join(map(str, args.seeds))}", *arm.settings]
+    settings += [f"run.seed={','.join(map(str, args.seeds))}", *experiment.settings_of(arm)]
     settings += [f"trainer.num_threads={args.threads}", "trainer.progress_bar=false"]
     if args.data_root:
         settings.append(f"data.root={args.data_root}")
@@ -212,20 +274,24 @@ def arm_folder(experiment: Experiment, arm: Arm, runs_dir: Path) -> Path:
 
 
 def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
-    from attnssl.sweep import SweepSpec, run_sweep
+    from attnssl.sweep import SweepSpec, run_sweep, split_values
 
     spec = SweepSpec.from_arguments(arm.preset, arm_settings(experiment, arm, args),
                                     eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
                                     linear=experiment.linear)
     results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)),
                         workers=args.workers)
+    # a key ``--only`` kept at one value is fixed for the sweep, not part of its points
+    fixed = {key: raw for key, _, raw in (s.partition("=") for s in experiment.only)
+             if len(split_values(raw)) == 1}
     rows = []
     for result in results:
         if "error" in result:
             raise SystemExit(f"{experiment.name}: point {result['point']} failed: "
                              f"{result['error']}")
         measured = point_measures(Path(result["run_dir"]), experiment.measures)
-        rows.append({"arm": arm.label, **result, **measured})
+        rows.append({"arm": arm.label, **result, **measured,
+                     "point": {**fixed, **result["point"]}})
     return rows
 
 
@@ -434,6 +500,12 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
              f"{experiment.budget_text()}; weighted k-NN (k=20) on the preset's read-out "
              f"with the first {EVAL_TRAIN} training images as the bank and the first "
              f"{EVAL_TEST} test images scored."]
+    if experiment.only or experiment.chosen_arms:
+        subset = ", ".join([*(f"`{s}`" for s in experiment.only),
+                            *([f"arms {', '.join(experiment.chosen_arms)}"]
+                              if experiment.chosen_arms else [])])
+        notes.append(f"A subset of the section ({subset}): only these rows were trained at this "
+                     f"budget, to confirm a screened effect beside the rows it is judged against.")
     if arms:
         inside = section_spread(grouped)
         ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
@@ -536,6 +608,8 @@ def run_sweep_section(experiment: Experiment, args) -> str:
 def section_command(experiment: Experiment, args) -> str:
     extra = f" --dataset {args.dataset}" if args.dataset else ""
     extra += " --full-budget" if experiment.full else ""
+    extra += "".join(f" --only {shlex.quote(setting)}" for setting in experiment.only)
+    extra += " --arms " + " ".join(experiment.chosen_arms) if experiment.chosen_arms else ""
     default = FULL_SEEDS if experiment.full else SEEDS
     seeds = "" if tuple(args.seeds) == default else " --seeds " + " ".join(map(str, args.seeds))
     return f"python -m benchmarks.experiments {experiment.name}{extra}{seeds} --docs"
@@ -736,6 +810,12 @@ def main() -> None:
     parser.add_argument("--full-budget", action="store_true",
                         help="train on the full B1 v2 budget (60,000 images, 5 epochs) to confirm "
                              "a screened effect; writes SECTION-full")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
+                        help="train only these of a swept key's values (repeat for other "
+                             "keys): a confirmation of one screened effect with the rows it "
+                             "is judged against; writes SECTION[-full]-only-...")
+    parser.add_argument("--arms", nargs="+", default=[], metavar="LABEL",
+                        help="train only these arms of a section with several")
     parser.add_argument("--threads", type=int, default=1, help="threads of each point")
     parser.add_argument("--workers", type=int, default=1,
                         help="train this many points of an arm side by side, each in its own "
@@ -760,6 +840,7 @@ def main() -> None:
         check_dataset_applies(experiment)
     if args.full_budget:
         experiment = on_full_budget(experiment)
+    experiment = narrowed(experiment, args.only, args.arms)
     if args.seeds is None:
         args.seeds = list(FULL_SEEDS if experiment.full else SEEDS)
     if experiment.run:  # the theory model trains in this process

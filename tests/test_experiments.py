@@ -273,3 +273,55 @@ def test_dataset_is_refused_by_a_section_that_makes_its_own_data():
                                              f"bam-positive-masking"):
             check_dataset_applies(BY_NAME[name])
     check_dataset_applies(BY_NAME["bam-sinkhorn-iters"])  # trains on the chosen dataset
+
+
+def test_only_trains_a_subset_of_the_grid_as_the_whole_section_would(tmp_path):
+    """``--only`` keeps some of a swept key's values (one value fixes the key, which keeps its
+    column) and ``--arms`` some arms: the points are the whole section's own training runs,
+    the preset's row is still judged, and the table says it is a subset."""
+    from pathlib import Path
+
+    from attnssl.sweep import SweepSpec, training_key
+    from benchmarks.experiments import arm_settings, narrowed, section_command
+
+    whole = Experiment("masking", "BAM", "q", (Arm("bam", "bam_synthetic", (
+        "method.positive_masking_prob=1,0.5,0", "method.sinkhorn_iters=1,3")),), budget=TINY)
+    subset = narrowed(whole, ["method.sinkhorn_iters=3", "method.positive_masking_prob=0,1.0"],
+                      [])
+    assert subset.only == ("method.positive_masking_prob=1,0", "method.sinkhorn_iters=3")
+    assert subset.slug == "masking-only-positive_masking_prob-1-0-sinkhorn_iters-3"
+    args = _args(tmp_path, seeds=(0,))
+    assert section_command(subset, args) == (
+        "python -m benchmarks.experiments masking --only method.positive_masking_prob=1,0 "
+        "--only method.sinkhorn_iters=3 --seeds 0 --docs")
+
+    def keys(experiment):
+        spec = SweepSpec.from_arguments("bam_synthetic", arm_settings(
+            experiment, experiment.arms[0], args))
+        return {training_key(spec.config(p)) for p in spec.grid()}
+
+    assert len(keys(subset)) == 2 and keys(subset) < keys(whole)
+
+    table = run_sweep_section(subset, args)
+    saved = json.loads((tmp_path / "results" / f"{subset.slug}.json").read_text())
+    assert [r["point"] for r in saved["rows"]] == [
+        {"method.positive_masking_prob": "1", "method.sinkhorn_iters": "3"},
+        {"method.positive_masking_prob": "0", "method.sinkhorn_iters": "3"}]
+    preset, off = saved["rows"]
+    assert preset["is_preset"] and off["verdict"] in ("noise", "beyond two standard errors")
+    assert {Path(p["run_dir"]).name for p in saved["points"]} == keys(subset)
+    assert "| 1 (preset) | 3 (preset) |" in table and "| 0 | 3 |" in table
+    assert "A subset of the section (`method.positive_masking_prob=1,0`" in table
+
+    with pytest.raises(SystemExit, match="0.25 is not among the values masking sweeps for "
+                                         r"method.positive_masking_prob \(1, 0.5, 0\)"):
+        narrowed(whole, ["method.positive_masking_prob=0.25"], [])
+    with pytest.raises(SystemExit, match=r"masking sweeps \(method.positive_masking_prob, "
+                                         r"method.sinkhorn_iters\); e.g. --only "):
+        narrowed(whole, ["method.sinkhorn_eps=0.1"], [])
+    with pytest.raises(SystemExit, match="--only names method.sinkhorn_iters twice"):
+        narrowed(whole, ["method.sinkhorn_iters=1", "method.sinkhorn_iters=3"], [])
+    with pytest.raises(SystemExit, match="--arms simclr: not an arm of masking; its arms: bam"):
+        narrowed(whole, [], ["simclr"])
+    views = narrowed(BY_NAME["bam-vs-simclr-views"], [], ["simclr"])
+    assert [arm.label for arm in views.arms] == ["simclr"] and views.slug.endswith("-only-simclr")
