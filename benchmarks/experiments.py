@@ -45,6 +45,7 @@ SCREEN = ("data.subset=12288", "optim.epochs=5")
 SEEDS = (0, 1)
 FULL_SEEDS = (0,)  # a confirmation on the full budget
 EVAL_TRAIN, EVAL_TEST = 20_000, 5_000
+FULL_IMAGES = 60_000  # the full B1 v2 budget's training images (Fashion-MNIST's training set)
 RESULTS = ROOT / "benchmarks" / "results" / "experiments"
 
 
@@ -138,7 +139,10 @@ def on_full_budget(experiment: Experiment) -> Experiment:
     if experiment.run:
         raise SystemExit(f"{experiment.name} trains no preset, so it has no full budget: "
                          f"--full-budget applies to the sections that sweep a preset")
-    return dataclasses.replace(experiment, budget=(), full=True)
+    return dataclasses.replace(experiment, budget=(), full=True, arms=tuple(
+        dataclasses.replace(arm, settings=tuple(
+            f"data.synthetic_size={FULL_IMAGES}" if s.startswith("data.synthetic_size=") else s
+            for s in arm.settings)) for arm in experiment.arms))
 
 
 def narrowed(experiment: Experiment, only: list[str], arms: list[str]) -> Experiment:

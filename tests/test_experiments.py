@@ -226,6 +226,13 @@ def test_a_section_moves_to_the_full_budget_apart_from_its_screen(tmp_path):
     assert "the full B1 v2 budget" in full.budget_text()
     with pytest.raises(SystemExit, match="theory-depth trains no preset"):
         on_full_budget(BY_NAME["theory-depth"])
+    # a section that makes its own images makes the full budget's number, not its screen's
+    for budget in (BY_NAME["imbalance-vits"], on_full_budget(BY_NAME["imbalance-vits"])):
+        settings = [s.replace("=1,4,16", "=4") for s in arm_settings(budget, budget.arms[0],
+                                                                      args)]
+        config = load_config(budget.arms[0].preset, settings)
+        assert config.data.synthetic_size == (60_000 if budget.full else 12_288)
+        assert config.optim.epochs == 5 and config.data.subset in (None, 12_288)
 
 
 
