@@ -39,7 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.helpers import BAM_OFFICIAL, ROOT, machine_line, replace_readme_block
+from benchmarks.helpers import (
+    BAM_OFFICIAL,
+    ROOT,
+    machine_line,
+    readme_block_holder,
+    replace_readme_block,
+)
 
 SCREEN = ("data.subset=12288", "optim.epochs=5")
 SEEDS = (0, 1)
@@ -847,6 +853,8 @@ def main() -> None:
     experiment = narrowed(experiment, args.only, args.arms)
     if args.seeds is None:
         args.seeds = list(FULL_SEEDS if experiment.full else SEEDS)
+    if args.docs:
+        readme_block_holder(f"EXPERIMENT-{experiment.slug}")
     if experiment.run:  # the theory model trains in this process
         import torch
 

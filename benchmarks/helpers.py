@@ -51,15 +51,27 @@ BAM_OFFICIAL = [*BAM_TEACHER, "views.global_crops=2", "method.positive_masking=t
 DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 
-def replace_readme_block(name: str, body: str, documents=DOCUMENTS) -> None:
-    pattern = re.compile(rf"<!-- {name}:START -->.*?<!-- {name}:END -->", flags=re.S)
+def readme_block_holder(name: str, documents=DOCUMENTS) -> Path:
+    """The one document holding the block ``name``; a benchmark that writes one calls this
+    before it trains, so that a missing block is said at once, not after hours of training."""
+    pattern = _block_pattern(name)
     holders = [path for path in documents if pattern.search(path.read_text())]
     if len(holders) != 1:
         where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "no document"
         raise SystemExit(f"<!-- {name}:START --> ... <!-- {name}:END --> must be in exactly one of "
                          f"README.md and docs/*.md; found in {where}")
+    return holders[0]
+
+
+def replace_readme_block(name: str, body: str, documents=DOCUMENTS) -> None:
+    holder = readme_block_holder(name, documents)
     block = f"<!-- {name}:START -->\n{body}\n<!-- {name}:END -->"
-    holders[0].write_text(pattern.sub(lambda _: block, holders[0].read_text(), count=1))
+    holder.write_text(_block_pattern(name).sub(lambda _: block, holder.read_text(), count=1))
+
+
+def _block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- {re.escape(name)}:START -->.*?<!-- {re.escape(name)}:END -->",
+                      flags=re.S)
 
 
 def machine_line(machine: dict, command: str) -> str:

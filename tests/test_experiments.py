@@ -332,3 +332,23 @@ def test_only_trains_a_subset_of_the_grid_as_the_whole_section_would(tmp_path):
         narrowed(whole, [], ["simclr"])
     views = narrowed(BY_NAME["bam-vs-simclr-views"], [], ["simclr"])
     assert [arm.label for arm in views.arms] == ["simclr"] and views.slug.endswith("-only-simclr")
+
+
+def test_docs_without_the_sections_block_is_refused_before_training(tmp_path):
+    """``--docs`` writes the table into ``EXPERIMENT-SLUG``; a subset's block is the user's
+    to add, so a missing one is said before any point trains, not after hours of training."""
+    import subprocess
+    import sys
+
+    from benchmarks.experiments import ROOT
+
+    runs = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.experiments", "bam-sinkhorn-iters", "--only",
+         "method.sinkhorn_iters=1,10", "--docs", "--runs-dir", str(runs),
+         "--results", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode != 0
+    assert ("<!-- EXPERIMENT-bam-sinkhorn-iters-only-sinkhorn_iters-1-10:START -->"
+            in done.stderr and "found in no document" in done.stderr)
+    assert not runs.exists() and not (tmp_path / "results").exists()
