@@ -57,7 +57,8 @@ def readme_block_holder(name: str, documents=DOCUMENTS) -> Path:
     pattern = _block_pattern(name)
     holders = [path for path in documents if pattern.search(path.read_text())]
     if len(holders) != 1:
-        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or "no document"
+        where = ", ".join(str(p.relative_to(ROOT)) for p in holders) or \
+            "no document (add the two marker lines where the table should go)"
         raise SystemExit(f"<!-- {name}:START --> ... <!-- {name}:END --> must be in exactly one of "
                          f"README.md and docs/*.md; found in {where}")
     return holders[0]
