@@ -101,6 +101,11 @@ class Experiment:
         return slug + ("-only-" + re.sub(r"[^\w.]+", "-", "-".join(subset)).strip("-")
                        if subset else "")
 
+    @property
+    def several_arms(self) -> bool:
+        """Whether its rows name their arm: a section of several arms, or some of them."""
+        return len(self.arms) > 1 or bool(self.chosen_arms)
+
     def settings_of(self, arm: Arm) -> tuple[str, ...]:
         """The arm's settings with the values ``--only`` kept in place of the section's."""
         kept = dict(s.split("=", 1) for s in self.only)
@@ -154,9 +159,12 @@ def on_full_budget(experiment: Experiment) -> Experiment:
 def narrowed(experiment: Experiment, only: list[str], arms: list[str]) -> Experiment:
     """The section trained on a subset of its grid: ``only`` keeps some of the values of a
     swept key (``key=a,b``), ``arms`` some of its arms (by label). A screened effect is
-    confirmed on the full budget with the rows it is judged against, not the whole grid; the
-    subset must come from the section's own values, or its rows would answer another
-    question. Its points are the same training runs as the whole section's."""
+    confirmed on the full budget beside the row it is judged against, not with the whole grid;
+    so the subset must come from the section's own values and keep that row (the preset's
+    value, or the first arm of a section judged arm against arm). Its points have the same
+    training settings as the whole section's (they are reused if moved into its folder).
+    Filters that keep everything are dropped, so they do not rename the section."""
+    from attnssl.config import ConfigError
     from attnssl.sweep import split_values
 
     if not only and not arms:
@@ -169,30 +177,67 @@ def narrowed(experiment: Experiment, only: list[str], arms: list[str]) -> Experi
     if unknown_arms:
         raise SystemExit(f"--arms {' '.join(unknown_arms)}: not an arm of {experiment.name}; "
                          f"its arms: {', '.join(labels)}")
-    swept = {key: split_values(raw) for key, _, raw in
-             (s.partition("=") for s in experiment.arms[0].settings)
-             if key in experiment.swept_keys()}
+    chosen = [arm for arm in experiment.arms if not arms or arm.label in arms]
+    if experiment.compare == "arms" and chosen[0] is not experiment.arms[0]:
+        raise SystemExit(f"--arms {' '.join(arms)}: keep {labels[0]}, the arm the other arms "
+                         f"of {experiment.name} are judged against")
+    swept = [_swept_values(arm) for arm in chosen]  # each chosen arm's swept key -> values
+    keys = list(dict.fromkeys(key for values in swept for key in values))
     kept: dict[str, list[str]] = {}
     for setting in only:
         key, _, raw = setting.partition("=")
-        if key not in swept or not raw:
-            example = next(iter(swept.items()), None)
-            hint = f"; e.g. --only {example[0]}={','.join(example[1][:2])}" if example else ""
+        if key not in keys or not raw:
+            hint = f"; e.g. --only {keys[0]}={','.join(swept[0][keys[0]][:2])}" if keys else ""
             raise SystemExit(f"--only {setting!r}: write KEY=VALUE[,VALUE...] with a key "
-                             f"{experiment.name} sweeps ({', '.join(swept) or 'none'}){hint}")
+                             f"{experiment.name} sweeps ({', '.join(keys) or 'none'}){hint}")
         if key in kept:
             raise SystemExit(f"--only names {key} twice: give its values once, comma-separated")
-        values = split_values(raw)
-        foreign = [v for v in values if not any(same_value(v, w) for w in swept[key])]
-        if foreign:
-            raise SystemExit(f"--only {setting!r}: {', '.join(foreign)} is not among the "
-                             f"values {experiment.name} sweeps for {key} "
-                             f"({', '.join(swept[key])})")
-        kept[key] = [w for w in swept[key] if any(same_value(v, w) for v in values)]
+        try:
+            values = split_values(raw)
+        except ConfigError as err:
+            raise SystemExit(f"--only {setting!r}: {err}") from None
+        for listed in (arm_values[key] for arm_values in swept if key in arm_values):
+            foreign = [v for v in values if not any(same_value(v, w) for w in listed)]
+            if foreign:
+                raise SystemExit(f"--only {setting!r}: {', '.join(foreign)} is not among the "
+                                 f"values {experiment.name} sweeps for {key} "
+                                 f"({', '.join(listed)})")
+        listed = next(arm_values[key] for arm_values in swept if key in arm_values)
+        kept[key] = [w for w in listed if any(same_value(v, w) for v in values)]
+    if experiment.compare == "preset":
+        _check_keeps_the_preset_row(experiment, chosen, swept, kept)
     return dataclasses.replace(
-        experiment, arms=tuple(arm for arm in experiment.arms if not arms or arm.label in arms),
-        only=tuple(f"{key}={','.join(kept[key])}" for key in swept if key in kept),
-        chosen_arms=tuple(label for label in labels if label in arms))
+        experiment, arms=tuple(chosen),
+        only=tuple(f"{key}={','.join(kept[key])}" for key in keys if key in kept and any(
+            len(kept[key]) < len(arm_values.get(key, kept[key])) for arm_values in swept)),
+        chosen_arms=tuple(arm.label for arm in chosen) if len(chosen) < len(labels) else ())
+
+
+def _swept_values(arm: Arm) -> dict[str, list[str]]:
+    """The keys an arm sweeps (more than one value) and their values, as written."""
+    from attnssl.sweep import split_values
+
+    values = {key: split_values(raw) for key, _, raw in (s.partition("=") for s in arm.settings)}
+    return {key: listed for key, listed in values.items() if len(listed) > 1}
+
+
+def _check_keeps_the_preset_row(experiment: Experiment, chosen: list[Arm],
+                                swept: list[dict[str, list[str]]],
+                                kept: dict[str, list[str]]) -> None:
+    """Refuse a subset that leaves out the row its arm's rows are judged against: the preset's
+    value of every swept key, where the section has such a row (section 4's grid has none)."""
+    for arm, arm_values in zip(chosen, swept, strict=True):
+        own = preset_point(arm, list(arm_values))
+        if not all(any(same_value(own[key], w) for w in listed)
+                   for key, listed in arm_values.items()):
+            continue  # no row of this arm is the preset's own: nothing to keep
+        for key, values in kept.items():
+            if key in own and not any(same_value(own[key], v) for v in values):
+                written = [w for w in arm_values[key] if same_value(own[key], w) or w in values]
+                raise SystemExit(
+                    f"--only {key}={','.join(values)} leaves out the preset's value "
+                    f"({own[key]}), the row the others are judged against; keep it: --only "
+                    f"{key}={','.join(written)}")
 
 
 def _arm(preset: str, *settings: str, label: str | None = None) -> Arm:
@@ -286,22 +331,26 @@ def arm_folder(experiment: Experiment, arm: Arm, runs_dir: Path) -> Path:
 def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
     from attnssl.sweep import SweepSpec, run_sweep, split_values
 
-    spec = SweepSpec.from_arguments(arm.preset, arm_settings(experiment, arm, args),
+    spec_settings = arm_settings(experiment, arm, args)
+    spec = SweepSpec.from_arguments(arm.preset, spec_settings,
                                     eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
                                     linear=experiment.linear)
     results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)),
                         workers=args.workers)
-    # a key ``--only`` kept at one value is fixed for the sweep, not part of its points
+    # a key ``--only`` kept at one value is fixed for the sweep, not part of its points: put
+    # it back, in the order the settings list the keys
     fixed = {key: raw for key, _, raw in (s.partition("=") for s in experiment.only)
              if len(split_values(raw)) == 1}
+    order = [s.partition("=")[0] for s in spec_settings]
     rows = []
     for result in results:
         if "error" in result:
             raise SystemExit(f"{experiment.name}: point {result['point']} failed: "
                              f"{result['error']}")
         measured = point_measures(Path(result["run_dir"]), experiment.measures)
-        rows.append({"arm": arm.label, **result, **measured,
-                     "point": {**fixed, **result["point"]}})
+        point = sorted({**fixed, **result["point"]}.items(), key=lambda item: order.index(
+            item[0]) if item[0] in order else len(order))
+        rows.append({"arm": arm.label, **result, **measured, "point": dict(point)})
     return rows
 
 
@@ -466,7 +515,7 @@ def judge(reference: dict, others: list[dict], seed_spread: float | None) -> Non
 
 def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
-    arms = len(experiment.arms) > 1
+    arms = experiment.several_arms
     header = [*([experiment.arm_header] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
               *(["linear (seeds)"] if experiment.linear else []), "random init",
               "vs preset" if experiment.compare == "preset" else f"vs {experiment.arms[0].label}"]
@@ -571,7 +620,7 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
-    labels = [(f"{g['arm']}\n" if len(experiment.arms) > 1 else "")
+    labels = [(f"{g['arm']}\n" if experiment.several_arms else "")
               + "\n".join(f"{k.split('.')[-1]}={g['point'][k]}" for k in keys) for g in grouped]
     scores = ["knn_top1", *(["linear_top1"] if experiment.linear else [])]
     fig, axes = plt.subplots(1, len(scores), figsize=(max(5, 1.1 * len(grouped)) * len(scores),

@@ -232,7 +232,7 @@ def test_a_section_moves_to_the_full_budget_apart_from_its_screen(tmp_path):
                                                                       args)]
         config = load_config(budget.arms[0].preset, settings)
         assert config.data.synthetic_size == (60_000 if budget.full else 12_288)
-        assert config.optim.epochs == 5 and config.data.subset in (None, 12_288)
+        assert config.optim.epochs == 5 and config.data.subset == (None if budget.full else 12_288)
 
 
 
@@ -330,8 +330,28 @@ def test_only_trains_a_subset_of_the_grid_as_the_whole_section_would(tmp_path):
         narrowed(whole, ["method.sinkhorn_iters=1", "method.sinkhorn_iters=3"], [])
     with pytest.raises(SystemExit, match="--arms simclr: not an arm of masking; its arms: bam"):
         narrowed(whole, [], ["simclr"])
-    views = narrowed(BY_NAME["bam-vs-simclr-views"], [], ["simclr"])
-    assert [arm.label for arm in views.arms] == ["simclr"] and views.slug.endswith("-only-simclr")
+    with pytest.raises(SystemExit, match="has an empty value"):
+        narrowed(whole, ["method.sinkhorn_iters=1,"], [])
+    # the row the others are judged against stays: the preset's value, or the first arm
+    with pytest.raises(SystemExit, match=r"leaves out the preset's value \(1.0\), the row the "
+                                         r"others are judged against; keep it: --only "
+                                         r"method.positive_masking_prob=1,0.5,0"):
+        narrowed(whole, ["method.positive_masking_prob=0.5,0"], [])
+    with pytest.raises(SystemExit, match="keep pooled, the arm the other arms of "
+                                         "cbsa-representatives are judged against"):
+        narrowed(BY_NAME["cbsa-representatives"], [], ["learned-std1"])
+    gap = narrowed(BY_NAME["bam-entropy-gap"], ["method.sinkhorn_eps=0.05,0.1"], [])
+    assert gap.only == ("method.sinkhorn_eps=0.05,0.1",)  # its grid has no preset row to keep
+    # filters that keep everything change nothing, and so do not rename the section
+    assert narrowed(whole, ["method.sinkhorn_iters=3,1"], []).slug == "masking"
+    views = narrowed(BY_NAME["bam-vs-simclr-views"], ["views.blur_prob=[0.0,0.0]"], ["simclr"])
+    assert narrowed(BY_NAME["bam-vs-simclr-views"], [], ["bam", "simclr"]).slug == \
+        "bam-vs-simclr-views"
+    assert [arm.label for arm in views.arms] == ["simclr"] and views.several_arms
+    assert views.slug == "bam-vs-simclr-views-only-blur_prob-0.0-0.0-simclr"
+    assert section_command(views, _args(tmp_path)) == (
+        "python -m benchmarks.experiments bam-vs-simclr-views --only "
+        "'views.blur_prob=[0.0,0.0]' --arms simclr --docs")
 
 
 def test_docs_without_the_sections_block_is_refused_before_training(tmp_path):
