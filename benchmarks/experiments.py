@@ -285,7 +285,9 @@ def dense_measures(loaded, images: int = 4000, test_images: int = 2000,
 
 
 def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
-    """The section's extra measures of one trained point, kept in its folder once computed."""
+    """The section's extra measures of one trained point, kept in its folder once computed;
+    only the section's own are returned (a point moved in from another section may carry
+    others in its cache)."""
     from attnssl.eval.evaluate import load_trained_backbone
 
     cache = run_dir / "experiment-measures.json"
@@ -306,7 +308,7 @@ def point_measures(run_dir: Path, measures: tuple[str, ...]) -> dict:
             raise ValueError(f"unknown measure {measure!r}; accepted: bam_entropies, attention, "
                              f"dense")
     cache.write_text(json.dumps(found, indent=2))
-    return found
+    return {measure: found[measure] for measure in measures}
 
 
 # ---------------------------------------------------------------- running a section

@@ -372,3 +372,17 @@ def test_docs_without_the_sections_block_is_refused_before_training(tmp_path):
     assert ("<!-- EXPERIMENT-bam-sinkhorn-iters-only-sinkhorn_iters-1-10:START -->"
             in done.stderr and "found in no document" in done.stderr)
     assert not runs.exists() and not (tmp_path / "results").exists()
+
+
+def test_a_point_moved_from_another_section_gives_only_this_sections_measures(tmp_path):
+    """Sections share a point by moving its folder; its cache of measures keeps the first
+    section's, which the second section's table has no columns for."""
+    from benchmarks.experiments import point_measures
+
+    cached = {"bam_entropies": {"source_entropy": 3.5, "target_entropy": 1.5},
+              "attention": {"attention_entropy": [3.4]}}
+    (tmp_path / "experiment-measures.json").write_text(json.dumps(cached))
+    assert point_measures(tmp_path, ()) == {}
+    assert point_measures(tmp_path, ("bam_entropies",)) == {
+        "bam_entropies": cached["bam_entropies"]}
+    assert json.loads((tmp_path / "experiment-measures.json").read_text()) == cached
