@@ -365,11 +365,11 @@ def test_docs_without_the_sections_block_is_refused_before_training(tmp_path):
     runs = tmp_path / "runs"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.experiments", "bam-sinkhorn-iters", "--only",
-         "method.sinkhorn_iters=1,10", "--docs", "--runs-dir", str(runs),
+         "method.sinkhorn_iters=3,10", "--docs", "--runs-dir", str(runs),
          "--results", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert done.returncode != 0
-    assert ("<!-- EXPERIMENT-bam-sinkhorn-iters-only-sinkhorn_iters-1-10:START -->"
+    assert ("<!-- EXPERIMENT-bam-sinkhorn-iters-only-sinkhorn_iters-3-10:START -->"
             in done.stderr and "found in no document" in done.stderr)
     assert not runs.exists() and not (tmp_path / "results").exists()
 
