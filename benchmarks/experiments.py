@@ -119,10 +119,7 @@ class Experiment:
 
     def swept_keys(self) -> list[str]:
         """The keys the arms sweep (more than one value; a list such as ``[0.2,1.0]`` is one)."""
-        from attnssl.sweep import split_values
-
-        return [key for key, _, values in (s.partition("=") for s in self.arms[0].settings)
-                if len(split_values(values)) > 1]
+        return list(_swept_values(self.arms[0]))
 
 
 def own_data(experiment: Experiment) -> str | None:
