@@ -46,6 +46,7 @@ from pathlib import Path
 from attnssl.config import (
     Config,
     ConfigError,
+    OptimSection,
     config_to_dict,
     flatten_config,
     load_config,
@@ -225,10 +226,17 @@ def _short_hash(tree: dict) -> str:
 def result_settings(tree: dict, with_eval: bool = False) -> dict:
     """A config (as a dict) without the settings that cannot change a training result
     (``BOOKKEEPING``, run names and folders, ``trainer.max_steps``), and without ``eval`` unless
-    ``with_eval``."""
+    ``with_eval``. The learning rate is written as the peak the schedule reaches, ``lr *
+    batch_size / lr_scaling_batch`` (or ``lr`` without the scaling rule): the trainer reads only
+    that, so ``optim.lr_scaling_batch=256`` at batch 256 trains as the rule left unset does."""
     tree = dict(tree)
     if not with_eval:
         tree.pop("eval")
+    optim = dict(tree["optim"])
+    if optim.get("lr_scaling_batch") is not None:
+        optim["lr"] = OptimSection.model_validate(optim).peak_lr
+        optim["lr_scaling_batch"] = None
+    tree["optim"] = optim
     tree["run"] = {"seed": tree["run"]["seed"]}
     tree["trainer"] = {k: v for k, v in tree["trainer"].items()
                        if f"trainer.{k}" not in BOOKKEEPING and k != "max_steps"}

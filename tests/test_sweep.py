@@ -444,3 +444,20 @@ def test_workers_of_a_killed_sweep_stop_instead_of_training_on(tmp_path):
                 assert time.time() < deadline, f"{point} is still held"
                 time.sleep(0.1)
     _continues_to_the_end(args, points)
+
+
+def test_the_training_key_reads_the_peak_learning_rate_the_trainer_uses():
+    """``lr_scaling_batch`` at the batch itself, or an lr already scaled, trains as the rule
+    left unset does: one key, one run. A batch the rule scales to another peak is another key."""
+    from attnssl.sweep import training_key
+
+    def key(*overrides):
+        return training_key(SweepSpec.from_arguments("simclr_synthetic", list(overrides),
+                                                     **SCORE).reference_config())
+
+    tiny = [o for o in TINY if not o.startswith("optim.batch_size=")]
+    unset = key(*TINY, "optim.lr=1e-3")  # batch 32
+    assert key(*TINY, "optim.lr=1e-3", "optim.lr_scaling_batch=32") == unset
+    scaled = key(*tiny, "optim.batch_size=64", "optim.lr=1e-3", "optim.lr_scaling_batch=32")
+    assert scaled == key(*tiny, "optim.batch_size=64", "optim.lr=2e-3")
+    assert scaled != key(*tiny, "optim.batch_size=64", "optim.lr=1e-3")
