@@ -43,6 +43,7 @@ from benchmarks.helpers import (
     BAM_OFFICIAL,
     ROOT,
     machine_line,
+    machines_line,
     readme_block_holder,
     replace_readme_block,
 )
@@ -512,7 +513,8 @@ def judge(reference: dict, others: list[dict], seed_spread: float | None) -> Non
         g["verdict"] = "noise" if abs(g["knn_difference"]) <= noise else beyond
 
 
-def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command: str) -> str:
+def markdown(experiment: Experiment, grouped: list[dict], machines: list[tuple[dict, int]],
+             command: str) -> str:
     keys = [k for k in experiment.swept_keys() if k != "run.seed"]
     arms = experiment.several_arms
     header = [*([experiment.arm_header] if arms else []), *(f"`{k}`" for k in keys), "k-NN (seeds)",
@@ -579,7 +581,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machine: dict, command
                      f"uniform attention over the patches is {uniform:.2f} nats.")
         notes.append("Effective rank: of each head's patch-to-patch attention map (at most the "
                      "number of patches).")
-    notes.append(machine_line(machine, command))
+    notes.append(machines_line(machines, command))
     notes.append(f"![{experiment.slug}](../benchmarks/results/experiments/{experiment.slug}.png)")
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
@@ -646,18 +648,32 @@ def plot(experiment: Experiment, grouped: list[dict], path: Path) -> Path:
     return path
 
 
+def trained_on(rows: list[dict]) -> list[tuple[dict, int]]:
+    """Each machine the rows' training runs recorded (CPU, thread count, torch), with its number
+    of runs (rows that differ only in their evaluation share one run), in the order met."""
+    counted: list[list] = []
+    for run_dir in dict.fromkeys(row["run_dir"] for row in rows):
+        machine = json.loads((Path(run_dir) / "metrics.json").read_text())["machine"]
+        found = next((entry for entry in counted if entry[0] == machine), None)
+        if found:
+            found[1] += 1
+        else:
+            counted.append([machine, 1])
+    return [(machine, count) for machine, count in counted]
+
+
 def run_sweep_section(experiment: Experiment, args) -> str:
     rows = [row for arm in experiment.arms for row in run_arm(experiment, arm, args)]
     grouped = in_grid_order(group_seeds(rows), experiment)
     compare_rows(grouped, experiment)
-    # the machine the points trained on, as their runs recorded it
-    machine = json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())["machine"]
+    machines = trained_on(rows)
     command = section_command(experiment, args)
-    table = markdown(experiment, grouped, machine, command)
+    table = markdown(experiment, grouped, machines, command)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{experiment.slug}.json").write_text(json.dumps(
-        {"section": experiment.slug, "machine": machine, "command": command,
+        {"section": experiment.slug, "machine": machines[0][0], "command": command,
+         "machines": [{**machine, "runs": count} for machine, count in machines],
          "rows": grouped, "points": rows}, indent=2))
     plot(experiment, grouped, out / f"{experiment.slug}.png")
     return table

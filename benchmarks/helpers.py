@@ -76,9 +76,22 @@ def _block_pattern(name: str) -> re.Pattern:
 
 
 def machine_line(machine: dict, command: str) -> str:
+    return f"Machine: {_machine_words(machine)}. Command: `{command}`"
+
+
+def machines_line(counted: list[tuple[dict, int]], command: str) -> str:
+    """:func:`machine_line` for results trained on one machine; where they trained on several
+    (another CPU, another thread count), each with its number of runs."""
+    if len(counted) == 1:
+        return machine_line(counted[0][0], command)
+    each = "; ".join(f"{_machine_words(machine)}: {count} run{'s' if count > 1 else ''}"
+                     for machine, count in counted)
+    return f"Machines (the runs did not all train on one): {each}. Command: `{command}`"
+
+
+def _machine_words(machine: dict) -> str:
     bf16 = f" (bf16 {machine['cpu_bf16']})" if machine.get("cpu_bf16") else ""
-    return (f"Machine: {machine['cpu']}{bf16}, {machine['threads']} threads, torch {machine['torch']}. "
-            f"Command: `{command}`")
+    return f"{machine['cpu']}{bf16}, {machine['threads']} threads, torch {machine['torch']}"
 
 # The child's prelude: ``timed_peak(fn, repeats)`` -> {"seconds": median, "peak_mb": ...}
 PRELUDE = r"""

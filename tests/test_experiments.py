@@ -17,7 +17,9 @@ from benchmarks.experiments import (
     in_grid_order,
     run_sweep_section,
     spread,
+    trained_on,
 )
+from benchmarks.helpers import machines_line
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +152,7 @@ def test_a_section_over_datasets_judges_each_arm_against_the_first_on_the_same_d
     assert by["simclr", "4"]["knn_difference"] == pytest.approx(-4.0)  # 13.5 - 17.5
     assert by["simclr", "4"]["verdict"] == "beyond the spread"
     machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
-    table = markdown(dataclasses.replace(section, measures=()), grouped, machine, "cmd")
+    table = markdown(dataclasses.replace(section, measures=()), grouped, [(machine, 8)], "cmd")
     assert "| vs mae |" in table and "(preset)" not in table
     # one seed: judged by two standard errors at each MAE row, named by its setting
     one_seed = group_seeds([r for r in rows if r["point"]["run.seed"] == "0"])
@@ -266,7 +268,7 @@ def test_each_arm_gets_its_range_over_the_settings_named_noise_inside_the_spread
         for label, preset in (("bam", "bam_fashion_mnist"), ("simclr", "simclr_fashion_mnist"))))
     compare_rows(grouped, section)
     machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
-    table = markdown(section, grouped, machine, "cmd")  # spread 0.5: bam's 0.40 is noise
+    table = markdown(section, grouped, [(machine, 8)], "cmd")  # spread 0.5: bam's 0.40 is noise
     assert "bam 0.40 (noise), simclr 5.10 points." in table
 
 
@@ -386,3 +388,23 @@ def test_a_point_moved_from_another_section_gives_only_this_sections_measures(tm
     assert point_measures(tmp_path, ("bam_entropies",)) == {
         "bam_entropies": cached["bam_entropies"]}
     assert json.loads((tmp_path / "experiment-measures.json").read_text()) == cached
+
+
+def test_the_machine_line_names_every_machine_the_runs_trained_on(tmp_path):
+    """Points moved in from another run may have trained at another thread count or on another
+    CPU: the table names each with its number of runs, not the first point's alone. Rows that
+    differ only in their read-out share one run and count once."""
+    one = {"cpu": "Xeon", "cpu_bf16": "native", "threads": 1, "torch": "2.14"}
+    two = {**one, "threads": 2}
+    rows = []
+    for name, machine, read_outs in (("a", one, 3), ("b", two, 1), ("c", one, 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"machine": machine}))
+        rows += [{"run_dir": str(tmp_path / name)}] * read_outs
+    counted = trained_on(rows)
+    assert counted == [(one, 2), (two, 1)]
+    assert machines_line(counted, "cmd") == (
+        "Machines (the runs did not all train on one): Xeon (bf16 native), 1 threads, torch "
+        "2.14: 2 runs; Xeon (bf16 native), 2 threads, torch 2.14: 1 run. Command: `cmd`")
+    assert machines_line(trained_on(rows[:3]), "cmd") == (
+        "Machine: Xeon (bf16 native), 1 threads, torch 2.14. Command: `cmd`")
