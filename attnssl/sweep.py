@@ -821,6 +821,8 @@ def _run_point(spec: SweepSpec, out: Path, point: dict[str, str], floors: dict) 
     metrics = train_point(config, run_dir)
     scores = score_point(config, run_dir, spec.linear)
     key = floor_key(config)
+    if key not in floors:  # another worker's point may have scored this floor since
+        floors.update(_load_floors(out))
     floor = floors[key] if key in floors else random_init_score(config)
     row = {"knn_top1": scores["knn_top1"], "knn_floor": floor,
            "images_per_second": metrics["images_per_second"],

@@ -461,3 +461,17 @@ def test_the_training_key_reads_the_peak_learning_rate_the_trainer_uses():
     scaled = key(*tiny, "optim.batch_size=64", "optim.lr=1e-3", "optim.lr_scaling_batch=32")
     assert scaled == key(*tiny, "optim.batch_size=64", "optim.lr=2e-3")
     assert scaled != key(*tiny, "optim.batch_size=64", "optim.lr=1e-3")
+
+
+def test_a_floor_another_worker_scored_is_read_not_computed_again(tmp_path):
+    """Side-by-side workers each start with the floors known then; a floor the sweep saved
+    since (another worker's point) is read from ``floors.json`` instead of scored again."""
+    from attnssl.sweep import _run_point, floor_key
+
+    spec = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=1e-3"], **SCORE)
+    point = spec.grid()[0]
+    saved = {floor_key(spec.config(point)): 12.5}  # not a score the untrained backbone gives
+    (tmp_path / "floors.json").write_text(json.dumps(saved))
+    floors: dict = {}
+    assert _run_point(spec, tmp_path, point, floors)["knn_floor"] == 12.5
+    assert floors == saved
