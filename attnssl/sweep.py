@@ -26,9 +26,11 @@ at these budgets.
 One sweep runs in a folder at a time (``OUT/.lock``, the run-folder lock). Within it,
 ``--workers N`` trains a grid's points in N processes side by side: the sweep's own process
 takes the queued trials from the study, hands out one training run's points at a time, and
-alone writes the study and the outputs. Outputs in ``OUT``: ``study.journal`` (Optuna),
-``results.json`` (every point: settings, scores, floor, images/s, minutes, run folder),
-``results.md`` (a table, best first) and ``sweep.png`` (k-NN against each swept key's values).
+alone writes the study and the outputs; :func:`run_sweeps` gives several sweeps (each in its
+own folder: the arms of a comparison) one pool of workers. Outputs in ``OUT``:
+``study.journal`` (Optuna), ``results.json`` (every point: settings, scores, floor, images/s,
+minutes, run folder), ``results.md`` (a table, best first) and ``sweep.png`` (k-NN against each
+swept key's values).
 """
 
 from __future__ import annotations
@@ -521,29 +523,65 @@ def run_sweep(spec: SweepSpec, out: Path, log=print, workers: int = 1) -> list[d
     """Train and score every point not yet done; returns all results (also written to
     ``out``). With ``workers`` above 1 a grid's points train in that many processes side by
     side (:func:`_run_in_workers`)."""
+    return run_sweeps([(spec, out)], log, workers)[0]
+
+
+@dataclass
+class _Sweep:
+    """One sweep of :func:`run_sweeps`: its spec, folder, study, floors and point count."""
+
+    spec: SweepSpec
+    out: Path
+    study: object
+    floors: dict
+    total: int
+
+
+def run_sweeps(jobs: list[tuple[SweepSpec, Path]], log=print,
+               workers: int = 1) -> list[list[dict]]:
+    """:func:`run_sweep` for several sweeps at once, each a spec and its own folder (the arms
+    of a comparison, say: another preset each). In turn, they run one after another; with
+    ``workers`` above 1 the points of all of them share one pool of processes, so two sweeps
+    of one point each train side by side. Returns each sweep's results, in order."""
     _optuna()
     from attnssl.runs.folder import RunFolderLock
 
-    check_workers(spec, workers)
-    with RunFolderLock(out):  # one sweep at a time in a folder; a second names the holder
-        study = open_study(out, spec)
-        _requeue_interrupted(study)
-        if spec.trials is None:
-            done = _done_points(study)
-            for point in spec.grid():
-                if point not in done:
-                    study.enqueue_trial(point)
-            total = len(spec.grid())
-        else:
-            total = spec.trials
-        floors = _load_floors(out)
+    folders = [Path(out).resolve() for _, out in jobs]
+    if len(set(folders)) < len(folders):
+        raise ConfigError(f"run_sweeps: two sweeps share one folder ({', '.join(map(str, folders))}"
+                          f"); give each sweep a folder of its own")
+    for spec, _ in jobs:
+        check_workers(spec, workers)
+    with contextlib.ExitStack() as locks:
+        sweeps = []
+        for spec, out in jobs:  # one sweep at a time in a folder; a second names the holder
+            locks.enter_context(RunFolderLock(out))
+            sweeps.append(_open_sweep(spec, out))
         if workers > 1:
-            _run_in_workers(study, spec, out, floors, workers, total, log)
+            _run_in_workers(sweeps, workers, log)
         else:
-            _run_in_turn(study, spec, out, floors, total, log)
-        results = collect_results(study, spec)
-        write_outputs(out, spec, results)
+            for sweep in sweeps:
+                _run_in_turn(sweep.study, sweep.spec, sweep.out, sweep.floors, sweep.total, log)
+        results = []
+        for sweep in sweeps:
+            results.append(collect_results(sweep.study, sweep.spec))
+            write_outputs(sweep.out, sweep.spec, results[-1])
         return results
+
+
+def _open_sweep(spec: SweepSpec, out: Path) -> _Sweep:
+    """Open a sweep's study, queue a grid's points not yet done, and read its floors."""
+    study = open_study(out, spec)
+    _requeue_interrupted(study)
+    if spec.trials is None:
+        done = _done_points(study)
+        for point in spec.grid():
+            if point not in done:
+                study.enqueue_trial(point)
+        total = len(spec.grid())
+    else:
+        total = spec.trials
+    return _Sweep(spec, out, study, _load_floors(out), total)
 
 
 def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, log) -> None:
@@ -636,13 +674,13 @@ def _record(study, trial, point: dict[str, str], row: dict, spec: SweepSpec, out
     write_outputs(out, spec, collect_results(study, spec))
 
 
-def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: int,
-                    total: int, log) -> None:
-    """Train the waiting points of a grid in ``workers`` processes side by side.
+def _run_in_workers(sweeps: list[_Sweep], workers: int, log) -> None:
+    """Train the waiting points of one or more grids in ``workers`` processes side by side.
 
-    This process takes the waiting trials from the study, grouped by training run
+    This process takes the waiting trials from each sweep's study, grouped by training run
     (:func:`_take_waiting`; one process trains each run), and hands the groups out through a
-    queue. Only this process writes the study and the outputs; the workers train and score.
+    queue, every sweep's in turn. Only this process writes the studies and the outputs; the
+    workers train and score.
 
     Stopping: each worker runs in a session of its own, so a Ctrl-C reaches this process,
     which passes the first SIGINT or SIGTERM on to every worker; a worker stops its training
@@ -654,16 +692,18 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
     import queue
     import signal
 
-    trials, groups = _take_waiting(study, spec, out)
-    if not groups:
+    taken = [_take_waiting(sweep.study, sweep.spec, sweep.out) for sweep in sweeps]
+    tasks_of_all = [(index, group) for index, (_, groups) in enumerate(taken) for group in groups]
+    if not tasks_of_all:
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch
     tasks, messages = context.Queue(), context.Queue()
     tasks.cancel_join_thread()  # groups never handed out are not waited for at exit
-    count = min(workers, len(groups))
-    for group in [*groups, *[None] * count]:  # then one end mark for each worker
-        tasks.put(group)
-    processes = [context.Process(target=_sweep_worker, args=(spec, out, tasks, messages))
+    count = min(workers, len(tasks_of_all))
+    for task in [*tasks_of_all, *[None] * count]:  # then one end mark for each worker
+        tasks.put(task)
+    jobs = [(sweep.spec, sweep.out) for sweep in sweeps]
+    processes = [context.Process(target=_sweep_worker, args=(jobs, tasks, messages))
                  for _ in range(count)]
     stopped, failed = [], []
 
@@ -677,7 +717,7 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
             else:  # asked again: stop now
                 process.kill()
 
-    done = total - len(trials)
+    done = [sweep.total - len(trials) for sweep, (trials, _) in zip(sweeps, taken, strict=True)]
     with stop_signals_to(forward):
         try:
             for process in processes:
@@ -698,11 +738,13 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
                 elif kind == "failed":
                     failed.append(body[0])
                 else:
-                    number, row = body
-                    done += 1
-                    trial, point = trials[number]
-                    log(f"sweep: point {done}/{total}: {_label(point)}")
-                    _record(study, trial, point, row, spec, out, floors, log)
+                    index, number, row = body
+                    sweep, done[index] = sweeps[index], done[index] + 1
+                    trial, point = taken[index][0][number]
+                    where = f" of {sweep.out}" if len(sweeps) > 1 else ""
+                    log(f"sweep: point {done[index]}/{sweep.total}{where}: {_label(point)}")
+                    _record(sweep.study, trial, point, row, sweep.spec, sweep.out, sweep.floors,
+                            log)
         except BaseException:  # this process failed: the workers stop with their checkpoints
             if not stopped:
                 forward(signal.SIGTERM, None)
@@ -716,7 +758,7 @@ def _run_in_workers(study, spec: SweepSpec, out: Path, floors: dict, workers: in
             log(f"sweep: {len(killed)} worker(s) ended without stopping cleanly (exit code "
                 f"{', '.join(map(str, killed))}): their points continue from their newest "
                 f"periodic checkpoint")
-        raise SweepStopped(stopped[0], out)
+        raise SweepStopped(stopped[0], sweeps[0].out)
     failed += [f"exit code {code}" for code in killed]
     if failed:
         raise SweepWorkerDied(f"a sweep worker stopped on an error ({failed[0]}; its output "
@@ -729,10 +771,11 @@ class SweepWorkerDied(Exception):
     out of memory); the study keeps them running, so a rerun queues them again."""
 
 
-def _sweep_worker(spec: SweepSpec, out: Path, tasks, messages) -> None:
-    """A process of :func:`_run_in_workers`: takes one training run's points at a time from
-    ``tasks`` until the end mark and sends ``("row", trial number, row)`` for each; a stop
-    sends ``("stopped", signal name)``, an unforeseen error ``("failed", text)``."""
+def _sweep_worker(jobs: list[tuple[SweepSpec, Path]], tasks, messages) -> None:
+    """A process of :func:`_run_in_workers`: takes one training run's points at a time (with
+    the index of its sweep among ``jobs``) from ``tasks`` until the end mark and sends
+    ``("row", sweep index, trial number, row)`` for each; a stop sends ``("stopped", signal
+    name)``, an unforeseen error ``("failed", text)``."""
     import multiprocessing
     import signal
 
@@ -746,17 +789,19 @@ def _sweep_worker(spec: SweepSpec, out: Path, tasks, messages) -> None:
         signal.signal(name, ask_to_stop)
     parent = multiprocessing.parent_process()
     _stop_when_parent_dies(parent.pid)
-    floors = _load_floors(out)
+    floors = [_load_floors(out) for _, out in jobs]
     try:
-        while StopSignals.asked is None and (group := tasks.get()) is not None:
+        while StopSignals.asked is None and (task := tasks.get()) is not None:
+            index, group = task
+            spec, out = jobs[index]
             for number, point in group:
                 if StopSignals.asked is not None or not parent.is_alive():
                     break
                 print(f"sweep: worker {os.getpid()} trains {_label(point)}", flush=True)
-                row = _point_row(spec, out, point, floors)
+                row = _point_row(spec, out, point, floors[index])
                 if "error" not in row:
-                    floors[floor_key(spec.config(point))] = row["knn_floor"]
-                messages.put(("row", number, row))
+                    floors[index][floor_key(spec.config(point))] = row["knn_floor"]
+                messages.put(("row", index, number, row))
     except SweepStopped as stop:
         messages.put(("stopped", stop.signal_name))
         return

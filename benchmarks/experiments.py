@@ -328,20 +328,25 @@ def arm_folder(experiment: Experiment, arm: Arm, runs_dir: Path) -> Path:
     return base if len(experiment.arms) == 1 else base / arm.label
 
 
-def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
-    from attnssl.sweep import SweepSpec, run_sweep, split_values
+def arm_sweep(experiment: Experiment, arm: Arm, args):
+    """The arm's sweep: its spec and its folder."""
+    from attnssl.sweep import SweepSpec
 
-    spec_settings = arm_settings(experiment, arm, args)
-    spec = SweepSpec.from_arguments(arm.preset, spec_settings,
+    spec = SweepSpec.from_arguments(arm.preset, arm_settings(experiment, arm, args),
                                     eval_train=EVAL_TRAIN, eval_test=EVAL_TEST,
                                     linear=experiment.linear)
-    results = run_sweep(spec, arm_folder(experiment, arm, Path(args.runs_dir)),
-                        workers=args.workers)
+    return spec, arm_folder(experiment, arm, Path(args.runs_dir))
+
+
+def arm_rows(experiment: Experiment, arm: Arm, args, results: list[dict]) -> list[dict]:
+    """The arm's sweep results as table rows: each point's measures, and its full settings."""
+    from attnssl.sweep import split_values
+
     # a key ``--only`` kept at one value is fixed for the sweep, not part of its points: put
     # it back, in the order the settings list the keys
     fixed = {key: raw for key, _, raw in (s.partition("=") for s in experiment.only)
              if len(split_values(raw)) == 1}
-    order = [s.partition("=")[0] for s in spec_settings]
+    order = [s.partition("=")[0] for s in arm_settings(experiment, arm, args)]
     rows = []
     for result in results:
         if "error" in result:
@@ -352,6 +357,17 @@ def run_arm(experiment: Experiment, arm: Arm, args) -> list[dict]:
             item[0]) if item[0] in order else len(order))
         rows.append({"arm": arm.label, **result, **measured, "point": dict(point)})
     return rows
+
+
+def run_arms(experiment: Experiment, args) -> list[dict]:
+    """Train every arm's points (``--workers`` processes side by side, across the arms, so a
+    confirmation of one point per arm trains its arms at once) and return their rows."""
+    from attnssl.sweep import run_sweeps
+
+    results = run_sweeps([arm_sweep(experiment, arm, args) for arm in experiment.arms],
+                         workers=args.workers)
+    return [row for arm, arm_results in zip(experiment.arms, results, strict=True)
+            for row in arm_rows(experiment, arm, args, arm_results)]
 
 
 def preset_point(arm: Arm, keys: list[str]) -> dict[str, str]:
@@ -663,7 +679,7 @@ def trained_on(rows: list[dict]) -> list[tuple[dict, int]]:
 
 
 def run_sweep_section(experiment: Experiment, args) -> str:
-    rows = [row for arm in experiment.arms for row in run_arm(experiment, arm, args)]
+    rows = run_arms(experiment, args)
     grouped = in_grid_order(group_seeds(rows), experiment)
     compare_rows(grouped, experiment)
     machines = trained_on(rows)
@@ -892,8 +908,8 @@ def main() -> None:
                         help="train only these arms of a section with several")
     parser.add_argument("--threads", type=int, default=1, help="threads of each point")
     parser.add_argument("--workers", type=int, default=1,
-                        help="train this many points of an arm side by side, each in its own "
-                             "process (workers times threads: at most the cores)")
+                        help="train this many points side by side, across the arms, each in "
+                             "its own process (workers times threads: at most the cores)")
     parser.add_argument("--runs-dir", default="runs/experiments")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--theory-steps", type=int, default=3000)

@@ -408,3 +408,27 @@ def test_the_machine_line_names_every_machine_the_runs_trained_on(tmp_path):
         "2.14: 2 runs; Xeon (bf16 native), 2 threads, torch 2.14: 1 run. Command: `cmd`")
     assert machines_line(trained_on(rows[:3]), "cmd") == (
         "Machine: Xeon (bf16 native), 1 threads, torch 2.14. Command: `cmd`")
+
+
+def test_workers_train_a_sections_arms_side_by_side_as_in_turn(tmp_path, capfd):
+    """A confirmation of one point per arm: ``--workers 2`` trains both arms' points in
+    worker processes, each in its arm's folder, and the rows equal the rows in turn."""
+    import os
+
+    section = Experiment("methods", "BAM", "q", (
+        Arm("simclr", "simclr_synthetic", ("optim.lr=2e-3",)),
+        Arm("bam", "bam_synthetic", ("optim.lr=2e-3",))), compare="arms", budget=TINY)
+    pooled = _args(tmp_path / "pooled", seeds=(0,))
+    pooled.workers = 2
+    run_sweep_section(section, pooled)
+    workers = {line.split()[2] for line in capfd.readouterr().out.splitlines()
+               if line.startswith("sweep: worker ")}
+    assert workers and str(os.getpid()) not in workers
+    run_sweep_section(section, _args(tmp_path / "in-turn", seeds=(0,)))
+    rows = [json.loads((tmp_path / way / "results" / "methods.json").read_text())["rows"]
+            for way in ("pooled", "in-turn")]
+    assert [(r["arm"], r["knn_top1"], r["knn_floor"]) for r in rows[0]] == [
+        (r["arm"], r["knn_top1"], r["knn_floor"]) for r in rows[1]]
+    assert [r["arm"] for r in rows[0]] == ["simclr", "bam"]
+    for arm in ("simclr", "bam"):
+        assert len(list((tmp_path / "pooled" / "runs" / "methods" / arm / "points").iterdir())) == 1

@@ -24,6 +24,7 @@ from attnssl.sweep import (
     parse_dimension,
     plot_sweep,
     run_sweep,
+    run_sweeps,
     split_values,
     sweep_differences,
     written_files,
@@ -369,6 +370,38 @@ def test_grid_points_train_side_by_side_and_score_as_in_one_process(tmp_path, ca
     assert scores(again) == scores(side_by_side)
     study = open_study(tmp_path / "two", spec)
     assert {t.state.name for t in study.get_trials()} == {"COMPLETE"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_several_sweeps_share_one_pool_of_workers_and_score_as_each_alone(tmp_path, capfd):
+    """Two sweeps of one point each (another preset each, as the arms of a comparison are)
+    in one pool of two workers: both are trained by worker processes, each into its own
+    folder, and each scores as it does alone in turn; two sweeps in one folder are refused."""
+    simclr = SweepSpec.from_arguments("simclr_synthetic", [*TINY, "optim.lr=2e-3"], **SCORE)
+    bam = SweepSpec.from_arguments("bam_synthetic", [*TINY, "optim.lr=2e-3"], **SCORE)
+    logged = []
+    pooled = run_sweeps([(simclr, tmp_path / "simclr"), (bam, tmp_path / "bam")],
+                        log=logged.append, workers=2)
+    workers = {line.split()[2] for line in capfd.readouterr().out.splitlines()
+               if line.startswith("sweep: worker ")}
+    assert workers and str(os.getpid()) not in workers
+    assert {m.split(": ")[1] for m in logged if m.startswith("sweep: point")} == {
+        f"point 1/1 of {tmp_path / 'simclr'}", f"point 1/1 of {tmp_path / 'bam'}"}
+    alone = [run_sweep(simclr, tmp_path / "simclr-alone", log=lambda _: None),
+             run_sweep(bam, tmp_path / "bam-alone", log=lambda _: None)]
+
+    def scores(results):
+        return [(r["knn_top1"], r["knn_floor"], r["steps"]) for r in results]
+
+    assert [scores(r) for r in pooled] == [scores(r) for r in alone]
+    assert pooled[0][0]["knn_top1"] != pooled[1][0]["knn_top1"]  # two methods, two results
+    for name in ("simclr", "bam"):
+        assert len(list((tmp_path / name / "points").iterdir())) == 1
+        assert json.loads((tmp_path / name / "results.json").read_text())["results"] == \
+            pooled[("simclr", "bam").index(name)]
+    with pytest.raises(ConfigError, match="two sweeps share one folder"):
+        run_sweeps([(simclr, tmp_path / "x"), (bam, tmp_path / "x")], workers=2)
 
 
 def _sweep_with_two_workers(out: Path) -> tuple[list[str], subprocess.Popen]:
