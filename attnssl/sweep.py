@@ -758,7 +758,7 @@ def _run_in_workers(sweeps: list[_Sweep], workers: int, log) -> None:
             log(f"sweep: {len(killed)} worker(s) ended without stopping cleanly (exit code "
                 f"{', '.join(map(str, killed))}): their points continue from their newest "
                 f"periodic checkpoint")
-        raise SweepStopped(stopped[0], sweeps[0].out)
+        raise SweepStopped(stopped[0], Path(os.path.commonpath([s.out for s in sweeps])))
     failed += [f"exit code {code}" for code in killed]
     if failed:
         raise SweepWorkerDied(f"a sweep worker stopped on an error ({failed[0]}; its output "
