@@ -505,11 +505,12 @@ def compare_arms(grouped: list[dict], experiment: Experiment) -> None:
 
 
 def arm_ranges(grouped: list[dict]) -> dict[str, float]:
-    """Each arm's range over its settings: max - min of its rows' mean k-NN."""
+    """Each arm's range over its settings: max - min of its rows' mean k-NN (only arms with
+    more than one row: an arm trained at one setting has no range)."""
     scores: dict[str, list[float]] = {}
     for g in grouped:
         scores.setdefault(g["arm"], []).append(g["knn_top1"])
-    return {arm: max(values) - min(values) for arm, values in scores.items()}
+    return {arm: max(values) - min(values) for arm, values in scores.items() if len(values) > 1}
 
 
 def section_spread(grouped: list[dict]) -> float | None:
@@ -582,7 +583,7 @@ def markdown(experiment: Experiment, grouped: list[dict], machines: list[tuple[d
                               if experiment.chosen_arms else [])])
         notes.append(f"A subset of the section ({subset}): only these rows were trained at this "
                      f"budget, to confirm a screened effect beside the rows it is judged against.")
-    if arms:
+    if arms and arm_ranges(grouped):
         inside = section_spread(grouped)
         ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
                                                    value <= inside else "")

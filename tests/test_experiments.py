@@ -270,6 +270,10 @@ def test_each_arm_gets_its_range_over_the_settings_named_noise_inside_the_spread
     machine = {"cpu": "cpu", "threads": 1, "torch": "2"}
     table = markdown(section, grouped, [(machine, 8)], "cmd")  # spread 0.5: bam's 0.40 is noise
     assert "bam 0.40 (noise), simclr 5.10 points." in table
+    # a confirmation of one setting per arm has no range to give
+    one_each = [g for g in grouped if g["point"]["views.color_jitter_prob"] == "0.8"]
+    assert arm_ranges(one_each) == {}
+    assert "Each arm's range" not in markdown(section, one_each, [(machine, 4)], "cmd")
 
 
 def test_dataset_is_refused_by_a_section_that_makes_its_own_data():
