@@ -583,11 +583,12 @@ def markdown(experiment: Experiment, grouped: list[dict], machines: list[tuple[d
                               if experiment.chosen_arms else [])])
         notes.append(f"A subset of the section ({subset}): only these rows were trained at this "
                      f"budget, to confirm a screened effect beside the rows it is judged against.")
-    if arms and arm_ranges(grouped):
+    ranges_by_arm = arm_ranges(grouped) if arms else {}
+    if ranges_by_arm:
         inside = section_spread(grouped)
         ranges = ", ".join(f"{arm} {value:.2f}" + (" (noise)" if inside is not None and
                                                    value <= inside else "")
-                           for arm, value in arm_ranges(grouped).items())
+                           for arm, value in ranges_by_arm.items())
         judged = "noise inside the spread" if inside is not None else \
             "one seed, so no spread to judge them by"
         notes.append(f"Each arm's range (its best row's k-NN less its worst's: how much it "
