@@ -561,7 +561,7 @@ def run_sweeps(jobs: list[tuple[SweepSpec, Path]], log=print,
             _run_in_workers(sweeps, workers, log)
         else:
             for sweep in sweeps:
-                _run_in_turn(sweep.study, sweep.spec, sweep.out, sweep.floors, sweep.total, log)
+                _run_in_turn(sweep, log)
         results = []
         for sweep in sweeps:
             results.append(collect_results(sweep.study, sweep.spec))
@@ -584,9 +584,10 @@ def _open_sweep(spec: SweepSpec, out: Path) -> _Sweep:
     return _Sweep(spec, out, study, _load_floors(out), total)
 
 
-def _run_in_turn(study, spec: SweepSpec, out: Path, floors: dict, total: int, log) -> None:
-    """Train and score the points in this process, one after another: a grid's waiting points
-    in the order of :func:`_take_waiting`, or the sampler's choice, one trial at a time."""
+def _run_in_turn(sweep: _Sweep, log) -> None:
+    """Train and score a sweep's points in this process, one after another: a grid's waiting
+    points in the order of :func:`_take_waiting`, or the sampler's choice, one trial at a time."""
+    study, spec, out, floors, total = sweep.study, sweep.spec, sweep.out, sweep.floors, sweep.total
     if spec.trials is None:
         trials, groups = _take_waiting(study, spec, out)
         done = total - len(trials)
